@@ -1,0 +1,41 @@
+"""refuel-gym's environment: multi-turn dialogue with a simulated user and a trajectory reward.
+
+Importing this package registers the environment ids with Gymnasium::
+
+    import gymnasium as gym
+    import refuel_env  # noqa: F401  (or: gym.make("refuel_env:UltraInteractDialogue-v0"))
+
+    env = gym.make("UltraInteractDialogue-v0")
+    vec = gym.make_vec("UltraInteractDialogue-v0", num_envs=8, vectorization_mode="vector_entry_point")
+"""
+
+from __future__ import annotations
+
+from gymnasium.envs.registration import register, registry
+
+ENV_IDS = {
+    # Setting one: an LLM plays the user, starting from UltraInteract prompts.
+    "UltraInteractDialogue-v0": {"dataset": "ultrainteract", "user": "llm"},
+    # Setting two: the user's questions are pre-sampled from the dataset dialogue.
+    "UltraInteractPresampled-v0": {"dataset": "ultrainteract", "user": "presampled"},
+    "AnthropicHHPresampled-v0": {"dataset": "anthropic_hh", "user": "presampled"},
+}
+
+
+def register_envs() -> None:
+    """Register every refuel-gym id (idempotent)."""
+    for env_id, kwargs in ENV_IDS.items():
+        if env_id in registry:
+            continue
+        register(
+            id=env_id,
+            entry_point="refuel_env.envs.dialogue:DialogueEnv",
+            vector_entry_point="refuel_env.envs.vector:DialogueVectorEnv",
+            kwargs=dict(kwargs),
+            nondeterministic=False,
+        )
+
+
+register_envs()
+
+__all__ = ["ENV_IDS", "register_envs"]

@@ -1,0 +1,196 @@
+"""Building an environment's parts from its keyword arguments (and presets).
+
+Every environment id takes the same keyword arguments (see :class:`EnvConfig`); ``preset``
+fills in a named configuration first and explicit arguments override it. Models are loaded once
+per process and shared by every environment that names the same one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, fields, replace
+from functools import lru_cache
+from typing import Any, Literal
+
+from refuel_env import embedded
+from refuel_env.core import DialogueCore
+from refuel_env.data import load_items
+from refuel_env.generation import (
+    SamplingParams,
+    TextGenerator,
+    TransformersGenerator,
+    default_device,
+    load_causal_lm,
+)
+from refuel_env.rewards import TrajectoryReward, TrajectoryRewardModel, load_reward_model
+from refuel_env.types import DialogueItem
+from refuel_env.users import InstantUser, LLMUser, PresampledUser, UserSimulator
+
+EMBEDDED = "embedded"
+
+
+@dataclass(frozen=True)
+class EnvConfig:
+    """Keyword arguments of every refuel-gym environment id."""
+
+    dataset: Literal["ultrainteract", "anthropic_hh"] = "ultrainteract"
+    """Which dataset starts the dialogues (and, for a pre-sampled user, asks the questions)."""
+    data_source: str = "sample"
+    """'sample' (the small sample shipped in the package), 'hub' (the full dataset through
+    ``datasets.load_dataset``), or a local file or folder in the dataset's schema."""
+    split: str = "train"
+    """'train' or 'test' (held-out items, for evaluation)."""
+    user: Literal["llm", "presampled", "instant"] = "llm"
+    """'llm': a language model plays the user (setting one); 'presampled': the dataset's questions
+    (setting two); 'instant': a fixed follow-up question, for measuring the environment itself."""
+    max_turns: int = 5
+    """Longest dialogue H; without a 'horizon' reset option H ~ U{1..max_turns}."""
+    user_model: str | TextGenerator = EMBEDDED
+    """The simulated user's model: 'embedded' (SmolLM2-135M-Instruct), a path / hub id, or a
+    ready :class:`TextGenerator` (any backend)."""
+    user_prompt_style: Literal["paper", "role-swap"] | None = None
+    """'paper' (appendix C.2 prompt) or 'role-swap'; default: role-swap for the embedded model."""
+    user_device: str | None = None
+    """Device of the user's model (default: cuda if available, else cpu)."""
+    user_temperature: float = 0.8
+    """Sampling temperature of the simulated user."""
+    user_max_new_tokens: int | None = None
+    """Longest user message in tokens (default: 64 for the embedded model, 1024 otherwise)."""
+    reward_model: str | TrajectoryRewardModel = EMBEDDED
+    """'embedded' (all-MiniLM-L6-v2 relevance), 'armorm', 'fsfairx', a path / hub id, or a ready
+    :class:`TrajectoryRewardModel`."""
+    reward_device: str | None = None
+    """Device of the reward model."""
+    kl_coef: float = 0.0
+    """KL penalty coefficient gamma of eq. 11 (log-probs come from ``set_logprobs``)."""
+    truncation_penalty: float | None = None
+    """Reward Gamma given to a dialogue in which a response hit ``max_response_tokens``."""
+    tokenizer: str | None = EMBEDDED
+    """Tokenizer that counts response and dialogue tokens ('embedded', a path, or None for none)."""
+    max_response_tokens: int | None = None
+    """A response of this many tokens or more counts as having hit the generation length limit."""
+    max_dialogue_tokens: int | None = None
+    """A dialogue longer than this ends the episode with truncated=True (the reason in info)."""
+
+    def config_id(self) -> str:
+        """A short digest of the configuration; model objects count by their ``name``."""
+        named = {k: getattr(v, "name", v) if not isinstance(v, str | int | float | None) else v for k, v in vars(self).items()}
+        text = repr(sorted(named.items()))
+        return hashlib.sha1(text.encode()).hexdigest()[:16]
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "embedded": {},
+    "paper-setting-one": {
+        "dataset": "ultrainteract",
+        "data_source": "hub",
+        "user": "llm",
+        "user_model": "meta-llama/Llama-3.1-70B-Instruct",
+        "user_prompt_style": "paper",
+        "user_temperature": 0.8,
+        "user_max_new_tokens": 1024,
+        "reward_model": "armorm",
+        "tokenizer": "meta-llama/Meta-Llama-3-8B-Instruct",
+        "max_response_tokens": 1024,
+        "max_dialogue_tokens": 2048,
+    },
+    "paper-setting-two-hh": {
+        "dataset": "anthropic_hh",
+        "data_source": "hub",
+        "user": "presampled",
+        "reward_model": "fsfairx",
+        "tokenizer": "meta-llama/Meta-Llama-3-8B-Instruct",
+        "kl_coef": 0.05,
+        "truncation_penalty": -10.0,
+        "max_response_tokens": 512,
+    },
+    "paper-setting-two-ultrainteract": {
+        "dataset": "ultrainteract",
+        "data_source": "hub",
+        "user": "presampled",
+        "reward_model": "fsfairx",
+        "tokenizer": "meta-llama/Meta-Llama-3-8B-Instruct",
+        "kl_coef": 0.0,
+        "truncation_penalty": -4.0,
+        "max_dialogue_tokens": 3200,
+    },
+}
+
+
+def make_config(preset: str | None = None, **kwargs: Any) -> EnvConfig:
+    """An :class:`EnvConfig` from a preset name and keyword arguments (arguments win)."""
+    names = {f.name for f in fields(EnvConfig)}
+    unknown = set(kwargs) - names
+    if unknown:
+        raise TypeError(f"unknown environment argument(s) {sorted(unknown)}; valid: {sorted(names)}")
+    if preset is not None and preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    return replace(EnvConfig(), **{**PRESETS.get(preset or "embedded", {}), **kwargs})
+
+
+@lru_cache(maxsize=8)
+def _items(dataset: str, source: str, split: str, max_turns: int) -> tuple[DialogueItem, ...]:
+    return tuple(load_items(dataset, source=source, split=split, max_turns=max_turns))
+
+
+def _model_path(name: str) -> str:
+    return str(embedded.smollm2_path()) if name == EMBEDDED else name
+
+
+def user_generator(config: EnvConfig) -> TextGenerator:
+    if isinstance(config.user_model, TextGenerator):
+        return config.user_model
+    model, tokenizer = load_causal_lm(_model_path(config.user_model), config.user_device or default_device(), "auto")
+    return TransformersGenerator(model, tokenizer, name=config.user_model)
+
+
+def build_user(config: EnvConfig) -> UserSimulator:
+    if config.user == "presampled":
+        return PresampledUser()
+    if config.user == "instant":
+        return InstantUser()
+    if config.user != "llm":
+        raise ValueError(f"unknown user {config.user!r}; use 'llm', 'presampled' or 'instant'")
+    is_embedded = config.user_model == EMBEDDED
+    style = config.user_prompt_style or ("role-swap" if is_embedded else "paper")
+    max_new = config.user_max_new_tokens or (64 if is_embedded else 1024)
+    sampling = SamplingParams(max_new_tokens=max_new, temperature=config.user_temperature)
+    return LLMUser(user_generator(config), style=style, sampling=sampling)
+
+
+@lru_cache(maxsize=4)
+def _reward_model(name: str, device: str | None) -> TrajectoryRewardModel:
+    kwargs = {"device": device} if device else {}
+    return load_reward_model(name, **kwargs)
+
+
+@lru_cache(maxsize=4)
+def _token_counter(name: str):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(_model_path(name))
+
+    def count(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    return count
+
+
+def build_core(config: EnvConfig) -> DialogueCore:
+    items = _items(config.dataset, config.data_source, config.split, config.max_turns)
+    model = config.reward_model
+    reward = TrajectoryReward(
+        model if isinstance(model, TrajectoryRewardModel) else _reward_model(model, config.reward_device),
+        kl_coef=config.kl_coef,
+        truncation_penalty=config.truncation_penalty,
+    )
+    return DialogueCore(
+        items=items,
+        user=build_user(config),
+        reward=reward,
+        max_turns=config.max_turns,
+        count_tokens=_token_counter(config.tokenizer) if config.tokenizer else None,
+        max_response_tokens=config.max_response_tokens,
+        max_dialogue_tokens=config.max_dialogue_tokens,
+        config_id=config.config_id(),
+    )

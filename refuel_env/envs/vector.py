@@ -1,0 +1,154 @@
+"""DialogueVectorEnv: N dialogues stepped together, one batched user call and one reward call a step."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from gymnasium.vector import AutoresetMode, VectorEnv
+from gymnasium.vector.utils import batch_space
+
+from refuel_env.components import build_core, make_config
+from refuel_env.core import RESET_OPTIONS, Episode, EpisodeError, StepResult, render_transcript
+from refuel_env.snapshot import Snapshot
+from refuel_env.spaces import Conversation, Prose
+
+
+class DialogueVectorEnv(VectorEnv):
+    """A native batched version of :class:`~refuel_env.envs.dialogue.DialogueEnv`.
+
+    Sub-environment ``i`` reset with ``seed=s`` behaves exactly like a ``DialogueEnv`` reset with
+    ``seed=s + i`` (as Gymnasium's sync vector env seeds its copies). Observations are a tuple of
+    conversations; rewards, terminations and truncations are arrays; infos follow Gymnasium's
+    vector convention (an array per key, with a ``_key`` mask).
+
+    Reset options are those of ``DialogueEnv``; each may be a single value for every
+    sub-environment or a sequence with one entry per sub-environment (``None`` for "not given"),
+    e.g. ``options={"snapshot": [snap_a, snap_a, None, None]}``. ``options["reset_mask"]`` (a
+    bool array) resets only the selected sub-environments and keeps the others as they are.
+
+    Autoreset is next-step: the step after a sub-environment ends resets it (its action is
+    ignored) and returns the new first observation with reward 0.
+    """
+
+    metadata = {"render_modes": ["ansi"], "autoreset_mode": AutoresetMode.NEXT_STEP}
+
+    def __init__(self, num_envs: int = 1, render_mode: str | None = None, preset: str | None = None, **kwargs: Any):
+        if not isinstance(num_envs, int) or num_envs < 1:
+            raise ValueError(f"num_envs must be a positive int, got {num_envs!r}")
+        if render_mode is not None and render_mode not in self.metadata["render_modes"]:
+            raise ValueError(f"render_mode must be one of {self.metadata['render_modes']} or None, got {render_mode!r}")
+        self.num_envs = num_envs
+        self.render_mode = render_mode
+        self.config = make_config(preset, **kwargs)
+        self.core = build_core(self.config)
+        self.single_observation_space = Conversation(max_turns=self.config.max_turns)
+        self.single_action_space = Prose()
+        self.observation_space = batch_space(self.single_observation_space, num_envs)
+        self.action_space = batch_space(self.single_action_space, num_envs)
+        self._rngs: list[np.random.Generator] = [np.random.default_rng() for _ in range(num_envs)]
+        self._episodes: list[Episode | None] = [None] * num_envs
+        self._autoreset = np.zeros(num_envs, dtype=bool)
+
+    # ------------------------------------------------------------------ reset
+
+    def reset(self, *, seed: int | Sequence[int | None] | None = None, options: dict[str, Any] | None = None):
+        seeds = self._per_env(seed, "seed")
+        options = dict(options or {})
+        mask = options.pop("reset_mask", None)
+        mask = np.ones(self.num_envs, dtype=bool) if mask is None else np.asarray(mask, dtype=bool)
+        if mask.shape != (self.num_envs,):
+            raise ValueError(f"reset_mask must have shape ({self.num_envs},), got {mask.shape}")
+        per_env = {k: self._per_env(v, k) for k, v in options.items()}
+        unknown = set(per_env) - set(RESET_OPTIONS)
+        if unknown:
+            raise ValueError(f"unknown reset option(s) {sorted(unknown)}; the options are {list(RESET_OPTIONS)} and reset_mask")
+        # Build every new episode before replacing any, so a bad option loses nothing.
+        new: dict[int, Episode] = {}
+        rngs = dict(enumerate(self._rngs))
+        for i in np.flatnonzero(mask):
+            if seeds[i] is not None:
+                rngs[i] = np.random.default_rng(seeds[i])
+            env_options = {k: v[i] for k, v in per_env.items() if v[i] is not None}
+            try:
+                new[i] = self.core.new_episode(rngs[i], env_options, reseed=seeds[i] is not None)
+            except (ValueError, TypeError) as err:
+                raise type(err)(f"env {i}: {err}") from err
+        infos: dict[str, Any] = {}
+        for i, ep in new.items():
+            self._rngs[i] = rngs[i]
+            self._episodes[i] = ep
+            self._autoreset[i] = False
+            infos = self._add_info(infos, self.core.reset_info(ep), i)
+        return self._observations(), infos
+
+    def _per_env(self, value: Any, name: str) -> list[Any]:
+        if isinstance(value, list | tuple) and not (name == "prefix" and value and isinstance(value[0], dict)):
+            if len(value) != self.num_envs:
+                raise ValueError(f"{name}: got {len(value)} values for {self.num_envs} environments")
+            return list(value)
+        if name == "seed" and value is not None:
+            if isinstance(value, bool) or not isinstance(value, int | np.integer):
+                raise TypeError(f"seed must be an int, a list of ints, or None; got {value!r}")
+            return [int(value) + i for i in range(self.num_envs)]
+        return [value] * self.num_envs
+
+    # ------------------------------------------------------------------ step
+
+    def step(self, actions: Sequence[str]):
+        if isinstance(actions, str) or len(actions) != self.num_envs:
+            raise ValueError(f"step() takes a sequence of {self.num_envs} actions (one str per environment)")
+        if any(ep is None for ep in self._episodes):
+            raise EpisodeError("step() called before reset(); call reset() first")
+        stepping = [i for i in range(self.num_envs) if not self._autoreset[i]]
+        for i in stepping:
+            self.core.check_action(self._episodes[i], actions[i], where=f"env {i}: ")
+
+        results: dict[int, StepResult] = {}
+        for i in np.flatnonzero(self._autoreset):
+            ep = self.core.new_episode(self._rngs[i], None)
+            self._episodes[i] = ep
+            results[i] = StepResult(0.0, False, False, self.core.reset_info(ep))
+        if stepping:
+            stepped = self.core.advance([self._episodes[i] for i in stepping], [actions[i] for i in stepping])
+            results.update(zip(stepping, stepped))
+
+        rewards = np.zeros(self.num_envs, dtype=np.float64)
+        terminated = np.zeros(self.num_envs, dtype=bool)
+        truncated = np.zeros(self.num_envs, dtype=bool)
+        infos: dict[str, Any] = {}
+        for i in range(self.num_envs):
+            r = results[i]
+            rewards[i], terminated[i], truncated[i] = r.reward, r.terminated, r.truncated
+            infos = self._add_info(infos, r.info, i)
+        self._autoreset = terminated | truncated
+        return self._observations(), rewards, terminated, truncated, infos
+
+    # ------------------------------------------------------------------ extras
+
+    def snapshot(self, index: int) -> Snapshot:
+        """The current state of sub-environment ``index``."""
+        ep = self._episodes[index]
+        if ep is None:
+            raise EpisodeError("snapshot() called before reset(); call reset() first")
+        return self.core.snapshot(ep)
+
+    def set_logprobs(self, policy: Sequence[float], reference: Sequence[float]) -> None:
+        """Log-probs of the next actions under the policy and the reference (for the KL penalty)."""
+        if len(policy) != self.num_envs or len(reference) != self.num_envs:
+            raise ValueError(f"set_logprobs takes {self.num_envs} policy and {self.num_envs} reference values")
+        for i, (p, r) in enumerate(zip(policy, reference)):
+            ep = self._episodes[i]
+            if ep is None:
+                raise EpisodeError("set_logprobs() called before reset(); call reset() first")
+            if not self._autoreset[i]:
+                self.core.set_logprobs(ep, p, r)
+
+    def _observations(self) -> tuple[list, ...]:
+        return tuple(list(ep.messages) if ep is not None else [] for ep in self._episodes)
+
+    def render(self) -> tuple[str, ...] | None:
+        if self.render_mode != "ansi":
+            return None
+        return tuple(render_transcript(ep.messages) if ep is not None else "" for ep in self._episodes)

@@ -1,0 +1,327 @@
+"""Text generation: batched chat completion behind one interface.
+
+A :class:`TextGenerator` takes a batch of conversations (lists of chat messages) and returns one
+:class:`Completion` per conversation. The simulated user uses one; the agents use one as the
+policy. Every request can carry its own integer seed: a seeded request gives the same text
+whatever else is in its batch, so a single environment and a batched vector environment agree,
+and a branch restored from a snapshot replays exactly.
+
+:class:`TransformersGenerator` is the transformers implementation: the model's own chat
+template, left padding, batched ``generate``, and stop at the end of the assistant's turn.
+Per-request seeds are realised with the Gumbel-max trick: each row adds Gumbel noise drawn from
+its own ``torch.Generator`` to its (temperature-scaled, top-k/top-p filtered) logits and takes
+the argmax, which is an exact sample from the filtered softmax.
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any, Literal
+
+import torch
+
+from refuel_env.types import Message
+
+_ROLES = ("system", "user", "assistant")
+
+
+class GenerationError(ValueError):
+    """A request a generator cannot serve (bad input, or longer than the model's context)."""
+
+
+class ContextLengthError(GenerationError):
+    """A prompt that leaves no room to generate within the model's context."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to sample. ``temperature=0`` means greedy decoding."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.8
+    top_p: float = 1.0
+    top_k: int = 0
+    stop: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise GenerationError(f"max_new_tokens must be a positive int, got {self.max_new_tokens!r}")
+        if not (self.temperature >= 0 and math.isfinite(self.temperature)):
+            raise GenerationError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
+        if not 0 < self.top_p <= 1:
+            raise GenerationError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise GenerationError(f"top_k must be an int >= 0 (0 = off), got {self.top_k!r}")
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One generated assistant message."""
+
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: Literal["stop", "length"]
+
+
+def validate_conversation(messages: Sequence[Message], where: str) -> None:
+    """Raise :class:`GenerationError` unless ``messages`` is a list of role/content messages."""
+    if not isinstance(messages, Sequence) or isinstance(messages, str) or not messages:
+        raise GenerationError(f"{where}: a conversation must be a non-empty list of messages")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in _ROLES or not isinstance(m.get("content"), str):
+            raise GenerationError(
+                f"{where}: message {i} must be a dict with role in {_ROLES} and str content, got {m!r:.120}"
+            )
+
+
+def validate_seeds(seeds: Sequence[int] | None, n: int, backend: str) -> None:
+    if seeds is None:
+        return
+    if len(seeds) != n:
+        raise GenerationError(f"{backend}: got {len(seeds)} seeds for {n} conversations")
+    for i, s in enumerate(seeds):
+        if isinstance(s, bool) or not isinstance(s, int):
+            raise GenerationError(f"{backend}: seed {i} must be an int, got {type(s).__name__} {s!r}")
+
+
+class TextGenerator(abc.ABC):
+    """Batched chat completion: messages in, text out."""
+
+    name: str
+    max_context: int
+
+    @abc.abstractmethod
+    def chat(
+        self,
+        conversations: Sequence[Sequence[Message]],
+        params: SamplingParams,
+        seeds: Sequence[int] | None = None,
+    ) -> list[Completion]:
+        """Complete each conversation with one assistant message."""
+
+    @abc.abstractmethod
+    def count_tokens(self, messages: Sequence[Message], *, add_generation_prompt: bool = True) -> int:
+        """Tokens of ``messages`` under the model's chat template."""
+
+
+def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Set logits outside the top-k / nucleus (top-p) set to -inf; rows are independent."""
+    if top_k > 0 and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+        # Drop a token when the mass before it already reaches top_p (the first token always stays).
+        drop_sorted = (cumulative - torch.softmax(sorted_logits, dim=-1)) >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+class GumbelSampler:
+    """A ``generate`` logits processor that samples each row with its own seeded generator.
+
+    Used with greedy decoding: argmax(logits / T + Gumbel noise) is a sample from softmax(logits / T).
+    """
+
+    def __init__(self, seeds: Sequence[int], params: SamplingParams, device: torch.device):
+        self.params = params
+        self.generators = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
+        self.device = device
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        logits = filter_logits(scores.float() / self.params.temperature, self.params.top_k, self.params.top_p)
+        vocab = logits.shape[-1]
+        uniform = torch.stack([torch.rand(vocab, generator=g) for g in self.generators]).to(self.device)
+        gumbel = -torch.log(-torch.log(uniform.clamp_(1e-20, 1.0 - 1e-7)))
+        return logits + gumbel
+
+
+class TransformersGenerator(TextGenerator):
+    """A transformers causal LM generating with its chat template, batched with left padding."""
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        *,
+        batch_size: int = 32,
+        max_context: int | None = None,
+        name: str | None = None,
+    ):
+        if tokenizer.chat_template is None:
+            raise GenerationError(f"transformers backend: tokenizer of {name or 'the model'} has no chat template")
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.name = name or getattr(model.config, "_name_or_path", "model")
+        config_context = getattr(model.config, "max_position_embeddings", None) or 2048
+        self.max_context = int(max_context or min(config_context, tokenizer.model_max_length))
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        self.eos_token_ids = end_of_turn_token_ids(model, tokenizer)
+        self._rng = torch.Generator().manual_seed(torch.initial_seed() % (2**63))
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str,
+        *,
+        device: str | None = None,
+        dtype: str | torch.dtype | None = None,
+        **kwargs: Any,
+    ) -> TransformersGenerator:
+        model, tokenizer = load_causal_lm(str(path), device or default_device(), _dtype_name(dtype))
+        return cls(model, tokenizer, name=str(path), **kwargs)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def render(self, messages: Sequence[Message], *, add_generation_prompt: bool = True) -> str:
+        return self.tokenizer.apply_chat_template(
+            list(messages), tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+
+    def encode(self, messages: Sequence[Message], *, add_generation_prompt: bool = True) -> list[int]:
+        text = self.render(messages, add_generation_prompt=add_generation_prompt)
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def count_tokens(self, messages: Sequence[Message], *, add_generation_prompt: bool = True) -> int:
+        return len(self.encode(messages, add_generation_prompt=add_generation_prompt))
+
+    def chat(
+        self,
+        conversations: Sequence[Sequence[Message]],
+        params: SamplingParams,
+        seeds: Sequence[int] | None = None,
+    ) -> list[Completion]:
+        backend = f"transformers backend ({self.name})"
+        if len(conversations) == 0:
+            raise GenerationError(f"{backend}: empty batch; pass at least one conversation")
+        for i, conv in enumerate(conversations):
+            validate_conversation(conv, f"{backend}, conversation {i}")
+        validate_seeds(seeds, len(conversations), backend)
+        if seeds is None and params.temperature > 0:
+            seeds = torch.randint(0, 2**31 - 1, (len(conversations),), generator=self._rng).tolist()
+
+        prompts = [self.encode(conv) for conv in conversations]
+        for i, ids in enumerate(prompts):
+            if len(ids) >= self.max_context:
+                raise ContextLengthError(
+                    f"{backend}: conversation {i} has {len(ids)} prompt tokens, at or beyond the model's "
+                    f"context of {self.max_context}; shorten the dialogue or use a longer-context model"
+                )
+        results: list[Completion | None] = [None] * len(prompts)
+        # Group requests of similar length so that little compute goes to padding.
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        for start in range(0, len(order), self.batch_size):
+            chunk = order[start : start + self.batch_size]
+            chunk_seeds = [seeds[i] for i in chunk] if seeds is not None else None
+            for i, completion in zip(chunk, self._generate([prompts[i] for i in chunk], params, chunk_seeds)):
+                results[i] = completion
+        return results  # type: ignore[return-value]
+
+    @torch.inference_mode()
+    def _generate(
+        self, prompts: list[list[int]], params: SamplingParams, seeds: list[int] | None
+    ) -> list[Completion]:
+        longest = max(len(p) for p in prompts)
+        budget = min(params.max_new_tokens, self.max_context - longest)
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.full((len(prompts), longest), pad, dtype=torch.long)
+        attention_mask = torch.zeros((len(prompts), longest), dtype=torch.long)
+        for row, ids in enumerate(prompts):
+            input_ids[row, longest - len(ids) :] = torch.tensor(ids)
+            attention_mask[row, longest - len(ids) :] = 1
+        processors = []
+        if params.temperature > 0:
+            processors.append(GumbelSampler(seeds or [], params, self.device))
+        output = self.model.generate(
+            input_ids=input_ids.to(self.device),
+            attention_mask=attention_mask.to(self.device),
+            max_new_tokens=budget,
+            do_sample=False,
+            num_beams=1,
+            logits_processor=processors,
+            eos_token_id=self.eos_token_ids,
+            pad_token_id=pad,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+        )
+        completions = []
+        for row, ids in enumerate(prompts):
+            new = output[row, longest:].tolist()
+            finish: Literal["stop", "length"] = "length"
+            for pos, tok in enumerate(new):
+                if tok in self.eos_token_ids:
+                    new, finish = new[:pos], "stop"
+                    break
+            text = self.tokenizer.decode(new, skip_special_tokens=True)
+            text, stopped = apply_stop_strings(text, params.stop)
+            completions.append(
+                Completion(
+                    text=text.strip(),
+                    prompt_tokens=len(ids),
+                    completion_tokens=len(new),
+                    finish_reason="stop" if stopped else finish,
+                )
+            )
+        return completions
+
+
+def apply_stop_strings(text: str, stop: Sequence[str]) -> tuple[str, bool]:
+    """Cut ``text`` at the earliest stop string; report whether one was found."""
+    cut = min((i for i in (text.find(s) for s in stop if s) if i >= 0), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+def end_of_turn_token_ids(model: Any, tokenizer: Any) -> list[int]:
+    """The tokens that end an assistant turn: eos of the tokenizer and of the generation config."""
+    ids = {tokenizer.eos_token_id}
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if isinstance(configured, int):
+        ids.add(configured)
+    elif configured:
+        ids.update(configured)
+    ids.discard(None)
+    if not ids:
+        raise GenerationError("the tokenizer and generation config name no end-of-turn (eos) token")
+    return sorted(ids)
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _dtype_name(dtype: str | torch.dtype | None) -> str:
+    if dtype is None:
+        return "auto"
+    return str(dtype).removeprefix("torch.")
+
+
+@lru_cache(maxsize=8)
+def load_causal_lm(path: str, device: str, dtype: str) -> tuple[Any, Any]:
+    """Load (and cache per process) a causal LM and its tokenizer; fp32 on CPU, bf16 on GPU by default."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if dtype == "auto":
+        dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+    except OSError as err:
+        raise GenerationError(
+            f"cannot load the model {path!r}: {err}. This machine may have no network or no access to the "
+            "hub; download it where you can (`hf download <id>`), copy it here and pass its local path, "
+            "or set HF_HOME to a cache that holds it."
+        ) from err
+    tokenizer.padding_side = "left"
+    return model.to(device).eval(), tokenizer

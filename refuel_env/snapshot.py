@@ -1,0 +1,65 @@
+"""Snapshots: an immutable, picklable copy of everything needed to continue a dialogue exactly."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from refuel_env.types import DialogueItem, Message
+
+
+class SnapshotError(ValueError):
+    """A snapshot that cannot be restored into this environment."""
+
+
+def rng_state(rng: np.random.Generator) -> tuple:
+    """The state of a PCG64 generator as a hashable tuple."""
+    state = rng.bit_generator.state
+    if state["bit_generator"] != "PCG64":
+        raise SnapshotError(f"only PCG64 generators can be snapshotted, got {state['bit_generator']}")
+    inner = state["state"]
+    return (inner["state"], inner["inc"], state["has_uint32"], state["uinteger"])
+
+
+def rng_from_state(state: tuple) -> np.random.Generator:
+    rng = np.random.Generator(np.random.PCG64())
+    rng.bit_generator.state = {
+        "bit_generator": "PCG64",
+        "state": {"state": state[0], "inc": state[1]},
+        "has_uint32": state[2],
+        "uinteger": state[3],
+    }
+    return rng
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """The state s_h of one episode, to be restored with ``reset(options={"snapshot": snap})``.
+
+    ``turn`` is h (the observation asks for y_h), ``horizon`` is H. ``rng_state`` is the state of
+    the episode's own random generator, from which the simulated user's per-turn seeds are drawn,
+    so restoring a snapshot replays the user exactly. ``config_id`` names the environment
+    configuration the snapshot belongs to. The remaining fields are the episode's running
+    totals, which the reward needs at the end.
+    """
+
+    config_id: str
+    item: DialogueItem
+    message_pairs: tuple[tuple[str, str], ...]
+    turn: int
+    horizon: int
+    rng_state: tuple
+    user_parse_failures: int = 0
+    hit_length_limit: bool = False
+    response_tokens: tuple[int, ...] = ()
+    policy_logprob: float = 0.0
+    reference_logprob: float = 0.0
+    logprob_turns: int = 0
+    done: bool = False
+    extra: tuple[tuple[str, str], ...] = field(default=())
+
+    @property
+    def messages(self) -> list[Message]:
+        """The transcript as a fresh list of chat messages."""
+        return [{"role": role, "content": content} for role, content in self.message_pairs]  # type: ignore[typeddict-item]
