@@ -9,6 +9,7 @@ transcripts and rewards for the same seeds.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import math
 from collections.abc import Callable, Sequence
@@ -226,9 +227,24 @@ class DialogueCore:
         ep.pending_logprobs = (float(policy), float(reference))
 
     def advance(self, episodes: Sequence[Episode], actions: Sequence[str]) -> list[StepResult]:
-        """Step every episode with its action: one user call and one reward call for the batch."""
+        """Step every episode with its action: one user call and one reward call for the batch.
+
+        If the user or the reward model fails (an error, a NaN score), every episode is put back
+        as it was before the step and the error is raised: nothing is half-applied.
+        """
         for i, (ep, action) in enumerate(zip(episodes, actions)):
             self.check_action(ep, action, where=f"env {i}: " if len(episodes) > 1 else "")
+        saved = [(copy.copy(ep), list(ep.messages), list(ep.response_tokens), ep.rng.bit_generator.state) for ep in episodes]
+        try:
+            return self._advance(episodes, actions)
+        except BaseException:
+            for ep, (old, messages, response_tokens, rng_state_) in zip(episodes, saved):
+                ep.__dict__.update(old.__dict__)
+                ep.messages, ep.response_tokens = messages, response_tokens
+                ep.rng.bit_generator.state = rng_state_
+            raise
+
+    def _advance(self, episodes: Sequence[Episode], actions: Sequence[str]) -> list[StepResult]:
         action_tokens = []
         for ep, action in zip(episodes, actions):
             ep.messages.append({"role": "assistant", "content": action})

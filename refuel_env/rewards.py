@@ -87,7 +87,10 @@ def _check_finite(scores: np.ndarray, name: str) -> None:
     bad = np.flatnonzero(~np.isfinite(scores))
     if bad.size:
         listed = ", ".join(str(i) for i in bad)
-        raise RewardModelError(f"reward model {name!r} returned a non-finite score for dialogue(s) {listed}")
+        raise RewardModelError(
+            f"reward model {name!r} returned a non-finite score (NaN or inf) for dialogue(s) {listed}; "
+            "check the model's weights and dtype (fp16 overflow is a common cause)"
+        )
 
 
 def _check_length(index: int, num_tokens: int, max_length: int | None, name: str) -> None:

@@ -83,7 +83,11 @@ def conversation_problem(messages: Any, *, end_role: str | None = "user") -> str
 
 
 class Conversation(spaces.Space[list]):
-    """A chat transcript s_h: alternating user/assistant messages ending with the user's turn."""
+    """A chat transcript: alternating user/assistant messages from the user's first turn.
+
+    A state s_h ends with the user's turn; the last observation of an episode, s_{H+1}, ends
+    with the assistant's final response, so both endings are contained.
+    """
 
     def __init__(self, max_turns: int = 5, max_chars: int = 100_000, seed: int | np.random.Generator | None = None):
         self.max_turns = int(max_turns)
@@ -95,7 +99,7 @@ class Conversation(spaces.Space[list]):
         return False
 
     def contains(self, x: Any) -> bool:
-        if conversation_problem(x) is not None:
+        if conversation_problem(x, end_role=None) is not None:
             return False
         turns = [m for m in x if m["role"] != "system"]
         return (len(turns) + 1) // 2 <= self.max_turns and all(len(m["content"]) <= self.max_chars for m in x)
