@@ -188,7 +188,7 @@ def test_non_finite_score_names_the_dialogue(tiny_cls_dir):
     token = next(t for t in reward.encode(poisoned) if t not in reward.encode(clean))
     with torch.no_grad():
         reward.model.get_input_embeddings().weight[token] = float("nan")
-    with pytest.raises(RewardModelError, match=r"non-finite score for dialogue\(s\) 1$"):
+    with pytest.raises(RewardModelError, match=r"non-finite score \(NaN or inf\) for dialogue\(s\) 1;"):
         reward.score([clean, poisoned, clean])
     assert np.isfinite(reward.score([clean])).all()
 
@@ -385,7 +385,7 @@ def test_trajectory_reward_rejects_bad_settings_and_non_finite_scores():
         TrajectoryReward(FixedScores(), truncation_penalty=float("inf"))
     with pytest.raises(RewardModelError, match="empty|no dialogues"):
         TrajectoryReward(FixedScores()).compute([])
-    with pytest.raises(RewardModelError, match=r"dialogue\(s\) 1$"):
+    with pytest.raises(RewardModelError, match=r"dialogue\(s\) 1;"):
         TrajectoryReward(FixedScores()).compute([SCORED[0], dialogue("q", "nan")])
 
 
