@@ -7,8 +7,9 @@ Two kinds, one interface (:class:`UserSimulator`), both batched:
   line, then a ``Question:`` line), meant for a strong instruction-following model such as
   Llama-3.1-70B-Instruct. Prompt style ``"role-swap"`` suits small models, which tend to answer
   as an assistant whatever the persona prompt says: the dialogue is shown with the roles swapped
-  (the user's past turns become the model's own turns), so that the next assistant message the
-  model writes is the user's next question.
+  (the user's past turns become the model's own turns) and a short cue asking for the next
+  question ends the last response, so that the next assistant message the model writes is the
+  user's next question.
 * :class:`PresampledUser` (setting two): the questions were fixed in advance by the dataset
   dialogue and do not depend on the responses.
 
@@ -50,6 +51,11 @@ ROLE_SWAP_SYSTEM = (
     "Read the assistant's last answer and reply with one short follow-up question about it. "
     "Write only the question, ending with a question mark."
 )
+
+# Appended to the last (swapped) assistant response: small models follow a cue at the end of the
+# conversation far more often than a system prompt alone (measured on SmolLM2-135M-Instruct:
+# 8 of 12 outputs contained a question with the cue, 2 of 12 without).
+ROLE_SWAP_CUE = "What would you like to ask me next? Reply with one short question."
 
 PromptStyle = Literal["paper", "role-swap"]
 
@@ -153,6 +159,8 @@ class LLMUser(UserSimulator):
                 swapped.append({"role": "assistant", "content": m["content"]})
             elif m["role"] == "assistant":
                 swapped.append({"role": "user", "content": m["content"]})
+        if swapped[-1]["role"] == "user":
+            swapped[-1] = {"role": "user", "content": f"{swapped[-1]['content']}\n\n{ROLE_SWAP_CUE}"}
         return swapped
 
     def prompt_tokens(self, messages: Sequence[Message]) -> int:

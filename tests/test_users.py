@@ -8,6 +8,7 @@ from refuel_env.generation import SamplingParams
 from refuel_env.types import DialogueItem
 from refuel_env.users import (
     FALLBACK_QUESTION,
+    ROLE_SWAP_CUE,
     LLMUser,
     PresampledUser,
     UserRequest,
@@ -66,7 +67,8 @@ def test_prompts(tiny_generator):
     assert "Question: <question to ask next>" in paper[0]["content"]
     swapped = LLMUser(tiny_generator, style="role-swap").build_prompt(MESSAGES)
     assert [m["role"] for m in swapped] == ["system", "assistant", "user"]
-    assert swapped[1]["content"] == "What is 12 * 7?" and swapped[2]["content"] == "84."
+    assert swapped[1]["content"] == "What is 12 * 7?"
+    assert swapped[2]["content"] == "84.\n\n" + ROLE_SWAP_CUE
     assert format_dialogue(MESSAGES).startswith("User:")
     with pytest.raises(ValueError, match="prompt style"):
         LLMUser(tiny_generator, style="pirate")
