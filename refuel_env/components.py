@@ -169,9 +169,16 @@ def _token_counter(name: str):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(_model_path(name))
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:  # a fast tokenizer: call the Rust tokenizer directly (about 2x faster)
 
-    def count(text: str) -> int:
-        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+        def count(text: str) -> int:
+            return len(backend.encode(text, add_special_tokens=False).ids)
+
+    else:
+
+        def count(text: str) -> int:
+            return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
     return count
 
