@@ -8,9 +8,8 @@ and a branch restored from a snapshot replays exactly.
 
 :class:`TransformersGenerator` is the transformers implementation: the model's own chat
 template, left padding, batched ``generate``, and stop at the end of the assistant's turn.
-Per-request seeds are realised with the Gumbel-max trick: each row adds Gumbel noise drawn from
-its own ``torch.Generator`` to its (temperature-scaled, top-k/top-p filtered) logits and takes
-the argmax, which is an exact sample from the filtered softmax.
+Per-request seeds: each row samples from its own ``torch.Generator`` by inverse CDF (see
+:class:`SeededSampler`), so a row's tokens depend only on its own seed and logits.
 """
 
 from __future__ import annotations
@@ -124,23 +123,28 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
     return logits
 
 
-class GumbelSampler:
+class SeededSampler:
     """A ``generate`` logits processor that samples each row with its own seeded generator.
 
-    Used with greedy decoding: argmax(logits / T + Gumbel noise) is a sample from softmax(logits / T).
+    Used with greedy decoding: each step draws one uniform number u per row from that row's
+    generator and keeps only the token where the row's cumulative probability (after temperature,
+    top-k and top-p) first exceeds u, an exact inverse-CDF sample. One random number per row and
+    step keeps sampling cheap at large batch sizes, and a row's draws never depend on the others.
     """
 
-    def __init__(self, seeds: Sequence[int], params: SamplingParams, device: torch.device):
+    def __init__(self, seeds: Sequence[int], params: SamplingParams):
         self.params = params
         self.generators = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
-        self.device = device
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         logits = filter_logits(scores.float() / self.params.temperature, self.params.top_k, self.params.top_p)
-        vocab = logits.shape[-1]
-        uniform = torch.stack([torch.rand(vocab, generator=g) for g in self.generators]).to(self.device)
-        gumbel = -torch.log(-torch.log(uniform.clamp_(1e-20, 1.0 - 1e-7)))
-        return logits + gumbel
+        cdf = torch.softmax(logits.double(), dim=-1).cumsum(dim=-1)
+        u = torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in self.generators]).to(cdf.device)
+        chosen = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(-1)).clamp_(max=cdf.shape[-1] - 1)
+        # A token of zero probability can never be chosen, even at a rounding edge.
+        chosen = torch.where(torch.gather(logits, -1, chosen) == float("-inf"), logits.argmax(-1, keepdim=True), chosen)
+        out = torch.full_like(scores, float("-inf"))
+        return out.scatter_(-1, chosen, 0.0)
 
 
 class TransformersGenerator(TextGenerator):
@@ -242,7 +246,7 @@ class TransformersGenerator(TextGenerator):
             attention_mask[row, longest - len(ids) :] = 1
         processors = []
         if params.temperature > 0:
-            processors.append(GumbelSampler(seeds or [], params, self.device))
+            processors.append(SeededSampler(seeds or [], params))
         output = self.model.generate(
             input_ids=input_ids.to(self.device),
             attention_mask=attention_mask.to(self.device),

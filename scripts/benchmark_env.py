@@ -53,6 +53,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--min-dialogues", type=int, default=2,
                    help="at least this many dialogues per num_envs setting; rounds of num_envs are run (default: %(default)s)")
     p.add_argument("--device", default=None, help="device of the user model (default: cuda if available, else cpu)")
+    p.add_argument("--user-model", default="embedded",
+                   help="user model: 'embedded' (SmolLM2-135M-Instruct) or a local checkpoint path (default: %(default)s)")
+    p.add_argument("--tokenizer", default="embedded",
+                   help="tokenizer that counts response tokens: 'embedded' or a local path (default: %(default)s)")
     p.add_argument("--skip-user", action="store_true", help="only measure the overhead")
     return p.parse_args()
 
@@ -75,7 +79,8 @@ def overhead(episodes: int, tokenizer: str | None) -> float:
 
 def user_throughput(num_envs: int, args: argparse.Namespace) -> tuple[float, float, int]:
     """(dialogues/s, user tokens/s, dialogues) for one vector env size."""
-    kwargs = {"user_max_new_tokens": args.user_tokens, "reward_model": ConstantReward()}
+    kwargs = {"user_max_new_tokens": args.user_tokens, "reward_model": ConstantReward(),
+              "user_model": args.user_model, "tokenizer": args.tokenizer}
     if args.device:
         kwargs["user_device"] = args.device
     env = gym.make_vec("UltraInteractDialogue-v0", num_envs=num_envs, vectorization_mode="vector_entry_point", **kwargs)
@@ -100,7 +105,7 @@ def main() -> None:
           f"device {args.device or ('cuda' if torch.cuda.is_available() else 'cpu')}\n")
     print("Environment overhead per step (instant user, constant reward, H = 5)")
     print(f"{'token counting':<34}{'us/step':>10}")
-    for label, tok in (("off (tokenizer=None)", None), ("on (SmolLM2 tokenizer)", "embedded")):
+    for label, tok in (("off (tokenizer=None)", None), (f"on (tokenizer={args.tokenizer})", args.tokenizer)):
         print(f"{label:<34}{overhead(args.overhead_episodes, tok):>10.1f}")
     if args.skip_user:
         return
