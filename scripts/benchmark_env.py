@@ -109,7 +109,7 @@ def main() -> None:
         print(f"{label:<34}{overhead(args.overhead_episodes, tok):>10.1f}")
     if args.skip_user:
         return
-    print(f"\nEmbedded SmolLM2 user, H = {args.horizon}, up to {args.user_tokens} tokens per user turn")
+    print(f"\nUser model {args.user_model}, H = {args.horizon}, up to {args.user_tokens} tokens per user turn")
     print(f"{'num_envs':>8}{'dialogues':>11}{'dialogues/s':>13}{'user tok/s':>12}{'x num_envs=1':>14}")
     base = None
     for n in args.num_envs:

@@ -304,3 +304,12 @@ def test_nan_reward_raises_and_keeps_the_episode():
     with pytest.raises(RewardModelError, match="NaN"):
         env.step("answer")
     assert env.snapshot() == before
+
+
+def test_unavailable_paper_models_fail_clearly():
+    from refuel_env.generation import GenerationError
+
+    with pytest.raises(GenerationError, match="(?s)meta-llama/Llama-3.1-70B-Instruct.*local path"):
+        gym.make(LLM_ID, user_model="meta-llama/Llama-3.1-70B-Instruct")
+    with pytest.raises(OSError, match="ArmoRM"):
+        gym.make("UltraInteractPresampled-v0", reward_model="armorm")
