@@ -1,0 +1,1 @@
+"""REFUEL and its baselines (DPO, REBEL) trained against the refuel_env dialogue environment."""

@@ -1,0 +1,252 @@
+"""Log-probabilities of one assistant turn under a chat model: log pi(y_h | s_h).
+
+REFUEL, REBEL and DPO all score a response y_h to a state s_h (the transcript ending with a
+user turn) by the SUM of the log-probabilities of the response's tokens, its end-of-turn token
+included, under the model's own chat template. Nothing here knows token ids or header lengths
+of a model family: the response is located by rendering the template twice,
+
+* the state with ``add_generation_prompt=True`` (what the policy was prompted with), and
+* the state plus ``{"role": "assistant", "content": y_h}`` with ``add_generation_prompt=False``,
+
+checking that the first is a token prefix of the second, and taking the tokens after that
+prefix up to and including the first end-of-turn token. (Where the tokenizer merges tokens
+across that boundary, the response is tokenized on its own after the prompt's tokens, as the
+policy generated it; see :func:`_split_tokens`.) The end-of-turn tokens are the
+tokenizer's eos and the template's own turn terminator, found by rendering a probe assistant
+message and taking the first special token after it (``<|im_end|>`` for ChatML,
+``<|eot_id|>`` for Llama-3). Whatever the template writes after that token (ChatML's newline)
+is not part of the response and is dropped.
+
+:func:`sequence_logprobs` divides the logits by the sampling temperature before the
+log-softmax when ``temperature != 1``, as the original REFUEL release did, so that the
+log-probabilities are those of the distribution the responses were sampled from.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from refuel_env.types import Message
+
+_PROBE = "refuel-probe-response-7d1c"
+
+
+class ResponseEncodingError(ValueError):
+    """A response cannot be located in the chat template's rendering of the dialogue."""
+
+
+class SequenceTooLongError(ResponseEncodingError):
+    """The prompt plus the response is longer than the allowed number of tokens."""
+
+
+@dataclass(frozen=True)
+class EncodedResponse:
+    """The tokens of prompt + response, with a 0/1 mask over the response's tokens."""
+
+    input_ids: list[int]
+    response_mask: list[int]
+
+    @property
+    def num_response_tokens(self) -> int:
+        return sum(self.response_mask)
+
+
+def _render(tokenizer: Any, messages: Sequence[Message], add_generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(
+        list(messages), tokenize=False, add_generation_prompt=add_generation_prompt
+    )
+
+
+def _tokenize(tokenizer: Any, text: str) -> list[int]:
+    # The rendered template already holds its special tokens (bos included): add none again.
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _special_ids(tokenizer: Any) -> set[int]:
+    added = {i for i, token in tokenizer.added_tokens_decoder.items() if token.special}
+    return added | set(tokenizer.all_special_ids)
+
+
+def end_of_turn_token_ids(tokenizer: Any) -> frozenset[int]:
+    """The tokens that end an assistant turn: eos plus the template's turn terminator.
+
+    The terminator is the first special token that the chat template writes after the content
+    of a probe assistant message.
+    """
+    if tokenizer.chat_template is None:
+        raise ResponseEncodingError("the tokenizer has no chat_template; set one (a chat model's) first")
+    probe = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": _PROBE}]
+    rendered = _render(tokenizer, probe, add_generation_prompt=False)
+    at = rendered.rfind(_PROBE)
+    if at < 0:
+        raise ResponseEncodingError("the chat template does not render the content of an assistant message")
+    special = _special_ids(tokenizer)
+    after = [i for i in _tokenize(tokenizer, rendered[at + len(_PROBE) :]) if i in special][:1]
+    ids = {*after, tokenizer.eos_token_id} - {None}
+    if not ids:
+        raise ResponseEncodingError(
+            "the chat template writes no special token after an assistant message and the tokenizer "
+            "has no eos token: the end of a response cannot be located"
+        )
+    return frozenset(ids)
+
+
+def _split_tokens(tokenizer: Any, prompt_text: str, full_text: str) -> tuple[list[int], list[int]]:
+    """The generation prompt's tokens and the tokens that follow them in the full rendering.
+
+    Normally the prompt's tokens are a prefix of the full text's tokens. Where the tokenizer merges
+    across the boundary (a GPT-2-style pre-tokenizer after a prompt ending in a blank line, or a
+    response starting with whitespace), the continuation is tokenized on its own after the
+    prompt's tokens, as the policy generated it, provided the two decode to the same text.
+    """
+    prompt_ids = _tokenize(tokenizer, prompt_text)
+    full_ids = _tokenize(tokenizer, full_text)
+    if full_ids[: len(prompt_ids)] == prompt_ids:
+        return prompt_ids, full_ids[len(prompt_ids) :]
+    tail = _tokenize(tokenizer, full_text[len(prompt_text) :])
+    if tokenizer.decode(prompt_ids + tail) != tokenizer.decode(full_ids):
+        raise ResponseEncodingError(
+            "the prompt's tokens are not a prefix of the prompt+response tokens, and tokenizing the response "
+            "on its own changes the text (a tokenizer that adds a prefix space to every string?): the "
+            f"response {full_text[len(prompt_text) :][:30]!r} cannot be tokenized as a continuation of "
+            f"{prompt_text[-30:]!r}"
+        )
+    return prompt_ids, tail
+
+
+def encode_response(
+    tokenizer: Any,
+    prompt_messages: Sequence[Message],
+    response: str,
+    *,
+    max_length: int | None = None,
+) -> EncodedResponse:
+    """Tokenize state + response through the chat template and mask the response's tokens.
+
+    ``prompt_messages`` is the state s_h and must end with a user message. The mask covers the
+    response's tokens and its end-of-turn token; nothing follows that token in ``input_ids``.
+    Raises :class:`SequenceTooLongError` (never truncates) when the result has more than
+    ``max_length`` tokens, and :class:`ResponseEncodingError` when the template does not let the
+    response be located.
+    """
+    if not prompt_messages or prompt_messages[-1]["role"] != "user":
+        raise ResponseEncodingError("prompt_messages must be a non-empty dialogue ending with a user message")
+    if not isinstance(response, str):
+        raise ResponseEncodingError(f"response must be a string, got {type(response).__name__}")
+    end_ids = end_of_turn_token_ids(tokenizer)
+    for token in tokenizer.convert_ids_to_tokens(sorted(end_ids)):
+        if token in response:
+            raise ResponseEncodingError(
+                f"the response contains the end-of-turn token text {token!r}; remove it from the response"
+            )
+
+    prompt_text = _render(tokenizer, prompt_messages, add_generation_prompt=True)
+    full_text = _render(
+        tokenizer, [*prompt_messages, {"role": "assistant", "content": response}], add_generation_prompt=False
+    )
+    if not full_text.startswith(prompt_text):
+        raise ResponseEncodingError(
+            "chat template problem: the dialogue rendered with the assistant response does not start with "
+            "the same dialogue rendered with add_generation_prompt=True, so the response cannot be located "
+            f"(generation prompt ends with {prompt_text[-40:]!r})"
+        )
+    prompt_ids, tail = _split_tokens(tokenizer, prompt_text, full_text)
+    end = next((k for k, i in enumerate(tail) if i in end_ids), None)
+    if end is None:
+        raise ResponseEncodingError(
+            f"chat template problem: no end-of-turn token (ids {sorted(end_ids)}) follows the assistant response"
+        )
+    input_ids = prompt_ids + tail[: end + 1]
+    if max_length is not None and len(input_ids) > max_length:
+        raise SequenceTooLongError(
+            f"prompt + response is {len(input_ids)} tokens ({len(prompt_ids)} prompt, {end + 1} response), "
+            f"over the limit of {max_length}; drop this sample or raise max_length"
+        )
+    return EncodedResponse(input_ids=input_ids, response_mask=[0] * len(prompt_ids) + [1] * (end + 1))
+
+
+def collate(encoded: Sequence[EncodedResponse], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a batch: ``input_ids``, ``attention_mask`` and ``response_mask``, each (B, T) long."""
+    if not encoded:
+        raise ValueError("collate needs at least one encoded response")
+    if pad_token_id is None:
+        raise ValueError("pad_token_id is None; set the tokenizer's pad token (often its eos) first")
+    longest = max(len(e.input_ids) for e in encoded)
+    input_ids = torch.full((len(encoded), longest), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(encoded), longest), dtype=torch.long)
+    response_mask = torch.zeros((len(encoded), longest), dtype=torch.long)
+    for row, e in enumerate(encoded):
+        n = len(e.input_ids)
+        input_ids[row, :n] = torch.tensor(e.input_ids)
+        attention_mask[row, :n] = 1
+        response_mask[row, :n] = torch.tensor(e.response_mask)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "response_mask": response_mask}
+
+
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log softmax(logits / temperature)[target] per row of (N, V) logits, in float32."""
+    logits = logits.float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+@torch.no_grad()
+def token_entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Entropy of softmax(logits / temperature) per row of (N, V) logits, in float32, without grad."""
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def _response_logits(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """Logits at the positions that predict response tokens, as (N, V), with targets and row ids."""
+    input_ids, response_mask = batch["input_ids"], batch["response_mask"].bool()
+    if not response_mask.any(dim=1).all():
+        raise ValueError("every row of the batch needs at least one response token")
+    if response_mask[:, 0].any():
+        raise ValueError("a response cannot start at position 0: nothing precedes it to predict it")
+    length = input_ids.shape[1]
+    # The logit at position t predicts token t + 1; keep only the positions from just before the
+    # earliest response start, so the output layer runs on no more positions than needed.
+    first = int(response_mask.float().argmax(dim=1).min())
+    keep = length - first + 1
+    logits = model(
+        input_ids=input_ids, attention_mask=batch["attention_mask"], logits_to_keep=keep, use_cache=False
+    ).logits[:, :-1]
+    targets, mask = input_ids[:, first:], response_mask[:, first:]
+    rows = torch.arange(len(input_ids), device=input_ids.device).unsqueeze(1).expand_as(mask)
+    return logits[mask], targets[mask], rows[mask]
+
+
+def _check_temperature(temperature: float) -> None:
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+
+
+def sequence_logprobs(model: Any, batch: dict[str, torch.Tensor], *, temperature: float = 1.0) -> torch.Tensor:
+    """Summed response log-probabilities, shape (B,), float32; differentiable when grad is enabled.
+
+    ``batch`` comes from :func:`collate`. ``model`` is a causal LM that takes ``logits_to_keep``
+    (every transformers causal LM does).
+    """
+    _check_temperature(temperature)
+    logits, targets, rows = _response_logits(model, batch)
+    per_token = token_logprobs(logits, targets, temperature)
+    return torch.zeros(len(batch["input_ids"]), device=per_token.device).index_add(0, rows, per_token)
+
+
+def sequence_logprobs_and_entropy(
+    model: Any, batch: dict[str, torch.Tensor], *, temperature: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`sequence_logprobs` and the mean per-token entropy of each response (B,), for logging."""
+    _check_temperature(temperature)
+    logits, targets, rows = _response_logits(model, batch)
+    per_token = token_logprobs(logits, targets, temperature)
+    n = len(batch["input_ids"])
+    summed = torch.zeros(n, device=per_token.device).index_add(0, rows, per_token)
+    entropy = torch.zeros(n, device=per_token.device).index_add(0, rows, token_entropy(logits, temperature))
+    return summed, entropy / torch.bincount(rows, minlength=n)
