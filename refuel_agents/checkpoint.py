@@ -1,0 +1,104 @@
+"""Atomic files and checkpoints: a crash at any point leaves either the old or the new state.
+
+A checkpoint is a folder ``checkpoints/step_<global step>`` holding the model
+(``save_pretrained``), the optimizer and scheduler (``engine/``), and ``state.json`` (iteration,
+step within it, global step, RNG states). Every folder is written under a temporary name and
+renamed into place when complete; the file ``latest`` names the newest complete checkpoint and
+is itself replaced atomically, last. A resume trusts only what ``latest`` names.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=str))
+
+
+@contextlib.contextmanager
+def atomic_dir(path: Path) -> Iterator[Path]:
+    """Yield a temporary folder beside ``path``; rename it to ``path`` if the block succeeds."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        yield tmp
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def rng_states() -> dict[str, Any]:
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state().tolist(),
+        "cuda": [s.tolist() for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = states["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch.tensor(states["torch"], dtype=torch.uint8))
+    if states.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in states["cuda"]])
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint of a run, or None."""
+    pointer = run_dir / "checkpoints" / "latest"
+    if not pointer.is_file():
+        return None
+    path = run_dir / "checkpoints" / pointer.read_text().strip()
+    if not (path / "state.json").is_file():
+        raise FileNotFoundError(
+            f"{pointer} names {path.name}, which is incomplete or missing; the run folder was changed by hand. "
+            "Point 'latest' at a complete checkpoint or start a new run."
+        )
+    return path
+
+
+def save_checkpoint(run_dir: Path, name: str, *, model: Any, engine: Any, state: dict[str, Any], keep: int = 2) -> Path:
+    """Write a checkpoint atomically, point ``latest`` at it, and keep the newest ``keep``."""
+    root = run_dir / "checkpoints"
+    target = root / name
+    with atomic_dir(target) as tmp:
+        model.save_pretrained(tmp / "model", state_dict=engine.unwrapped_model_state())
+        engine.save(tmp / "engine")
+        write_json_atomic(tmp / "state.json", {**state, "rng": rng_states()})
+    write_text_atomic(root / "latest", name)
+    complete = sorted(p for p in root.glob("step_*") if (p / "state.json").is_file())
+    for old in complete[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def load_state(checkpoint: Path) -> dict[str, Any]:
+    return json.loads((checkpoint / "state.json").read_text())

@@ -1,0 +1,462 @@
+"""REFUEL (algorithm 1): collect with pi_t, regress the relative future, repeat.
+
+    python scripts/train_agent.py --agent refuel                      # embedded default, CPU
+    python scripts/train_agent.py --agent refuel --preset paper-setting-one
+
+Each iteration t: (1) collect one tuple (s_h, y_h, y'_h, r(s_{H+1}), r(s'_{H+1})) per prompt
+with pi_t through the environment (``collection.py``); (2) compute log pi_t of both responses
+once, before any update, with exactly the function used in training; (3) minimise eq. 1,
+
+    ( (1/eta) * [ (log pi(y|s) - log pi_t(y|s)) - (log pi(y'|s) - log pi_t(y'|s)) ] - (r - r') )^2,
+
+in mini-batches for ``epochs`` passes. The policy generator wraps the very module being
+trained, so collection at t + 1 sees the new weights with no save and reload.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from refuel_agents import checkpoint as ckpt
+from refuel_agents.collection import CollectionStats, collect_refuel_tuples, play_dialogues
+from refuel_agents.engine import OptimConfig, TrainEngine
+from refuel_agents.logprobs import collate, encode_response, sequence_logprobs, sequence_logprobs_and_entropy
+from refuel_agents.losses import refuel_loss, regression_sign_agreement
+from refuel_agents.tracking import MetricsLogger, plot_run
+from refuel_env import embedded
+from refuel_env.generation import SamplingParams, TransformersGenerator, default_device
+
+
+@dataclass
+class RefuelConfig:
+    """REFUEL's settings. Defaults: the embedded model on a CPU, a run of a few minutes."""
+
+    env_id: str = "UltraInteractDialogue-v0"
+    """Environment id (see refuel_env.ENV_IDS)."""
+    env_preset: str | None = None
+    """Environment preset (refuel_env.components.PRESETS); env_kwargs override it."""
+    env_kwargs: dict[str, Any] = field(default_factory=lambda: {"max_turns": 3, "user_max_new_tokens": 32})
+    """Extra environment arguments (EnvConfig fields)."""
+    policy_model: str = "embedded"
+    """Policy to train: 'embedded' (SmolLM2-135M-Instruct) or a local path / hub id."""
+    iterations: int = 2
+    """T: collect-then-train iterations."""
+    prompts_per_iteration: int = 8
+    """Prompts (= tuples) collected per iteration; 0 = the whole dataset split."""
+    eta: float = 1.0
+    """eta of eq. 1: the log-ratio difference is divided by it."""
+    epochs: int = 1
+    """Passes over each iteration's tuples."""
+    batch_size: int = 4
+    """Pairs per optimizer update."""
+    micro_batch_size: int = 2
+    """Pairs per forward/backward; batch_size / micro_batch_size is the gradient accumulation."""
+    lr: float = 1e-6
+    """Peak learning rate (AdamW)."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    weight_decay: float = 1e-6
+    """AdamW weight decay."""
+    warmup_ratio: float = 0.1
+    """Fraction of the updates spent warming up linearly before the cosine decay."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass to save memory."""
+    last_k_layers: int | None = None
+    """Train only the last k decoder layers (plus final norm and lm_head); None = all."""
+    max_new_tokens: int = 48
+    """Longest policy response during collection, in tokens."""
+    temperature: float = 0.8
+    """Policy sampling temperature during collection."""
+    logprob_temperature: float = 1.0
+    """Divide logits by this before log-softmax in the loss (the original release used the sampling temperature)."""
+    max_seq_len: int = 2048
+    """Longest (state + response) in tokens for training; longer tuples are dropped and counted."""
+    eval_prompts: int = 4
+    """Held-out prompts played before training and after each iteration (0 = no evaluation)."""
+    reference_kl: bool = True
+    """Keep a frozen copy of the initial policy to log KL(pi || pi_0) and use it for the env's KL penalty."""
+    save_every: int = 0
+    """Also checkpoint every N optimizer steps (0 = only after each iteration)."""
+    deepspeed: str | None = None
+    """DeepSpeed config file (ZeRO-2/3); None = plain PyTorch."""
+    device: str | None = None
+    """Device (default: cuda if available, else cpu)."""
+    seed: int = 1
+    """Seed of collection, mini-batch order and initialisation."""
+    output_dir: str = "runs"
+    """Where runs are written: <output_dir>/<run_name>/."""
+    run_name: str | None = None
+    """Run folder name (default: {env_id}__refuel__{seed}__{time})."""
+    resume: bool = False
+    """Continue the run in <output_dir>/<run_name> from its latest checkpoint."""
+    progress: bool = True
+    """Show progress bars."""
+
+    def validate(self) -> None:
+        problems = []
+        if self.iterations < 1:
+            problems.append(f"iterations must be >= 1, got {self.iterations}")
+        if self.eta <= 0:
+            problems.append(f"eta must be > 0, got {self.eta}")
+        if self.micro_batch_size < 1 or self.batch_size % self.micro_batch_size:
+            problems.append(f"batch_size ({self.batch_size}) must be a positive multiple of micro_batch_size ({self.micro_batch_size})")
+        if self.prompts_per_iteration < 0:
+            problems.append("prompts_per_iteration must be >= 0")
+        if self.resume and not self.run_name:
+            problems.append("--resume needs --run-name (the run folder to continue)")
+        if problems:
+            raise ValueError("invalid REFUEL configuration: " + "; ".join(problems))
+
+
+# ------------------------------------------------------------------------------ data
+
+
+def encode_tuples(rows: list[dict], tokenizer: Any, max_seq_len: int) -> tuple[list[dict], int]:
+    """Add token ids and turn-h response masks for y and y'; drop (and count) tuples too long."""
+    kept, too_long = [], 0
+    for row in rows:
+        try:
+            a = encode_response(tokenizer, row["state"], row["response"], max_length=max_seq_len)
+            b = encode_response(tokenizer, row["state"], row["response_prime"], max_length=max_seq_len)
+        except ValueError as err:
+            if "longer" in str(err) or "too long" in str(err).lower() or type(err).__name__ == "SequenceTooLongError":
+                too_long += 1
+                continue
+            raise
+        kept.append({**row, "input_ids": a.input_ids, "response_mask": a.response_mask,
+                     "input_ids_prime": b.input_ids, "response_mask_prime": b.response_mask})
+    return kept, too_long
+
+
+@torch.no_grad()
+def batched_logprobs(model: Any, rows: list[dict], pad_id: int, *, suffix: str, batch_size: int,
+                     temperature: float, device: torch.device) -> list[float]:
+    """log pi(y|s) of each row's response (``suffix`` '' or '_prime'), with the training function."""
+    from refuel_agents.logprobs import EncodedResponse
+
+    out: list[float] = []
+    was_training = model.training
+    model.eval()
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        batch = collate([EncodedResponse(r[f"input_ids{suffix}"], r[f"response_mask{suffix}"]) for r in chunk], pad_id)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        out.extend(sequence_logprobs(model, batch, temperature=temperature).float().cpu().tolist())
+    model.train(was_training)
+    return out
+
+
+def pair_batch(rows: list[dict], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """One forward batch holding every y first and then every y' of the rows."""
+    from refuel_agents.logprobs import EncodedResponse
+
+    encoded = [EncodedResponse(r["input_ids"], r["response_mask"]) for r in rows]
+    encoded += [EncodedResponse(r["input_ids_prime"], r["response_mask_prime"]) for r in rows]
+    return {k: v.to(device) for k, v in collate(encoded, pad_id).items()}
+
+
+def reward_table(rows: list[dict], key: str, max_turns: int) -> dict[int, tuple[int, float]]:
+    """Mean of ``key`` (a reward) grouped by the dialogue length H: {H: (count, mean)}."""
+    table = {}
+    for H in range(1, max_turns + 1):
+        values = [r[key] for r in rows if r["H"] == H and r.get(key) is not None]
+        table[H] = (len(values), float(np.mean(values)) if values else math.nan)
+    return table
+
+
+# ------------------------------------------------------------------------------ trainer
+
+
+class RefuelTrainer:
+    """Setup, iterations of collect + train, checkpoints. One readable loop: :meth:`train`."""
+
+    agent = "refuel"
+
+    def __init__(self, config: RefuelConfig, *, reward_model: Any = None):
+        config.validate()
+        self.config = config
+        self.device = torch.device(config.device or default_device())
+        torch.manual_seed(config.seed)
+        self.env_kwargs = dict(config.env_kwargs)
+        if config.env_preset:
+            self.env_kwargs["preset"] = config.env_preset
+        if reward_model is not None:
+            self.env_kwargs["reward_model"] = reward_model
+        self.run_dir = Path(config.output_dir) / (config.run_name or self._default_run_name())
+        path = str(embedded.smollm2_path()) if config.policy_model == "embedded" else config.policy_model
+        self.generator = TransformersGenerator.from_pretrained(path, device=str(self.device))
+        self.tokenizer = self.generator.tokenizer
+        # Training reads right-padded batches; generation pads on the left: separate tokenizer copies.
+        self.train_tokenizer = copy.copy(self.tokenizer)
+        self.model = self.generator.model
+        self.reference = copy.deepcopy(self.model).eval().requires_grad_(False) if config.reference_kl else None
+        self.pad_id = self.tokenizer.pad_token_id
+        self.sampling = SamplingParams(max_new_tokens=config.max_new_tokens, temperature=config.temperature)
+        self.engine: TrainEngine | None = None
+        self._state: dict | None = None
+        self.max_turns = int(self.env_kwargs.get("max_turns", 5))
+
+    def _default_run_name(self) -> str:
+        return f"{self.config.env_id}__{self.agent}__{self.config.seed}__{int(time.time())}"
+
+    # -------------------------------------------------------------- pieces
+
+    def collect(self, iteration: int) -> tuple[list[dict], CollectionStats]:
+        cfg = self.config
+        self.model.eval()
+        rows, stats = collect_refuel_tuples(
+            env_id=cfg.env_id, env_kwargs=self.env_kwargs, policy=self.generator, sampling=self.sampling,
+            num_prompts=cfg.prompts_per_iteration or self._dataset_size(), seed=cfg.seed * 1000 + iteration,
+            kl_logprobs=self._kl_logprobs if self._env_has_kl() else None, progress=cfg.progress,
+        )
+        return rows, stats
+
+    def _env_has_kl(self) -> bool:
+        from refuel_env.components import make_config
+
+        kwargs = {k: v for k, v in self.env_kwargs.items() if k != "preset"}
+        return make_config(self.env_kwargs.get("preset"), **kwargs).kl_coef > 0
+
+    def _dataset_size(self) -> int:
+        import gymnasium as gym
+
+        env = gym.make(self.config.env_id, **self.env_kwargs)
+        return len(env.unwrapped.core.items)
+
+    @torch.no_grad()
+    def _kl_logprobs(self, states: list[list[dict]], responses: list[str]) -> tuple[list[float], list[float]]:
+        if self.reference is None:
+            raise ValueError("the environment has a KL penalty: enable reference_kl to keep the initial policy")
+        rows = [{"input_ids": e.input_ids, "response_mask": e.response_mask} for e in
+                (encode_response(self.train_tokenizer, s, r) for s, r in zip(states, responses))]
+        kw = {"suffix": "", "batch_size": self.config.micro_batch_size * 2,
+              "temperature": self.config.logprob_temperature, "device": self.device}
+        return batched_logprobs(self.model, rows, self.pad_id, **kw), batched_logprobs(self.reference, rows, self.pad_id, **kw)
+
+    def prepare(self, rows: list[dict]) -> tuple[list[dict], int]:
+        """Token ids, masks and the pi_t (and pi_0) log-probs, computed once before the updates."""
+        rows, too_long = encode_tuples(rows, self.train_tokenizer, self.config.max_seq_len)
+        kw = {"batch_size": self.config.micro_batch_size * 2, "temperature": self.config.logprob_temperature,
+              "device": self.device}
+        for suffix in ("", "_prime"):
+            for row, lp in zip(rows, batched_logprobs(self.model, rows, self.pad_id, suffix=suffix, **kw)):
+                row[f"logp_t{suffix}"] = lp
+            if self.reference is not None:
+                for row, lp in zip(rows, batched_logprobs(self.reference, rows, self.pad_id, suffix=suffix, **kw)):
+                    row[f"logp_ref{suffix}"] = lp
+        return rows, too_long
+
+    def evaluate(self) -> list[dict]:
+        """Play ``eval_prompts`` held-out prompts at every H in 1..max_turns (the same prompts for each H)."""
+        cfg = self.config
+        if cfg.eval_prompts <= 0:
+            return []
+        self.model.eval()
+        horizons = [H for H in range(1, self.max_turns + 1) for _ in range(cfg.eval_prompts)]
+        return play_dialogues(
+            env_id=cfg.env_id, env_kwargs={**self.env_kwargs, "split": "test"}, policy=self.generator,
+            sampling=self.sampling, num_dialogues=len(horizons), seed=cfg.seed + 10_000,
+            horizon=horizons, prompt_indices=list(range(cfg.eval_prompts)) * self.max_turns,
+        )
+
+    def train_step(self, batch_rows: list[dict]) -> dict[str, float]:
+        """One micro-batch: forward y and y' together, eq. 1, backward."""
+        n = len(batch_rows)
+        batch = pair_batch(batch_rows, self.pad_id, self.device)
+        logp, entropy = sequence_logprobs_and_entropy(self.engine.model, batch, temperature=self.config.logprob_temperature)
+        col = lambda key: torch.tensor([r[key] for r in batch_rows], dtype=torch.float32, device=self.device)  # noqa: E731
+        loss = refuel_loss(logp[:n], col("logp_t"), logp[n:], col("logp_t_prime"), col("reward"), col("reward_prime"),
+                           self.config.eta)
+        self.engine.backward(loss)
+        out = {
+            "losses/loss": loss.item(),
+            "charts/sign_agreement": float(regression_sign_agreement(
+                logp[:n].detach(), col("logp_t"), logp[n:].detach(), col("logp_t_prime"), col("reward"), col("reward_prime"))),
+            "charts/entropy": entropy.mean().item(),
+            "charts/reward_mean": float(np.mean([r["reward"] for r in batch_rows] + [r["reward_prime"] for r in batch_rows])),
+            "tokens": int(batch["attention_mask"].sum()),
+        }
+        if self.reference is not None:
+            ref = torch.cat([col("logp_ref"), col("logp_ref_prime")])
+            out["charts/kl_to_init"] = (logp.detach() - ref).mean().item()
+        return out
+
+    # -------------------------------------------------------------- the loop
+
+    def setup(self) -> dict:
+        """Create the run folder or load its latest checkpoint; returns the loop state."""
+        if self._state is None:
+            self._state = self._resume_or_start()
+        return self._state
+
+    def train(self) -> Path:
+        cfg = self.config
+        state = self.setup()
+        logger = MetricsLogger(self.run_dir, enabled=self.engine.is_main, resume_step=state["global_step"] if cfg.resume else None)
+        summary = state.setdefault("summary", [])
+        if not summary and cfg.eval_prompts > 0:
+            summary.append({"iteration": 0, "eval": reward_table(self.evaluate(), "reward", self.max_turns)})
+        steps_per_iter = self._steps_per_iteration()
+        for t in range(state["iteration"], cfg.iterations):
+            rows = self._iteration_data(t, logger, state)
+            order = self._minibatch_order(t, len(rows))
+            for step_in_iter in range(state["step_in_iteration"], steps_per_iter):
+                start_time = time.perf_counter()
+                idx = order[step_in_iter * cfg.batch_size : (step_in_iter + 1) * cfg.batch_size]
+                metrics: list[dict[str, float]] = []
+                for m in range(0, len(idx), cfg.micro_batch_size):
+                    metrics.append(self.train_step([rows[i] for i in idx[m : m + cfg.micro_batch_size]]))
+                info = self.engine.step() or {}
+                state["global_step"] += 1
+                state["step_in_iteration"] = step_in_iter + 1
+                tokens = sum(x.pop("tokens") for x in metrics)
+                logged = {k: float(np.mean([x[k] for x in metrics])) for k in metrics[0]}
+                logged.update({"charts/lr": info.get("lr", math.nan), "charts/grad_norm": info.get("grad_norm", math.nan),
+                               "charts/tokens_per_s": tokens / (time.perf_counter() - start_time), "charts/iteration": t})
+                logger.log(state["global_step"], logged)
+                if cfg.save_every and state["global_step"] % cfg.save_every == 0 and state["step_in_iteration"] < steps_per_iter:
+                    self._checkpoint(state)
+            state["iteration"], state["step_in_iteration"] = t + 1, 0
+            summary.append({"iteration": t + 1, "collected": reward_table(rows, "reward", self.max_turns),
+                            "eval": reward_table(self.evaluate(), "reward", self.max_turns) if cfg.eval_prompts else {}})
+            self._checkpoint(state)
+            if self.engine.is_main:
+                print(format_summary(summary, self.max_turns), flush=True)
+        logger.close()
+        return self._finish(summary)
+
+    def _steps_per_iteration(self) -> int:
+        cfg = self.config
+        prompts = cfg.prompts_per_iteration or self._dataset_size()
+        return max(1, cfg.epochs * prompts // cfg.batch_size)
+
+    def _minibatch_order(self, iteration: int, n: int) -> list[int]:
+        rng = np.random.default_rng([self.config.seed, iteration])
+        order: list[int] = []
+        while len(order) < self._steps_per_iteration() * self.config.batch_size:
+            order.extend(rng.permutation(n).tolist())  # epochs; a short last pass wraps around
+        return order
+
+    def _iteration_data(self, t: int, logger: MetricsLogger, state: dict) -> list[dict]:
+        """The tuples of iteration t: from disk when a resumed run collected them already."""
+        import datasets
+
+        data_dir = self.run_dir / f"iteration_{t:03d}" / "tuples"
+        if data_dir.exists():
+            return datasets.load_from_disk(str(data_dir)).to_list()
+        rows, stats = self.collect(t)
+        rows, too_long = self.prepare(rows)
+        if not rows:
+            raise RuntimeError(
+                f"iteration {t}: no usable tuple ({stats.dropped_truncated} truncated, {too_long} longer than "
+                f"max_seq_len={self.config.max_seq_len}); raise the limits or shorten the responses"
+            )
+        if self.engine.is_main:
+            with ckpt.atomic_dir(data_dir) as tmp:
+                datasets.Dataset.from_list([_storable(r) for r in rows]).save_to_disk(str(tmp))
+            ckpt.write_json_atomic(data_dir.parent / "collection.json", {**stats.as_dict(), "too_long": too_long})
+        by_h = {h: float(np.mean([r["reward"] - r["reward_prime"] for r in rows if r["h"] == h] or [math.nan]))
+                for h in range(1, self.max_turns + 1)}
+        logger.log(state["global_step"], {"collect/tuples": len(rows), "collect/dropped": stats.dropped_truncated + too_long,
+                                          "collect/reward_mean": float(np.mean([r["reward"] for r in rows])),
+                                          "collect/user_parse_failures": stats.user_parse_failures,
+                                          **{f"collect/reward_gap_h{h}": v for h, v in by_h.items()}})
+        return datasets.load_from_disk(str(data_dir)).to_list() if self.engine.is_main else rows
+
+    def _resume_or_start(self) -> dict:
+        cfg = self.config
+        total_steps = cfg.iterations * self._steps_per_iteration()
+        optim = OptimConfig(lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay,
+                            warmup_ratio=cfg.warmup_ratio, max_grad_norm=cfg.max_grad_norm,
+                            grad_accum_steps=cfg.batch_size // cfg.micro_batch_size)
+        if cfg.resume:
+            latest = ckpt.latest_checkpoint(self.run_dir)
+            if latest is None:
+                raise FileNotFoundError(f"--resume: {self.run_dir} has no complete checkpoint to continue from")
+            from safetensors.torch import load_file
+
+            self.model.load_state_dict(_load_model_state(latest / "model", load_file), strict=False)
+        self.engine = TrainEngine(self.model, optim, total_steps, deepspeed_config=cfg.deepspeed,
+                                  gradient_checkpointing=cfg.gradient_checkpointing, last_k_layers=cfg.last_k_layers)
+        if cfg.resume:
+            self.engine.load(latest / "engine")
+            state = ckpt.load_state(latest)
+            ckpt.set_rng_states(state.pop("rng"))
+            print(f"resuming {self.run_dir} at iteration {state['iteration']}, step {state['global_step']}", flush=True)
+            return state
+        if self.run_dir.exists() and any(self.run_dir.iterdir()):
+            raise FileExistsError(f"{self.run_dir} exists and is not empty; pass --resume to continue it or pick another --run-name")
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        ckpt.write_json_atomic(self.run_dir / "config.json", {"agent": self.agent, **asdict(cfg)})
+        return {"iteration": 0, "step_in_iteration": 0, "global_step": 0}
+
+    def _checkpoint(self, state: dict) -> None:
+        name = f"step_{state['global_step']:07d}"
+        ckpt.save_checkpoint(self.run_dir, name, model=self.model, engine=self.engine, state=state)
+
+    def _finish(self, summary: list[dict]) -> Path:
+        final = self.run_dir / "final_model"
+        if self.engine.is_main:
+            with ckpt.atomic_dir(final) as tmp:
+                self.model.save_pretrained(tmp, state_dict=self.engine.unwrapped_model_state())
+                self.tokenizer.save_pretrained(tmp)
+            (self.run_dir / "summary.md").write_text(format_summary(summary, self.max_turns))
+            plot = plot_run(self.run_dir / "metrics.jsonl", self.run_dir / "reward_loss.png",
+                            keys=("losses/loss", "charts/reward_mean", "charts/kl_to_init"))
+            print(f"final model: {final}\nmetrics: {self.run_dir / 'metrics.jsonl'} (TensorBoard: {self.run_dir / 'tensorboard'})"
+                  + (f"\nplot: {plot}" if plot else ""), flush=True)
+        return final
+
+
+def _storable(row: dict) -> dict:
+    """A row as ``datasets`` stores it: nested reward parts as JSON text (their keys vary)."""
+    return {k: json.dumps(v) if k.startswith("reward_parts") else v for k, v in row.items()}
+
+
+def _load_model_state(model_dir: Path, load_file: Any) -> dict[str, torch.Tensor]:
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{model_dir} holds no safetensors weights; the checkpoint is incomplete")
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    return state
+
+
+def format_summary(summary: list[dict], max_turns: int) -> str:
+    """A Markdown table: mean reward by dialogue length H, before training and after each iteration."""
+    header = "| H | " + " | ".join(
+        f"iter {s['iteration']} eval" + ("" if s["iteration"] == 0 else f" / iter {s['iteration']} collected")
+        for s in summary) + " |"
+    lines = [header, "|---" * (len(summary) + 1) + "|"]
+    for H in range(1, max_turns + 1):
+        cells = []
+        for s in summary:
+            ev = s.get("eval", {}).get(H) or s.get("eval", {}).get(str(H))
+            cell = _cell(ev)
+            if s["iteration"] > 0:
+                co = s.get("collected", {}).get(H) or s.get("collected", {}).get(str(H))
+                cell += " / " + _cell(co)
+            cells.append(cell)
+        lines.append(f"| {H} | " + " | ".join(cells) + " |")
+    return "Mean reward by dialogue length H (eval: held-out prompts at fixed H; collected: tuples of that H)\n" + "\n".join(lines)
+
+
+def _cell(entry: Any) -> str:
+    if not entry or not entry[0]:
+        return "-"
+    n, mean = entry
+    return f"{mean:+.3f} (n={n})"

@@ -1,0 +1,88 @@
+"""Train a chat policy in a refuel-gym environment.
+
+    python scripts/train_agent.py --agent refuel                             # embedded default, CPU, minutes
+    python scripts/train_agent.py --agent refuel --preset paper-setting-one  # the paper's setting one
+    python scripts/train_agent.py --agent refuel --iterations 3 --prompts-per-iteration 16 --lr 2e-6
+    python scripts/train_agent.py --agent refuel --run-name my-run --resume  # continue after a crash
+
+Every flag below sets a field of the agent's config (``refuel_agents.refuel.RefuelConfig``);
+``--preset`` sets several at once and explicit flags override it. A run writes
+``<output-dir>/<run-name>/``: config.json, metrics.jsonl, tensorboard/, iteration_*/tuples
+(the collected data, a ``datasets.Dataset``), checkpoints/, summary.md, reward_loss.png and
+final_model/ (loadable with ``from_pretrained``).
+
+Multi-GPU / multi-node (DeepSpeed ZeRO-3):
+
+    deepspeed --num_gpus 8 scripts/train_agent.py --agent refuel --preset paper-setting-one \\
+        --deepspeed refuel_agents/configs/deepspeed_zero3.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from refuel_agents.cli import add_dataclass_arguments, dataclass_from_args  # noqa: E402
+from refuel_agents.refuel import RefuelConfig, RefuelTrainer  # noqa: E402
+
+AGENTS = {"refuel": (RefuelConfig, RefuelTrainer)}
+
+# The paper's configurations (DESIGN.md, appendix C.3). Models must be in the local HF cache.
+PRESETS: dict[str, dict] = {
+    "embedded": {},
+    "paper-setting-one": {
+        "env_id": "UltraInteractDialogue-v0", "env_preset": "paper-setting-one", "env_kwargs": {},
+        "policy_model": "meta-llama/Meta-Llama-3-8B-Instruct", "iterations": 2, "prompts_per_iteration": 0,
+        "batch_size": 128, "micro_batch_size": 1, "epochs": 1, "lr": 3e-7, "betas": (0.9, 0.95), "eps": 1e-8,
+        "weight_decay": 1e-6, "warmup_ratio": 0.1, "max_new_tokens": 1024, "temperature": 0.8,
+        "max_seq_len": 2048, "gradient_checkpointing": True, "eval_prompts": 0,
+    },
+    "paper-setting-two-hh": {
+        "env_id": "AnthropicHHPresampled-v0", "env_preset": "paper-setting-two-hh", "env_kwargs": {},
+        "policy_model": "meta-llama/Meta-Llama-3-8B-Instruct", "prompts_per_iteration": 32, "batch_size": 32,
+        "micro_batch_size": 1, "epochs": 4, "lr": 3e-7, "last_k_layers": 4, "max_new_tokens": 512,
+        "temperature": 0.8, "max_seq_len": 2048, "gradient_checkpointing": True, "eval_prompts": 0, "iterations": 100,
+    },
+    "paper-setting-two-ultrainteract": {
+        "env_id": "UltraInteractPresampled-v0", "env_preset": "paper-setting-two-ultrainteract", "env_kwargs": {},
+        "policy_model": "meta-llama/Meta-Llama-3-8B-Instruct", "prompts_per_iteration": 32, "batch_size": 32,
+        "micro_batch_size": 1, "epochs": 4, "lr": 3e-7, "last_k_layers": 4, "max_new_tokens": 1024,
+        "temperature": 0.8, "max_seq_len": 3200, "gradient_checkpointing": True, "eval_prompts": 0, "iterations": 100,
+    },
+}
+
+
+def build_parser(agent: str, preset: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--agent", choices=sorted(AGENTS), default=agent, help="which algorithm to train (default: %(default)s)")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default=preset,
+                        help="a named configuration; explicit flags override it (default: %(default)s)")
+    config_cls, _ = AGENTS[agent]
+    add_dataclass_arguments(parser, config_cls, replace(config_cls(), **PRESETS[preset]))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    # --agent and --preset decide the other flags' defaults: read them first.
+    first = argparse.ArgumentParser(add_help=False)
+    first.add_argument("--agent", choices=sorted(AGENTS), default="refuel")
+    first.add_argument("--preset", choices=sorted(PRESETS), default="embedded")
+    known, _ = first.parse_known_args(argv)
+    args = build_parser(known.agent, known.preset).parse_args(argv)
+    config_cls, trainer_cls = AGENTS[args.agent]
+    try:
+        config = dataclass_from_args(config_cls, args)
+        trainer = trainer_cls(config)
+        trainer.setup()
+    except (ValueError, FileNotFoundError, FileExistsError) as err:
+        raise SystemExit(f"error: {err}") from err
+    trainer.train()
+
+
+if __name__ == "__main__":
+    main()
