@@ -29,7 +29,14 @@ import torch
 from refuel_agents import checkpoint as ckpt
 from refuel_agents.collection import CollectionStats, collect_refuel_tuples, play_dialogues
 from refuel_agents.engine import OptimConfig, TrainEngine
-from refuel_agents.logprobs import collate, encode_response, sequence_logprobs, sequence_logprobs_and_entropy
+from refuel_agents.logprobs import (
+    EncodedResponse,
+    SequenceTooLongError,
+    collate,
+    encode_response,
+    sequence_logprobs,
+    sequence_logprobs_and_entropy,
+)
 from refuel_agents.losses import refuel_loss, regression_sign_agreement
 from refuel_agents.tracking import MetricsLogger, plot_run
 from refuel_env import embedded
@@ -131,11 +138,9 @@ def encode_tuples(rows: list[dict], tokenizer: Any, max_seq_len: int) -> tuple[l
         try:
             a = encode_response(tokenizer, row["state"], row["response"], max_length=max_seq_len)
             b = encode_response(tokenizer, row["state"], row["response_prime"], max_length=max_seq_len)
-        except ValueError as err:
-            if "longer" in str(err) or "too long" in str(err).lower() or type(err).__name__ == "SequenceTooLongError":
-                too_long += 1
-                continue
-            raise
+        except SequenceTooLongError:
+            too_long += 1
+            continue
         kept.append({**row, "input_ids": a.input_ids, "response_mask": a.response_mask,
                      "input_ids_prime": b.input_ids, "response_mask_prime": b.response_mask})
     return kept, too_long
@@ -145,8 +150,6 @@ def encode_tuples(rows: list[dict], tokenizer: Any, max_seq_len: int) -> tuple[l
 def batched_logprobs(model: Any, rows: list[dict], pad_id: int, *, suffix: str, batch_size: int,
                      temperature: float, device: torch.device) -> list[float]:
     """log pi(y|s) of each row's response (``suffix`` '' or '_prime'), with the training function."""
-    from refuel_agents.logprobs import EncodedResponse
-
     out: list[float] = []
     was_training = model.training
     model.eval()
@@ -161,8 +164,6 @@ def batched_logprobs(model: Any, rows: list[dict], pad_id: int, *, suffix: str, 
 
 def pair_batch(rows: list[dict], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
     """One forward batch holding every y first and then every y' of the rows."""
-    from refuel_agents.logprobs import EncodedResponse
-
     encoded = [EncodedResponse(r["input_ids"], r["response_mask"]) for r in rows]
     encoded += [EncodedResponse(r["input_ids_prime"], r["response_mask_prime"]) for r in rows]
     return {k: v.to(device) for k, v in collate(encoded, pad_id).items()}
@@ -317,9 +318,10 @@ class RefuelTrainer:
                 start_time = time.perf_counter()
                 idx = order[step_in_iter * cfg.batch_size : (step_in_iter + 1) * cfg.batch_size]
                 metrics: list[dict[str, float]] = []
+                info: dict[str, float] = {}
                 for m in range(0, len(idx), cfg.micro_batch_size):
                     metrics.append(self.train_step([rows[i] for i in idx[m : m + cfg.micro_batch_size]]))
-                info = self.engine.step() or {}
+                    info = self.engine.step() or info  # updates at the accumulation boundary
                 state["global_step"] += 1
                 state["step_in_iteration"] = step_in_iter + 1
                 tokens = sum(x.pop("tokens") for x in metrics)
@@ -390,7 +392,8 @@ class RefuelTrainer:
 
             self.model.load_state_dict(_load_model_state(latest / "model", load_file), strict=False)
         self.engine = TrainEngine(self.model, optim, total_steps, deepspeed_config=cfg.deepspeed,
-                                  gradient_checkpointing=cfg.gradient_checkpointing, last_k_layers=cfg.last_k_layers)
+                                  gradient_checkpointing=cfg.gradient_checkpointing, last_k_layers=cfg.last_k_layers,
+                                  micro_batch_size=2 * cfg.micro_batch_size, device=None if cfg.deepspeed else self.device)
         if cfg.resume:
             self.engine.load(latest / "engine")
             state = ckpt.load_state(latest)
