@@ -1,0 +1,180 @@
+"""One rank of the distributed engine test (tests/test_distributed.py): DeepSpeed ZeRO on CPU
+with gloo, a tiny Llama built from a config and the same seed on every rank, a REFUEL loss on
+summed response log-probs, and a JSON report per rank.
+
+    DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 torchrun --nproc_per_node 2 tests/dist_worker.py \\
+        --out /tmp/dist-report --stages 3 2
+
+Stage 3 runs two optimizer steps of two micro-batches each with all parameters trained, saves
+after the first step and resumes a fresh engine from that checkpoint to redo the second.
+Stage 2 trains only the last decoder layer (plus final norm and lm_head) with gradient
+checkpointing. Each rank feeds its own data, so the update is a real data-parallel average.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from refuel_agents.engine import OptimConfig, TrainEngine
+
+CONFIGS = Path(__file__).resolve().parent.parent / "refuel_agents" / "configs"
+OPTIM = OptimConfig(lr=1e-3, warmup_ratio=0.0, max_grad_norm=1.0, grad_accum_steps=2)
+TOTAL_STEPS = 4
+MICRO_BATCH = 2  # pairs per micro-batch
+ETA = 1.0
+
+
+def tiny_llama() -> LlamaForCausalLM:
+    config = LlamaConfig(
+        vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config)
+
+
+def pair_batch(rank: int, micro_step: int) -> dict[str, torch.Tensor]:
+    """Two responses y, y' to the same prompt, per row, and their rewards; different per rank."""
+    g = torch.Generator().manual_seed(1000 * rank + micro_step)
+    prompt = torch.randint(0, 96, (MICRO_BATCH, 6), generator=g)
+    y, y2 = (torch.randint(0, 96, (MICRO_BATCH, 5), generator=g) for _ in range(2))
+    response_mask = torch.cat([torch.zeros(MICRO_BATCH, 6), torch.ones(MICRO_BATCH, 5)], dim=1)
+    return {
+        "ids": torch.cat([prompt, y], dim=1),
+        "ids2": torch.cat([prompt, y2], dim=1),
+        "mask": response_mask,
+        "reward_gap": torch.randn(MICRO_BATCH, generator=g),
+    }
+
+
+def summed_logprobs(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """log pi(y | s): the sum of the response tokens' log-probabilities, per row."""
+    logits = model(input_ids=ids).logits[:, :-1].float()
+    token = torch.log_softmax(logits, dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+    return (token * mask[:, 1:]).sum(dim=1)
+
+
+def refuel_loss(logp: torch.Tensor, logp2: torch.Tensor, ref: torch.Tensor, ref2: torch.Tensor,
+                reward_gap: torch.Tensor) -> torch.Tensor:
+    """Eq. 1: ((1/eta) * [(logp - ref) - (logp2 - ref2)] - (r - r'))^2, averaged over pairs."""
+    return (((logp - ref) - (logp2 - ref2)) / ETA - reward_gap).pow(2).mean()
+
+
+def reference_logprobs(engine: TrainEngine, batches: list[dict]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """pi_t's log-probs of both responses, computed once before the updates."""
+    with torch.no_grad():
+        return [(summed_logprobs(engine.model, b["ids"], b["mask"]), summed_logprobs(engine.model, b["ids2"], b["mask"]))
+                for b in batches]
+
+
+def train_steps(engine: TrainEngine, batches: list[dict], refs: list, micro_steps: range) -> list[dict]:
+    stats = []
+    for i in micro_steps:
+        b, (ref, ref2) = batches[i], refs[i]
+        loss = refuel_loss(summed_logprobs(engine.model, b["ids"], b["mask"]),
+                           summed_logprobs(engine.model, b["ids2"], b["mask"]), ref, ref2, b["reward_gap"])
+        engine.backward(loss)
+        info = engine.step()
+        if info is not None:
+            stats.append({**info, "loss": engine.all_reduce_mean(loss.item())})
+    return stats
+
+
+def gathered(engine: TrainEngine) -> dict[str, torch.Tensor]:
+    """Full copies of every parameter (gathered from the shards under ZeRO-3)."""
+    import deepspeed
+
+    params = dict(engine.unwrapped.named_parameters())
+    with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=None,
+                                           enabled=engine.zero_stage == 3):
+        return {name: p.detach().clone().float() for name, p in params.items()}
+
+
+def digest(tensors: dict[str, torch.Tensor]) -> dict[str, str]:
+    return {name: hashlib.sha256(t.contiguous().numpy().tobytes()).hexdigest() for name, t in tensors.items()}
+
+
+def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str, float]:
+    return {name: (a[name] - b[name]).abs().max().item() for name in a}
+
+
+def run_zero3(rank: int, out: Path) -> dict:
+    config = CONFIGS / "deepspeed_zero3.json"
+    batches = [pair_batch(rank, i) for i in range(4)]
+    model = tiny_llama()
+    init = {n: p.detach().clone() for n, p in model.named_parameters()}
+    engine = TrainEngine(model, OPTIM, TOTAL_STEPS, deepspeed_config=config, micro_batch_size=MICRO_BATCH)
+    shards = {n: {"full": int(p.ds_numel), "local": int(p.ds_tensor.numel())}
+              for n, p in engine.unwrapped.named_parameters()}
+    refs = reference_logprobs(engine, batches)
+    stats = train_steps(engine, batches, refs, range(0, 2))
+    engine.save(out / "zero3-checkpoint")
+    stats += train_steps(engine, batches, refs, range(2, 4))
+    final = gathered(engine)
+    unwrapped = engine.unwrapped_model_state()
+
+    resumed_engine = TrainEngine(tiny_llama(), OPTIM, TOTAL_STEPS, deepspeed_config=config, micro_batch_size=MICRO_BATCH)
+    resumed_engine.load(out / "zero3-checkpoint")
+    resumed_steps = resumed_engine.optimizer_steps
+    resumed_stats = train_steps(resumed_engine, batches, refs, range(2, 4))
+    resumed = gathered(resumed_engine)
+    return {
+        "world_size": engine.world_size,
+        "zero_stage": engine.zero_stage,
+        "shards": shards,
+        "init_digest": digest(init),
+        "final_digest": digest(final),
+        "change_from_init": max_diff(final, init),
+        "stats": stats,
+        "optimizer_steps": engine.optimizer_steps,
+        "resumed_optimizer_steps_after_load": resumed_steps,
+        "resumed_stats": resumed_stats,
+        "resumed_vs_uninterrupted": max_diff(resumed, final),
+        "unwrapped_vs_gathered": None if unwrapped is None else max_diff(
+            {n: unwrapped[n].float() for n in final}, final),
+        "rank_mean": engine.all_reduce_mean(float(rank)),
+    }
+
+
+def run_zero2(rank: int) -> dict:
+    batches = [pair_batch(rank, i) for i in range(2)]
+    model = tiny_llama()
+    init = {n: p.detach().clone() for n, p in model.named_parameters()}
+    engine = TrainEngine(model, OPTIM, TOTAL_STEPS, deepspeed_config=CONFIGS / "deepspeed_zero2.json",
+                         micro_batch_size=MICRO_BATCH, last_k_layers=1, gradient_checkpointing=True)
+    trainable = [n for n, p in engine.unwrapped.named_parameters() if p.requires_grad]
+    stats = train_steps(engine, batches, reference_logprobs(engine, batches), range(2))
+    final = gathered(engine)
+    partitions = engine.model.optimizer.single_partition_of_fp32_groups
+    return {
+        "zero_stage": engine.zero_stage,
+        "trainable": trainable,
+        "trainable_numel": sum(p.numel() for p in engine.unwrapped.parameters() if p.requires_grad),
+        "optimizer_partition_numel": sum(p.numel() for p in partitions),
+        "final_digest": digest(final),
+        "change_from_init": max_diff(final, init),
+        "stats": stats,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True, help="folder for rank<r>.json and checkpoints")
+    parser.add_argument("--stages", type=int, nargs="+", default=[3, 2], choices=[2, 3], help="ZeRO stages to run")
+    args = parser.parse_args()
+    rank = int(os.environ["RANK"])
+    report: dict = {}
+    for stage in args.stages:
+        report[f"zero{stage}"] = run_zero3(rank, args.out) if stage == 3 else run_zero2(rank)
+    (args.out / f"rank{rank}.json").write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
