@@ -25,7 +25,7 @@ import torch
 
 def write_text_atomic(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     with os.fdopen(fd, "w") as f:
         f.write(text)
         f.flush()
@@ -98,6 +98,15 @@ def save_checkpoint(run_dir: Path, name: str, *, model: Any, engine: Any, state:
     for old in complete[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return target
+
+
+def remove_partial_writes(run_dir: Path) -> list[Path]:
+    """Delete temporary folders and files a crash left behind (never trusted, only in the way)."""
+    removed = []
+    for path in run_dir.rglob(".*.tmp-*"):
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
 
 
 def load_state(checkpoint: Path) -> dict[str, Any]:

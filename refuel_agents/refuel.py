@@ -388,9 +388,8 @@ class RefuelTrainer:
             latest = ckpt.latest_checkpoint(self.run_dir)
             if latest is None:
                 raise FileNotFoundError(f"--resume: {self.run_dir} has no complete checkpoint to continue from")
-            from safetensors.torch import load_file
-
-            self.model.load_state_dict(_load_model_state(latest / "model", load_file), strict=False)
+            _load_weights(self.model, latest / "model")
+            ckpt.remove_partial_writes(self.run_dir)
         self.engine = TrainEngine(self.model, optim, total_steps, deepspeed_config=cfg.deepspeed,
                                   gradient_checkpointing=cfg.gradient_checkpointing, last_k_layers=cfg.last_k_layers,
                                   micro_batch_size=2 * cfg.micro_batch_size, device=None if cfg.deepspeed else self.device)
@@ -429,14 +428,23 @@ def _storable(row: dict) -> dict:
     return {k: json.dumps(v) if k.startswith("reward_parts") else v for k, v in row.items()}
 
 
-def _load_model_state(model_dir: Path, load_file: Any) -> dict[str, torch.Tensor]:
+def _load_weights(model: torch.nn.Module, model_dir: Path) -> None:
+    """Load a checkpoint's safetensors weights in place; only tied weights may be absent."""
+    from safetensors.torch import load_file
+
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"{model_dir} holds no safetensors weights; the checkpoint is incomplete")
     state: dict[str, torch.Tensor] = {}
     for f in files:
         state.update(load_file(str(f)))
-    return state
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = set(getattr(model, "_tied_weights_keys", None) or ())
+    if unexpected or set(missing) - tied:
+        raise RuntimeError(
+            f"checkpoint {model_dir} does not match the policy model: missing {sorted(set(missing) - tied)[:5]}, "
+            f"unexpected {sorted(unexpected)[:5]}; resume with the same --policy-model"
+        )
 
 
 def format_summary(summary: list[dict], max_turns: int) -> str:

@@ -53,3 +53,38 @@ def tiny_generator(tiny_lm_dir):
     from refuel_env.generation import TransformersGenerator
 
     return TransformersGenerator.from_pretrained(str(tiny_lm_dir), device="cpu")
+
+
+WORDS = ("yes no maybe the a of to and is in it you that what why how this one two three four five "
+         "six seven eight nine ten").split()
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def build_word_lm(path):
+    """Save a tiny random Llama and a 32-word word-level tokenizer (ChatML template) to ``path``.
+
+    Small enough to train in seconds, with a vocabulary small enough that sampling explores it.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    specials = ["<|im_end|>", "<|im_start|>", "[UNK]", "system", "user", "assistant"]
+    vocab = {w: i for i, w in enumerate(specials + list(WORDS))}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|im_end|>",
+                                        unk_token="[UNK]", additional_special_tokens=["<|im_start|>"])
+    tokenizer.chat_template = CHATML
+    config = LlamaConfig(vocab_size=len(vocab), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                         eos_token_id=0, pad_token_id=0, bos_token_id=1, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def word_lm_dir(tmp_path_factory):
+    return build_word_lm(tmp_path_factory.mktemp("word-lm"))
