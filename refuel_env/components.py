@@ -13,6 +13,7 @@ from functools import lru_cache
 from typing import Any, Literal
 
 from refuel_env import embedded
+from refuel_env.backends import OpenAIChatGenerator
 from refuel_env.core import DialogueCore
 from refuel_env.data import load_items
 from refuel_env.generation import (
@@ -47,7 +48,15 @@ class EnvConfig:
     """Longest dialogue H; without a 'horizon' reset option H ~ U{1..max_turns}."""
     user_model: str | TextGenerator = EMBEDDED
     """The simulated user's model: 'embedded' (SmolLM2-135M-Instruct), a path / hub id, or a
-    ready :class:`TextGenerator` (any backend)."""
+    ready :class:`TextGenerator` (any backend). With ``user_backend='openai'``: the served model's name."""
+    user_backend: Literal["transformers", "openai"] = "transformers"
+    """How the user's model runs: 'transformers' (loaded in this process) or 'openai' (an
+    OpenAI-compatible server such as ``vllm serve`` or the OpenAI API, reached over HTTP; the API key
+    comes from $OPENAI_API_KEY, token counts are estimated, the context is taken as 8192 tokens;
+    see :class:`refuel_env.backends.OpenAIChatGenerator`)."""
+    user_base_url: str | None = None
+    """Base URL of the 'openai' user backend, API prefix included (e.g. http://localhost:8000/v1);
+    default: $OPENAI_BASE_URL, else https://api.openai.com/v1."""
     user_prompt_style: Literal["paper", "role-swap"] | None = None
     """'paper' (appendix C.2 prompt) or 'role-swap'; default: role-swap for the embedded model."""
     user_device: str | None = None
@@ -140,6 +149,12 @@ def _model_path(name: str) -> str:
 def user_generator(config: EnvConfig) -> TextGenerator:
     if isinstance(config.user_model, TextGenerator):
         return config.user_model
+    if config.user_backend == "openai":
+        if config.user_model == EMBEDDED:
+            raise ValueError("user_backend='openai' needs user_model set to the served model's name")
+        return OpenAIChatGenerator(config.user_model, base_url=config.user_base_url)
+    if config.user_backend != "transformers":
+        raise ValueError(f"unknown user_backend {config.user_backend!r}; use 'transformers' or 'openai'")
     model, tokenizer = load_causal_lm(_model_path(config.user_model), config.user_device or default_device(), "auto")
     return TransformersGenerator(model, tokenizer, name=config.user_model)
 
