@@ -1,6 +1,7 @@
 """One rank of the distributed engine test (tests/test_distributed.py): DeepSpeed ZeRO on CPU
-with gloo, a tiny Llama built from a config and the same seed on every rank, a REFUEL loss on
-summed response log-probs, and a JSON report per rank.
+with gloo, a tiny Llama built from a config and the same seed on every rank, the REFUEL loss
+(``refuel_agents.losses.refuel_loss``) on summed response log-probs
+(``refuel_agents.logprobs.sequence_logprobs``), and a JSON report per rank.
 
     DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 torchrun --nproc_per_node 2 tests/dist_worker.py \\
         --out /tmp/dist-report --stages 3 2
@@ -19,10 +20,13 @@ import json
 import os
 from pathlib import Path
 
+import deepspeed
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from refuel_agents.engine import OptimConfig, TrainEngine
+from refuel_agents.logprobs import sequence_logprobs
+from refuel_agents.losses import refuel_loss
 
 CONFIGS = Path(__file__).resolve().parent.parent / "refuel_agents" / "configs"
 OPTIM = OptimConfig(lr=1e-3, warmup_ratio=0.0, max_grad_norm=1.0, grad_accum_steps=2)
@@ -40,46 +44,37 @@ def tiny_llama() -> LlamaForCausalLM:
     return LlamaForCausalLM(config)
 
 
-def pair_batch(rank: int, micro_step: int) -> dict[str, torch.Tensor]:
-    """Two responses y, y' to the same prompt, per row, and their rewards; different per rank."""
+def pair_batch(rank: int, micro_step: int) -> dict[str, dict[str, torch.Tensor] | torch.Tensor]:
+    """Two responses y, y' to the same prompt per row, as collated batches, and their rewards;
+    different on every rank."""
     g = torch.Generator().manual_seed(1000 * rank + micro_step)
     prompt = torch.randint(0, 96, (MICRO_BATCH, 6), generator=g)
-    y, y2 = (torch.randint(0, 96, (MICRO_BATCH, 5), generator=g) for _ in range(2))
-    response_mask = torch.cat([torch.zeros(MICRO_BATCH, 6), torch.ones(MICRO_BATCH, 5)], dim=1)
-    return {
-        "ids": torch.cat([prompt, y], dim=1),
-        "ids2": torch.cat([prompt, y2], dim=1),
-        "mask": response_mask,
-        "reward_gap": torch.randn(MICRO_BATCH, generator=g),
-    }
+    response_mask = torch.cat([torch.zeros(MICRO_BATCH, 6), torch.ones(MICRO_BATCH, 5)], dim=1).long()
+
+    def responses() -> dict[str, torch.Tensor]:
+        ids = torch.cat([prompt, torch.randint(0, 96, (MICRO_BATCH, 5), generator=g)], dim=1)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "response_mask": response_mask}
+
+    return {"y": responses(), "y2": responses(), "reward_y": torch.randn(MICRO_BATCH, generator=g),
+            "reward_y2": torch.randn(MICRO_BATCH, generator=g)}
 
 
-def summed_logprobs(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """log pi(y | s): the sum of the response tokens' log-probabilities, per row."""
-    logits = model(input_ids=ids).logits[:, :-1].float()
-    token = torch.log_softmax(logits, dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
-    return (token * mask[:, 1:]).sum(dim=1)
-
-
-def refuel_loss(logp: torch.Tensor, logp2: torch.Tensor, ref: torch.Tensor, ref2: torch.Tensor,
-                reward_gap: torch.Tensor) -> torch.Tensor:
-    """Eq. 1: ((1/eta) * [(logp - ref) - (logp2 - ref2)] - (r - r'))^2, averaged over pairs."""
-    return (((logp - ref) - (logp2 - ref2)) / ETA - reward_gap).pow(2).mean()
+def on_device(batch: dict, device: torch.device) -> dict:
+    return {k: on_device(v, device) if isinstance(v, dict) else v.to(device) for k, v in batch.items()}
 
 
 def reference_logprobs(engine: TrainEngine, batches: list[dict]) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """pi_t's log-probs of both responses, computed once before the updates."""
     with torch.no_grad():
-        return [(summed_logprobs(engine.model, b["ids"], b["mask"]), summed_logprobs(engine.model, b["ids2"], b["mask"]))
-                for b in batches]
+        return [(sequence_logprobs(engine.model, b["y"]), sequence_logprobs(engine.model, b["y2"])) for b in batches]
 
 
 def train_steps(engine: TrainEngine, batches: list[dict], refs: list, micro_steps: range) -> list[dict]:
     stats = []
     for i in micro_steps:
         b, (ref, ref2) = batches[i], refs[i]
-        loss = refuel_loss(summed_logprobs(engine.model, b["ids"], b["mask"]),
-                           summed_logprobs(engine.model, b["ids2"], b["mask"]), ref, ref2, b["reward_gap"])
+        loss = refuel_loss(sequence_logprobs(engine.model, b["y"]), ref, sequence_logprobs(engine.model, b["y2"]), ref2,
+                           b["reward_y"], b["reward_y2"], eta=ETA)
         engine.backward(loss)
         info = engine.step()
         if info is not None:
@@ -89,12 +84,10 @@ def train_steps(engine: TrainEngine, batches: list[dict], refs: list, micro_step
 
 def gathered(engine: TrainEngine) -> dict[str, torch.Tensor]:
     """Full copies of every parameter (gathered from the shards under ZeRO-3)."""
-    import deepspeed
-
     params = dict(engine.unwrapped.named_parameters())
     with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=None,
                                            enabled=engine.zero_stage == 3):
-        return {name: p.detach().clone().float() for name, p in params.items()}
+        return {name: p.detach().float().cpu() for name, p in params.items()}
 
 
 def digest(tensors: dict[str, torch.Tensor]) -> dict[str, str]:
@@ -107,10 +100,10 @@ def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str
 
 def run_zero3(rank: int, out: Path) -> dict:
     config = CONFIGS / "deepspeed_zero3.json"
-    batches = [pair_batch(rank, i) for i in range(4)]
     model = tiny_llama()
     init = {n: p.detach().clone() for n, p in model.named_parameters()}
     engine = TrainEngine(model, OPTIM, TOTAL_STEPS, deepspeed_config=config, micro_batch_size=MICRO_BATCH)
+    batches = [on_device(pair_batch(rank, i), engine.device) for i in range(4)]
     shards = {n: {"full": int(p.ds_numel), "local": int(p.ds_tensor.numel())}
               for n, p in engine.unwrapped.named_parameters()}
     refs = reference_logprobs(engine, batches)
@@ -139,16 +132,17 @@ def run_zero3(rank: int, out: Path) -> dict:
         "resumed_vs_uninterrupted": max_diff(resumed, final),
         "unwrapped_vs_gathered": None if unwrapped is None else max_diff(
             {n: unwrapped[n].float() for n in final}, final),
+        "bf16": engine.bf16,
         "rank_mean": engine.all_reduce_mean(float(rank)),
     }
 
 
 def run_zero2(rank: int) -> dict:
-    batches = [pair_batch(rank, i) for i in range(2)]
     model = tiny_llama()
     init = {n: p.detach().clone() for n, p in model.named_parameters()}
     engine = TrainEngine(model, OPTIM, TOTAL_STEPS, deepspeed_config=CONFIGS / "deepspeed_zero2.json",
                          micro_batch_size=MICRO_BATCH, last_k_layers=1, gradient_checkpointing=True)
+    batches = [on_device(pair_batch(rank, i), engine.device) for i in range(2)]
     trainable = [n for n, p in engine.unwrapped.named_parameters() if p.requires_grad]
     stats = train_steps(engine, batches, reference_logprobs(engine, batches), range(2))
     final = gathered(engine)
