@@ -203,6 +203,8 @@ def resolve_deepspeed_config(
     Explicit values that contradict these raise an error, as do ``optimizer``/``scheduler``
     sections (the engine supplies torch AdamW and ``lr_lambda``) and fp16.
     """
+    if not (isinstance(micro_batch_size, int) and micro_batch_size >= 1):
+        raise ValueError(f"micro_batch_size must be an integer >= 1, got {micro_batch_size!r}")
     if isinstance(config, dict):
         cfg = copy.deepcopy(config)
     else:

@@ -337,6 +337,11 @@ def test_resolve_rejects_configs_it_cannot_honour(config, message):
         resolve_deepspeed_config(config, OptimConfig(), world_size=2, bf16=False, hidden_size=hidden)
 
 
+def test_resolve_rejects_a_bad_micro_batch_size():
+    with pytest.raises(ValueError, match="micro_batch_size"):
+        resolve_deepspeed_config({}, OptimConfig(), world_size=1, bf16=False, micro_batch_size=0)
+
+
 def test_resolve_reports_a_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         resolve_deepspeed_config(tmp_path / "nope.json", OptimConfig(), world_size=1, bf16=False)
