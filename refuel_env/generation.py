@@ -10,11 +10,22 @@ and a branch restored from a snapshot replays exactly.
 template, left padding, batched ``generate``, and stop at the end of the assistant's turn.
 Per-request seeds: each row samples from its own ``torch.Generator`` by inverse CDF (see
 :class:`SeededSampler`), so a row's tokens depend only on its own seed and logits.
+
+Prefix reuse: requests of a batch that share a long token prefix (the two branches of a snapshot
+share the whole dialogue; all simulated-user prompts share the user's instructions) have that
+prefix prefilled once. :func:`group_by_prefix` partitions a batch into such groups;
+:func:`pack_prompts` lays each row out as ``[pads, shared prefix | pads, own suffix]`` so that every
+group's prefix ends at the same column; the prefixes' KV cache is computed once per group and
+copied to the group's rows, and ``generate`` continues from it over the suffix columns. Pads
+are masked and position ids follow the attention mask, so each row sees exactly the positions
+and tokens it would see alone: the output is the same as without reuse, up to floating-point
+rounding (token-identical in the fp32 tests).
 """
 
 from __future__ import annotations
 
 import abc
+import inspect
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -147,8 +158,144 @@ class SeededSampler:
         return out.scatter_(-1, chosen, 0.0)
 
 
+@dataclass(frozen=True)
+class PrefixGroup:
+    """Requests of a batch (indices) whose prompts share their first ``prefix_len`` tokens.
+
+    ``prefix_len`` is 0 for a request that shares nothing worth reusing; otherwise it is shorter
+    than every member's prompt, so each member keeps at least one token to feed ``generate``.
+    """
+
+    members: tuple[int, ...]
+    prefix_len: int
+
+
+def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the longest common prefix of two token sequences."""
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+def group_by_prefix(prompts: Sequence[Sequence[int]], min_prefix_tokens: int) -> list[PrefixGroup]:
+    """Partition ``prompts`` into groups that share a prefix of at least ``min_prefix_tokens``.
+
+    Sorted lexicographically, prompts with a common prefix are neighbours; the sorted list is cut
+    into runs (a run shares the smallest prefix of its neighbour pairs) so as to save the most
+    prefill tokens, ``(len(run) - 1) * shared``, by dynamic programming. So four pairs that each
+    share 400 tokens stay four groups, rather than one group sharing the 30 tokens common to all.
+    Every index appears in exactly one group; a request alone in its run gets ``prefix_len=0``.
+    """
+    if min_prefix_tokens < 1:
+        raise GenerationError(f"min_prefix_tokens must be >= 1, got {min_prefix_tokens!r}")
+    order = sorted(range(len(prompts)), key=lambda i: prompts[i])
+    neighbour_lcp = [common_prefix_len(prompts[a], prompts[b]) for a, b in zip(order, order[1:])]
+    # best[j]: most tokens saved on order[:j]; start[j], shared[j]: the last run order[start:j].
+    best, start, shared = [0] * (len(order) + 1), [0] * (len(order) + 1), [0] * (len(order) + 1)
+    for j in range(1, len(order) + 1):
+        best[j], start[j], shared[j] = best[j - 1], j - 1, 0
+        run_shared = len(prompts[order[j - 1]]) - 1
+        for i in range(j - 2, -1, -1):
+            run_shared = min(run_shared, neighbour_lcp[i], len(prompts[order[i]]) - 1)
+            if run_shared < min_prefix_tokens:
+                break
+            if best[i] + (j - 1 - i) * run_shared > best[j]:
+                best[j], start[j], shared[j] = best[i] + (j - 1 - i) * run_shared, i, run_shared
+    groups = []
+    j = len(order)
+    while j > 0:
+        groups.append(PrefixGroup(members=tuple(order[start[j] : j]), prefix_len=shared[j]))
+        j = start[j]
+    return groups[::-1]
+
+
+def prefix_reuse_pays(prompts: Sequence[Sequence[int]], groups: Sequence[PrefixGroup]) -> bool:
+    """Whether prefilling the shared prefixes once costs fewer token positions than plain padding.
+
+    Plain: every row is padded to the longest prompt. With reuse: one row per shared prefix over
+    the prefix columns, plus every row over the suffix columns (see :func:`pack_prompts`).
+    """
+    prefix_lens = prefix_lengths(len(prompts), groups)
+    shared = [g for g in groups if g.prefix_len > 0]
+    if not shared:
+        return False
+    suffix_width = max(len(p) - k for p, k in zip(prompts, prefix_lens))
+    reuse = len(shared) * max(prefix_lens) + len(prompts) * suffix_width
+    return reuse < len(prompts) * max(len(p) for p in prompts)
+
+
+def prefix_lengths(n: int, groups: Sequence[PrefixGroup]) -> list[int]:
+    """Each of ``n`` requests' shared prefix length, from its group."""
+    lengths = [0] * n
+    for g in groups:
+        for i in g.members:
+            lengths[i] = g.prefix_len
+    return lengths
+
+
+def pack_prompts(
+    prompts: Sequence[Sequence[int]], prefix_lens: Sequence[int], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Lay prompts out as ``[pads, prefix | pads, suffix]`` rows: (input_ids, attention_mask, prefix width).
+
+    Each prompt is split after its ``prefix_lens[i]`` tokens; prefixes are right-aligned in the
+    first ``max(prefix_lens)`` columns and suffixes in the rest, pads masked. With no prefixes this
+    is plain left padding. Position ids taken from the mask's running sum (as ``generate`` does)
+    give every real token the position it has in its own prompt.
+    """
+    prefix_width = max(prefix_lens, default=0)
+    suffix_width = max(len(p) - k for p, k in zip(prompts, prefix_lens))
+    input_ids = torch.full((len(prompts), prefix_width + suffix_width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, (ids, k) in enumerate(zip(prompts, prefix_lens)):
+        if k:
+            input_ids[row, prefix_width - k : prefix_width] = torch.tensor(ids[:k])
+            attention_mask[row, prefix_width - k : prefix_width] = 1
+        input_ids[row, prefix_width + suffix_width - (len(ids) - k) :] = torch.tensor(ids[k:])
+        attention_mask[row, prefix_width + suffix_width - (len(ids) - k) :] = 1
+    return input_ids, attention_mask, prefix_width
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that skip pads, the rule ``generate`` applies: running count of real tokens minus one."""
+    return (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+
+
+def supports_prefix_reuse(model: Any) -> bool:
+    """True for decoder models whose default cache is a plain full-attention ``DynamicCache``.
+
+    Sliding-window, chunked or linear-attention layers count cached columns, pads included, so a
+    pad in the middle of a row would change what they see; such models generate without reuse.
+    """
+    if getattr(model.config, "is_encoder_decoder", False):
+        return False
+    if getattr(getattr(model, "generation_config", None), "cache_implementation", None) not in (None, "dynamic"):
+        return False
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    try:
+        layers = DynamicCache(config=model.config).layers
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return False
+    return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
+
+
+def _cache_kwarg(model: Any) -> str:
+    """The name under which ``model.forward`` takes a KV cache (``cache`` from transformers 5.2x on)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 class TransformersGenerator(TextGenerator):
-    """A transformers causal LM generating with its chat template, batched with left padding."""
+    """A transformers causal LM generating with its chat template, batched with left padding.
+
+    ``prefix_cache`` (default on) prefills a prefix of at least ``min_prefix_tokens`` tokens once
+    for all requests of a batch that share it (see the module docstring); it is off for models
+    whose cache cannot take it (:func:`supports_prefix_reuse`), and ``prefix_cache`` then reads
+    False. ``prefix_tokens_reused`` counts the prompt tokens whose prefill was skipped so far.
+    """
 
     def __init__(
         self,
@@ -158,9 +305,13 @@ class TransformersGenerator(TextGenerator):
         batch_size: int = 32,
         max_context: int | None = None,
         name: str | None = None,
+        prefix_cache: bool = True,
+        min_prefix_tokens: int = 32,
     ):
         if tokenizer.chat_template is None:
             raise GenerationError(f"transformers backend: tokenizer of {name or 'the model'} has no chat template")
+        if not isinstance(min_prefix_tokens, int) or min_prefix_tokens < 1:
+            raise GenerationError(f"transformers backend: min_prefix_tokens must be an int >= 1, got {min_prefix_tokens!r}")
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.batch_size = batch_size
@@ -170,6 +321,9 @@ class TransformersGenerator(TextGenerator):
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         self.eos_token_ids = end_of_turn_token_ids(model, tokenizer)
+        self.prefix_cache = bool(prefix_cache) and supports_prefix_reuse(model)
+        self.min_prefix_tokens = min_prefix_tokens
+        self.prefix_tokens_reused = 0
         self._rng = torch.Generator().manual_seed(torch.initial_seed() % (2**63))
 
     @classmethod
@@ -223,14 +377,53 @@ class TransformersGenerator(TextGenerator):
                     f"context of {self.max_context}; shorten the dialogue or use a longer-context model"
                 )
         results: list[Completion | None] = [None] * len(prompts)
-        # Group requests of similar length so that little compute goes to padding.
-        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        order = self._batch_order(prompts)
         for start in range(0, len(order), self.batch_size):
             chunk = order[start : start + self.batch_size]
             chunk_seeds = [seeds[i] for i in chunk] if seeds is not None else None
             for i, completion in zip(chunk, self._generate([prompts[i] for i in chunk], params, chunk_seeds)):
                 results[i] = completion
         return results  # type: ignore[return-value]
+
+    def _batch_order(self, prompts: list[list[int]]) -> list[int]:
+        """Order requests so that a batch wastes little on padding and keeps prefix groups together.
+
+        Without prefix reuse: by prompt length. With it: group by group (members by length), the
+        groups by their shortest prompt, so a group's members land in the same batch.
+        """
+        if not self.prefix_cache:
+            return sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        groups = group_by_prefix(prompts, self.min_prefix_tokens)
+        members = [sorted(g.members, key=lambda i: len(prompts[i])) for g in groups]
+        members.sort(key=lambda m: len(prompts[m[0]]))
+        return [i for m in members for i in m]
+
+    @torch.inference_mode()
+    def _prefill_shared(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prefix_width: int, groups: list[PrefixGroup]
+    ) -> Any:
+        """The KV cache of the prefix columns: each group's prefix computed once, copied to its rows.
+
+        Rows outside a group take the first group's entries; their prefix columns are all masked.
+        """
+        from transformers import DynamicCache
+
+        leaders = [g.members[0] for g in groups]
+        source = [0] * input_ids.shape[0]
+        for k, g in enumerate(groups):
+            for i in g.members:
+                source[i] = k
+        mask = attention_mask[leaders, :prefix_width].to(self.device)
+        cache = DynamicCache(config=self.model.config)
+        self.model.base_model(
+            input_ids=input_ids[leaders, :prefix_width].to(self.device),
+            attention_mask=mask,
+            position_ids=position_ids_from_mask(mask),
+            use_cache=True,
+            **{_cache_kwarg(self.model.base_model): cache},
+        )
+        cache.batch_select_indices(torch.tensor(source, device=self.device))
+        return cache
 
     @torch.inference_mode()
     def _generate(
@@ -239,11 +432,17 @@ class TransformersGenerator(TextGenerator):
         longest = max(len(p) for p in prompts)
         budget = min(params.max_new_tokens, self.max_context - longest)
         pad = self.tokenizer.pad_token_id
-        input_ids = torch.full((len(prompts), longest), pad, dtype=torch.long)
-        attention_mask = torch.zeros((len(prompts), longest), dtype=torch.long)
-        for row, ids in enumerate(prompts):
-            input_ids[row, longest - len(ids) :] = torch.tensor(ids)
-            attention_mask[row, longest - len(ids) :] = 1
+        groups = group_by_prefix(prompts, self.min_prefix_tokens) if self.prefix_cache else []
+        if not prefix_reuse_pays(prompts, groups):
+            groups = []
+        shared = [g for g in groups if g.prefix_len > 0]
+        input_ids, attention_mask, prefix_width = pack_prompts(prompts, prefix_lengths(len(prompts), shared), pad)
+        cache_kwargs = {}
+        if shared:
+            cache = self._prefill_shared(input_ids, attention_mask, prefix_width, shared)
+            cache_kwargs[_cache_kwarg(self.model)] = cache
+            self.prefix_tokens_reused += sum((len(g.members) - 1) * g.prefix_len for g in shared)
+        width = input_ids.shape[1]
         processors = []
         if params.temperature > 0:
             processors.append(SeededSampler(seeds or [], params))
@@ -259,10 +458,11 @@ class TransformersGenerator(TextGenerator):
             temperature=None,
             top_p=None,
             top_k=None,
+            **cache_kwargs,
         )
         completions = []
         for row, ids in enumerate(prompts):
-            new = output[row, longest:].tolist()
+            new = output[row, width:].tolist()
             finish: Literal["stop", "length"] = "length"
             for pos, tok in enumerate(new):
                 if tok in self.eos_token_ids:
