@@ -200,8 +200,9 @@ def _finish_branch(row: dict, slot: _Slot, dialogue: list, reward: float, info: 
     row[f"response{suffix}"] = slot.response
     row[f"dialogue{suffix}"] = list(dialogue)
     row[f"reward{suffix}"] = reward
-    parts = {key: info["reward_parts"][key][k] for key in info["reward_parts"] if not key.startswith("_")}
-    row[f"reward_parts{suffix}"] = {key: (None if v is None else float(v)) for key, v in parts.items()}
+    parts = info["reward_parts"]
+    row[f"reward_parts{suffix}"] = {key: float(parts[key][k]) for key in parts
+                                    if not key.startswith("_") and parts[f"_{key}"][k]}
     stats.user_parse_failures += int(info["user_parse_failures"][k])
 
 

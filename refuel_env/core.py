@@ -283,9 +283,8 @@ class DialogueCore:
                 ep.done = True
                 ep.turn += 1
                 info = self._info(ep, action_tokens[i], 0, 0)
-                # A part that does not apply (the model score when Gamma replaced it) is NaN, so
-                # that the vector env can batch the parts as float arrays.
-                info["reward_parts"] = {k: float("nan") if v is None else float(v) for k, v in part.items()}
+                # A part that does not apply (the model score when Gamma replaced it) is left out.
+                info["reward_parts"] = {k: float(v) for k, v in part.items() if v is not None}
                 results[i] = StepResult(float(part["reward"]), True, False, info)
 
         asking = []

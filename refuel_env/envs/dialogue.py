@@ -60,7 +60,7 @@ class DialogueEnv(gym.Env[list, str]):
     and ``user_fallback`` (for the latest user message), ``user_parse_failures`` (this episode),
     ``action_tokens``, ``response_tokens`` (all responses so far), ``user_prompt_tokens``,
     ``user_completion_tokens``, ``response_hit_length_limit``, ``snapshot``, and at the end
-    ``reward_parts`` (a part that does not apply is NaN) or ``truncation_reason``.
+    ``reward_parts`` (a part that does not apply is left out) or ``truncation_reason``.
 
     ## Arguments
 
