@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -31,11 +32,11 @@ class MetricsLogger:
     def log(self, step: int, metrics: dict[str, Any], *, echo: bool = True) -> None:
         if not self.enabled:
             return
-        record = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
+        record = {"step": step, "time": round(time.time(), 3), **{k: _plain(v) for k, v in metrics.items()}}
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         for key, value in record.items():
-            if key != "step" and isinstance(value, int | float) and math.isfinite(value):
+            if key not in ("step", "time") and isinstance(value, int | float) and math.isfinite(value):
                 self.writer.add_scalar(key, value, step)
         if echo:
             shown = "  ".join(f"{k.split('/')[-1]}={_fmt(v)}" for k, v in metrics.items() if isinstance(v, int | float))
