@@ -271,7 +271,8 @@ def supports_prefix_reuse(model: Any) -> bool:
     """
     if getattr(model.config, "is_encoder_decoder", False):
         return False
-    if getattr(getattr(model, "generation_config", None), "cache_implementation", None) not in (None, "dynamic"):
+    # generate refuses a cache object when the generation config names a cache implementation.
+    if getattr(getattr(model, "generation_config", None), "cache_implementation", None) is not None:
         return False
     from transformers import DynamicCache
     from transformers.cache_utils import DynamicLayer

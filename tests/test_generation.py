@@ -243,15 +243,19 @@ def test_prefix_reuse_pays_only_when_it_saves_positions():
     assert not prefix_reuse_pays(pair, [PrefixGroup((0,), 0), PrefixGroup((1,), 0)])
 
 
-def test_sliding_window_models_generate_without_reuse():
+def test_models_whose_cache_cannot_take_reuse_generate_without_it():
     from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
     from refuel_env.generation import supports_prefix_reuse
 
     small = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
                  num_key_value_heads=1)
-    assert supports_prefix_reuse(LlamaForCausalLM(LlamaConfig(**small)))
+    llama = LlamaForCausalLM(LlamaConfig(**small))
+    assert supports_prefix_reuse(llama)
     assert not supports_prefix_reuse(MistralForCausalLM(MistralConfig(sliding_window=8, **small)))
+    # generate refuses a cache object next to a configured cache implementation.
+    llama.generation_config.cache_implementation = "static"
+    assert not supports_prefix_reuse(llama)
 
 
 def test_bad_min_prefix_tokens(tiny_generator):
