@@ -51,7 +51,7 @@ class RefuelConfig:
     """Environment id (see refuel_env.ENV_IDS)."""
     env_preset: str | None = None
     """Environment preset (refuel_env.components.PRESETS); env_kwargs override it."""
-    env_kwargs: dict[str, Any] = field(default_factory=lambda: {"max_turns": 3, "user_max_new_tokens": 32})
+    env_kwargs: dict[str, Any] = field(default_factory=lambda: {"max_turns": 3, "user_max_new_tokens": 24})
     """Extra environment arguments (EnvConfig fields)."""
     policy_model: str = "embedded"
     """Policy to train: 'embedded' (SmolLM2-135M-Instruct) or a local path / hub id."""
@@ -83,7 +83,7 @@ class RefuelConfig:
     """Recompute activations in the backward pass to save memory."""
     last_k_layers: int | None = None
     """Train only the last k decoder layers (plus final norm and lm_head); None = all."""
-    max_new_tokens: int = 48
+    max_new_tokens: int = 32
     """Longest policy response during collection, in tokens."""
     temperature: float = 0.8
     """Policy sampling temperature during collection."""
@@ -91,7 +91,7 @@ class RefuelConfig:
     """Divide logits by this before log-softmax in the loss (the original release used the sampling temperature)."""
     max_seq_len: int = 2048
     """Longest (state + response) in tokens for training; longer tuples are dropped and counted."""
-    eval_prompts: int = 4
+    eval_prompts: int = 2
     """Held-out prompts played before training and after each iteration (0 = no evaluation)."""
     reference_kl: bool = True
     """Keep a frozen copy of the initial policy to log KL(pi || pi_0) and use it for the env's KL penalty."""
