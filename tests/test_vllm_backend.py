@@ -181,6 +181,9 @@ def test_engine_suite_under_venv_vllm(tmp_path):
 def engine(smollm2_dir):
     from refuel_env.backends.vllm_backend import VLLMGenerator
 
+    # The CPU build pins this process's threads to its cores, by default all but one kept for
+    # vLLM's own threads: on 2 cores that leaves the tests (transformers included) one thread.
+    os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
     # fp32 as the transformers backend on CPU; a fixed KV budget instead of a share of memory.
     return VLLMGenerator(
         smollm2_dir, dtype="float32", max_model_len=2048, seed=0, kv_cache_memory_bytes=512 * 2**20
@@ -298,3 +301,63 @@ def test_engine_partial_update_and_rejected_update(engine, original_weights):
     with pytest.raises(GenerationError, match="has shape"):
         engine.update_weights([("model.norm.weight", torch.zeros(7))])
     assert engine.chat(CONVS, GREEDY) == original  # nothing was loaded
+
+
+@pytest.fixture(scope="module")
+def tp_model_dir(tmp_path_factory, smollm2_dir):
+    """A 2-layer Llama with random weights, 4 heads of 64 (2 KV heads), tied embeddings."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tp-llama")
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@engine_test
+def test_engine_tensor_parallel_weight_update(tp_model_dir, monkeypatch):
+    """Two worker processes, each holding half of every layer: the update is sharded by vLLM."""
+    import vllm.envs
+
+    from refuel_env.backends.vllm_backend import VLLMGenerator
+
+    # The CPU build pins each worker to cores; automatic pinning wants a NUMA node per worker.
+    # vLLM freezes its environment variables once an engine has started in the process.
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
+    vllm.envs.disable_envs_cache()
+    engine = VLLMGenerator(
+        tp_model_dir, tensor_parallel_size=2, dtype="float32", max_model_len=1024,
+        kv_cache_memory_bytes=64 * 2**20, enforce_eager=True,
+    )  # fmt: skip
+    reference = TransformersGenerator.from_pretrained(str(tp_model_dir), device="cpu", dtype="float32")
+    params = SamplingParams(max_new_tokens=12, temperature=0.0)
+    original = engine.chat(CONVS, params)
+    assert original == reference.chat(CONVS, params)
+
+    weights = {n: t.clone() for n, t in reference.model.state_dict().items()}
+    g = torch.Generator().manual_seed(1)
+    noisy = {n: t + 0.5 * t.std() * torch.randn(t.shape, generator=g) for n, t in weights.items()}
+    engine.load_state_dict(noisy)
+    changed = engine.chat(CONVS, params)
+    model = copy.deepcopy(reference.model)
+    model.load_state_dict(noisy)
+    assert changed != original
+    assert changed == TransformersGenerator(model, reference.tokenizer).chat(CONVS, params)
+
+    engine.load_state_dict(weights)
+    assert engine.chat(CONVS, params) == original

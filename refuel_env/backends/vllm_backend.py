@@ -86,7 +86,8 @@ class VLLMGenerator(TextGenerator):
     - ``model``: a local checkpoint directory or a Hugging Face id in the local cache.
     - ``tensor_parallel_size``: GPUs to shard the model over.
     - ``gpu_memory_utilization``: share of GPU memory for weights plus KV cache. On the CPU build
-      it is the share of CPU memory, so it must leave room for everything else in the process.
+      it is the share of CPU memory, so it must leave room for everything else in the process;
+      ``kv_cache_memory_bytes=...`` (an engine option) sets the KV cache size instead.
     - ``max_model_len``: the context (prompt plus completion); ``None`` takes the model's.
       Also :attr:`max_context`.
     - ``dtype``: ``"auto"`` (the checkpoint's, bf16 for most chat models), ``"bfloat16"``,
@@ -195,12 +196,12 @@ class VLLMGenerator(TextGenerator):
     ) -> None:
         """Load new weights (checkpoint names, full shapes) into the running engine.
 
-        Any subset of the weights may be given, in units of whole decoder layers: vLLM fuses a
-        layer's projections (q/k/v, gate/up) into one tensor, so every weight of a layer
-        (``model.layers.N.``) must come together; the others keep their values. The tensors are
-        sent in chunks of whole layers of about ``chunk_bytes`` each (each chunk is copied once to
-        each tensor-parallel worker). Afterwards the prefix cache is reset. Nothing is loaded if
-        a name or shape is wrong.
+        Any subset of the weights may be given, in units of whole decoder layers (the others keep
+        their values): vLLM fuses a layer's projections (q/k/v, gate/up) into one tensor and
+        reloads it only as a whole, so every weight of ``model.layers.N.`` must come together.
+        The tensors go to the engine in chunks of whole layers of about ``chunk_bytes``; with
+        tensor parallelism each chunk is copied to every worker process, which takes its shard.
+        Afterwards the prefix cache is reset. Nothing is loaded if a name or shape is wrong.
         """
         weights = check_weights(named_tensors, self.checkpoint_shapes)
         for chunk in layer_chunks(weights, chunk_bytes):
