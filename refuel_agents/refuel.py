@@ -223,7 +223,7 @@ class RefuelTrainer:
         self.model.eval()
         rows, stats = collect_refuel_tuples(
             env_id=cfg.env_id, env_kwargs=self.env_kwargs, policy=self.generator, sampling=self.sampling,
-            num_prompts=cfg.prompts_per_iteration or self._dataset_size(), seed=cfg.seed * 1000 + iteration,
+            num_prompts=cfg.prompts_per_iteration or self._dataset_size(), seed=_iteration_seed(cfg.seed, iteration),
             kl_logprobs=self._kl_logprobs if self._env_has_kl() else None, progress=cfg.progress,
         )
         return rows, stats
@@ -425,6 +425,12 @@ class RefuelTrainer:
             print(f"final model: {final}\nmetrics: {self.run_dir / 'metrics.jsonl'} (TensorBoard: {self.run_dir / 'tensorboard'})"
                   + (f"\nplot: {plot}" if plot else ""), flush=True)
         return final
+
+
+def _iteration_seed(seed: int, iteration: int) -> int:
+    """The collection seed of an iteration. Sub-environment i is seeded with this + i, so
+    iterations' seeds must be far apart, or consecutive iterations would draw the same prompts."""
+    return int(np.random.SeedSequence([seed, iteration]).generate_state(1)[0] % 2**31)
 
 
 def _storable(row: dict) -> dict:

@@ -69,3 +69,10 @@ def test_truncated_branches_are_dropped_and_counted(tiny_generator, tiny_lm_dir)
                                         sampling=SAMPLING, num_prompts=4, seed=0, progress=False)
     assert rows == [] and stats.dropped_truncated == 4 and stats.tuples == 0
     assert sum(stats.truncation_reasons.values()) == 4
+
+
+def test_iterations_draw_different_prompts():
+    from refuel_agents.refuel import _iteration_seed
+
+    seeds = [_iteration_seed(1, t) for t in range(5)]
+    assert len(set(seeds)) == 5 and min(abs(a - b) for a in seeds for b in seeds if a != b) > 1000
