@@ -1,0 +1,507 @@
+"""Measure REFUEL on the embedded default: collection speed, training speed and memory, and one
+training step against TRL's ``DPOTrainer`` on the same model and the same pairs.
+
+    python scripts/benchmark_refuel.py                      # all four parts, about 6 minutes on 2 CPU cores
+    python scripts/benchmark_refuel.py --threads 2          # on an idle machine: two torch threads per process
+    python scripts/benchmark_refuel.py --skip-collection --pairs synthetic --state-tokens 256 --response-tokens 64
+    python scripts/benchmark_refuel.py --prompts 32 --batch-pairs 8 --repeats 5 --skip-dpo
+
+Everything runs on the CPU in fp32, with the embedded SmolLM2-135M-Instruct as the policy (and,
+in the environment, as the simulated user) or, with ``--model``, a local checkpoint. Each
+measurement runs in a fresh process of its own (``spawn``), so that no configuration inherits
+another's memory; the parent only starts them and prints the tables (Markdown).
+
+1. Collection: ``collect_refuel_tuples`` on ``UltraInteractDialogue-v0`` (the policy and the
+   user write at most ``--max-new-tokens`` / ``--user-max-new-tokens`` tokens per turn, H is
+   drawn from U{1..max_turns}, h from U{1..H}; the environment's embedded reward model scores
+   each branch). An untimed warm-up collection of ``--warmup-prompts`` prompts comes first.
+   Reported: REFUEL tuples/s and policy responses/s (roll-in, both branches and their
+   continuations to H), over the wall time of the whole collection (user turns and rewards
+   included).
+2. Training: REFUEL updates through ``RefuelTrainer.train_step`` and ``TrainEngine.step``: one
+   forward of the y and y' sequences of ``--batch-pairs`` pairs together, eq. 1's loss,
+   backward, clipping and one AdamW step (no gradient accumulation). The same batch is used
+   for every step: ``--warmup-steps`` untimed, then ``--repeats`` timed; the median is
+   reported. The log-probs of pi_t, computed once per iteration before the updates
+   (``RefuelTrainer.prepare``, no gradient), are timed separately.
+3. Memory: the peak resident set (``VmHWM`` of ``/proc/self/status``, reset through
+   ``/proc/self/clear_refs`` once the model and optimizer are set up, so that it covers the
+   training steps, with the weights, gradients and AdamW state that they hold) with and
+   without gradient checkpointing, on the same batch.
+4. REFUEL against TRL's ``DPOTrainer`` (sigmoid loss, its reference model loaded from the same
+   checkpoint, fp32, no gradient checkpointing, no precomputed reference log-probs, the same
+   optimizer settings) on the same pairs, as prompt / chosen (y) / rejected (y') in
+   conversational form, one optimizer step per batch of the same size. Its step is timed from
+   ``on_step_begin`` to ``on_step_end``: forward of chosen and rejected, the reference model's
+   forward, backward, clipping, optimizer step (the data loading before it is excluded). The
+   design difference: DPO runs a reference forward in every step and keeps the reference
+   weights in memory; REFUEL reads log pi_t from the tuples, computed once per iteration by
+   the model itself.
+
+Times are given as wall time and as the process's CPU time (``time.process_time``). With one
+torch thread (the default) the CPU time is the work done, whatever else runs on the machine;
+the wall time also counts the waits for a core, so compare wall times only at similar load
+(the 1-minute load average before and after each measurement is printed beside it). The
+column "weights+grads+AdamW(+ref)" is computed from the parameter count (4 copies of the
+weights, plus the reference model's for DPO), for comparison with the measured peak.
+
+Pairs (``--pairs``): ``collected``, the first ``--batch-pairs`` tuples of part 1, or
+``synthetic``, pairs of exactly ``--state-tokens`` state tokens and ``--response-tokens``
+response tokens each (the end-of-turn token included), of random words.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import re
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+GIB = 2**30
+
+
+# ------------------------------------------------------------------------------ settings
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What every worker needs; picklable, so it crosses into the spawned processes."""
+
+    model: str
+    threads: int
+    seed: int
+    max_turns: int
+    user_max_new_tokens: int
+    max_new_tokens: int
+    warmup_steps: int
+    repeats: int
+
+    @property
+    def env_kwargs(self) -> dict[str, Any]:
+        return {"max_turns": self.max_turns, "user_max_new_tokens": self.user_max_new_tokens}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="embedded",
+                   help="policy: 'embedded' (SmolLM2-135M-Instruct) or a local transformers checkpoint (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads per process (default: %(default)s). On a shared 2-core machine two threads "
+                        "wait on each other whenever another process holds a core (measured here while other jobs ran: "
+                        "8 prompts collected in 16 s with one thread, not done after 10 minutes with two); use 2 on "
+                        "an idle machine")
+    p.add_argument("--seed", type=int, default=1, help="seed of the collection and of the synthetic pairs (default: %(default)s)")
+    g = p.add_argument_group("part 1, collection")
+    g.add_argument("--prompts", type=int, default=8, help="prompts (= tuples) in the timed collection (default: %(default)s)")
+    g.add_argument("--warmup-prompts", type=int, default=2,
+                   help="prompts of the untimed warm-up collection before it (default: %(default)s)")
+    g.add_argument("--max-turns", type=int, default=3, help="largest dialogue length H (default: %(default)s)")
+    g.add_argument("--max-new-tokens", type=int, default=32, help="longest policy response, in tokens (default: %(default)s)")
+    g.add_argument("--user-max-new-tokens", type=int, default=32,
+                   help="longest simulated-user turn, in tokens (default: %(default)s)")
+    g.add_argument("--skip-collection", action="store_true", help="skip part 1 (needs --pairs synthetic)")
+    g = p.add_argument_group("parts 2 to 4, training")
+    g.add_argument("--pairs", choices=("collected", "synthetic"), default="collected",
+                   help="the training batch: the first --batch-pairs collected tuples, or synthetic pairs of fixed "
+                        "length (default: %(default)s)")
+    g.add_argument("--state-tokens", type=int, default=256, help="state s_h length of a synthetic pair (default: %(default)s)")
+    g.add_argument("--response-tokens", type=int, default=64,
+                   help="length of each synthetic response, its end-of-turn token included (default: %(default)s)")
+    g.add_argument("--batch-pairs", type=int, default=4,
+                   help="pairs per optimizer step, so 2x as many sequences per forward (default: %(default)s)")
+    g.add_argument("--warmup-steps", type=int, default=1, help="untimed training steps first (default: %(default)s)")
+    g.add_argument("--repeats", type=int, default=3, help="timed training steps; the median is reported (default: %(default)s)")
+    g.add_argument("--skip-dpo", action="store_true", help="skip part 4 (TRL's DPOTrainer)")
+    args = p.parse_args(argv)
+    check_args(p, args)
+    return args
+
+
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    positive = ("threads", "prompts", "max_turns", "max_new_tokens", "user_max_new_tokens", "batch_pairs", "repeats",
+                "state_tokens", "response_tokens")
+    for name in positive:
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for name in ("warmup_prompts", "warmup_steps"):
+        if getattr(args, name) < 0:
+            parser.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if args.response_tokens < 2:
+        parser.error("--response-tokens must be >= 2: at least one word and the end-of-turn token")
+    if args.skip_collection and args.pairs == "collected":
+        parser.error("--skip-collection leaves no collected pairs to train on: add --pairs synthetic")
+    if args.pairs == "collected" and args.prompts < args.batch_pairs:
+        parser.error(f"--prompts ({args.prompts}) must be >= --batch-pairs ({args.batch_pairs}) to fill a batch "
+                     "with collected tuples")
+
+
+# ------------------------------------------------------------------------------ process helpers
+
+
+def _status_kib(field: str) -> int:
+    match = re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.MULTILINE)
+    if match is None:
+        raise RuntimeError(f"/proc/self/status has no {field}: peak memory is measured on Linux only")
+    return int(match.group(1))
+
+
+def reset_peak_rss() -> None:
+    """Reset this process's peak resident set (VmHWM) to its current resident set."""
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def peak_rss() -> int:
+    """This process's peak resident set since the last reset, in bytes."""
+    return _status_kib("VmHWM") * 1024
+
+
+def _init_worker(threads: int) -> None:
+    """Fresh process: fixed thread count, no Hub access (nothing may be downloaded), no progress bars."""
+    os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_VERBOSITY="error",
+                      TOKENIZERS_PARALLELISM="false")
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed, imported by TRL, warns when it has to guess
+    warnings.filterwarnings("ignore", category=FutureWarning)  # deprecation notices from inside transformers and TRL
+    import datasets
+    import torch
+    import transformers
+
+    torch.set_num_threads(threads)
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def in_fresh_process(fn: Callable[..., dict], *args: Any, threads: int) -> dict:
+    """Run ``fn(*args)`` in a new spawned process (a clean peak-memory counter) and return its result."""
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=1, mp_context=context, initializer=_init_worker, initargs=(threads,)) as pool:
+        return pool.submit(fn, *args).result()
+
+
+def load_1min() -> float:
+    return os.getloadavg()[0]
+
+
+def model_path(model: str) -> str:
+    from refuel_env import embedded
+
+    return str(embedded.smollm2_path()) if model == "embedded" else model
+
+
+# ------------------------------------------------------------------------------ part 1: collection
+
+
+def _refuel_trainer(settings: Settings, output_dir: str, **overrides: Any) -> Any:
+    from refuel_agents.refuel import RefuelConfig, RefuelTrainer
+
+    config = RefuelConfig(policy_model=settings.model, env_kwargs=settings.env_kwargs, max_new_tokens=settings.max_new_tokens,
+                          reference_kl=False, eval_prompts=0, progress=False, device="cpu", seed=settings.seed,
+                          output_dir=output_dir, run_name="benchmark", **overrides)
+    return RefuelTrainer(config)
+
+
+def collect_worker(settings: Settings, prompts: int, warmup_prompts: int) -> dict:
+    """Part 1: an untimed warm-up collection, then a timed one of ``prompts`` prompts."""
+    from refuel_agents.collection import collect_refuel_tuples
+
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = _refuel_trainer(settings, tmp)
+        common = {"env_id": trainer.config.env_id, "env_kwargs": trainer.env_kwargs, "policy": trainer.generator,
+                  "sampling": trainer.sampling, "progress": False}
+        if warmup_prompts:
+            collect_refuel_tuples(num_prompts=warmup_prompts, seed=settings.seed + 10_000, **common)
+        load_before, start, cpu_start = load_1min(), time.perf_counter(), time.process_time()
+        rows, stats = collect_refuel_tuples(num_prompts=prompts, seed=settings.seed, **common)
+        seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+    keep = ("state", "response", "response_prime", "reward", "reward_prime")
+    return {"rows": [{k: r[k] for k in keep} for r in rows], "stats": stats.as_dict(), "seconds": seconds,
+            "cpu_seconds": cpu_seconds, "load": (load_before, load_1min())}
+
+
+# ------------------------------------------------------------------------------ synthetic pairs
+
+
+def _single_token_words(tokenizer: Any) -> list[str]:
+    """Lower-case words that the tokenizer encodes as one token after a space (and alone)."""
+    words = []
+    for token in sorted(tokenizer.get_vocab()):
+        word = tokenizer.convert_tokens_to_string([token])
+        if word.startswith(" ") and word[1:].isalpha() and word[1:].islower() and len(word) > 4:
+            if len(tokenizer(word, add_special_tokens=False)["input_ids"]) == 1:
+                words.append(word[1:])
+    if len(words) < 100:
+        raise RuntimeError(f"the tokenizer has only {len(words)} single-token words; use --pairs collected")
+    return words
+
+
+def _text_of_tokens(tokenizer: Any, encode: Callable[[str], int], target: int, words: list[str], rng: Any) -> str:
+    """A text of random words whose ``encode`` length is exactly ``target`` tokens."""
+    pool = rng.choice(words, size=target + 8).tolist()
+    count = target
+    for _ in range(8):
+        text = " ".join(pool[:count])
+        length = encode(text)
+        if length == target:
+            return text
+        count += target - length
+        if not 1 <= count <= len(pool):
+            break
+    raise RuntimeError(f"could not build a text of exactly {target} tokens with this tokenizer; use --pairs collected")
+
+
+def synthetic_pairs(model: str, n: int, state_tokens: int, response_tokens: int, seed: int) -> list[dict]:
+    """``n`` pairs whose state is ``state_tokens`` tokens and each response ``response_tokens``
+    (end-of-turn included) under the model's chat template; rewards uniform in [0, 1)."""
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    from refuel_agents.logprobs import encode_response
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path(model))
+    words = _single_token_words(tokenizer)
+    rng = np.random.default_rng(seed)
+    probe = encode_response(tokenizer, [{"role": "user", "content": "word"}], "word")
+    overhead = len(probe.input_ids) - probe.num_response_tokens - 1  # template tokens around the user's text
+    if state_tokens <= overhead:
+        raise ValueError(f"--state-tokens must exceed the chat template's {overhead} tokens around a user turn")
+    rows = []
+    for _ in range(n):
+        state_text = _text_of_tokens(
+            tokenizer, lambda t: len(encode_response(tokenizer, [{"role": "user", "content": t}], "word").input_ids)
+            - probe.num_response_tokens, state_tokens, words, rng)
+        state = [{"role": "user", "content": state_text}]
+
+        def response_length(text: str, state: list[dict] = state) -> int:
+            return encode_response(tokenizer, state, text).num_response_tokens
+
+        responses = [_text_of_tokens(tokenizer, response_length, response_tokens, words, rng) for _ in range(2)]
+        rows.append({"state": state, "response": responses[0], "response_prime": responses[1],
+                     "reward": float(rng.random()), "reward_prime": float(rng.random())})
+    return rows
+
+
+# ------------------------------------------------------------------------------ parts 2 and 3: REFUEL steps
+
+
+def refuel_worker(settings: Settings, pairs: list[dict], gradient_checkpointing: bool) -> dict:
+    """Parts 2 and 3: pi_t log-probs once, then warm-up and timed REFUEL updates on one batch."""
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = _refuel_trainer(settings, tmp, prompts_per_iteration=len(pairs), iterations=1,
+                                  batch_size=len(pairs), micro_batch_size=len(pairs),
+                                  gradient_checkpointing=gradient_checkpointing, max_seq_len=1 << 20)
+        start = time.perf_counter()
+        rows, _ = trainer.prepare(pairs)
+        prepare_seconds = time.perf_counter() - start
+        trainer.setup()  # the TrainEngine: AdamW, schedule, checkpointing switch
+        reset_peak_rss()
+        load_before, times, cpu_times, tokens = load_1min(), [], [], 0
+        for _ in range(settings.warmup_steps + settings.repeats):
+            start, cpu_start = time.perf_counter(), time.process_time()
+            metrics = trainer.train_step(rows)
+            if trainer.engine.step() is None:
+                raise RuntimeError("the engine did not update the weights after one micro-batch of a full batch")
+            times.append(time.perf_counter() - start)
+            cpu_times.append(time.process_time() - cpu_start)
+            tokens = metrics["tokens"]
+        peak = peak_rss()
+    return {"step_seconds": times[settings.warmup_steps:], "step_cpu_seconds": cpu_times[settings.warmup_steps:],
+            "prepare_seconds": prepare_seconds, "peak": peak, "tokens": tokens, "load": (load_before, load_1min()),
+            "model_state": model_state_bytes(trainer.model, reference=None)}
+
+
+def model_state_bytes(model: Any, reference: Any) -> int:
+    """Bytes of the weights, their gradients and AdamW's two moments, plus a reference model's weights."""
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    ref = sum(p.numel() * p.element_size() for p in reference.parameters()) if reference is not None else 0
+    return 4 * params + ref
+
+
+# ------------------------------------------------------------------------------ part 4: TRL DPO steps
+
+
+def dpo_worker(settings: Settings, pairs: list[dict]) -> dict:
+    """Part 4: TRL's DPOTrainer on the same pairs (y chosen, y' rejected); steps timed by a callback."""
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    from refuel_agents.refuel import RefuelConfig
+
+    defaults = RefuelConfig()
+    marks: dict[str, float] = {}
+
+    class StepTimer(TrainerCallback):
+        """Wall time from on_step_begin to on_step_end of every optimizer step; the peak reset at the start."""
+
+        def __init__(self) -> None:
+            self.times: list[float] = []
+            self.cpu_times: list[float] = []
+            self._start = self._cpu_start = 0.0
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            reset_peak_rss()
+            marks["load_before"] = load_1min()
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self._start, self._cpu_start = time.perf_counter(), time.process_time()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.times.append(time.perf_counter() - self._start)
+            self.cpu_times.append(time.process_time() - self._cpu_start)
+
+    path = model_path(settings.model)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    dataset = Dataset.from_list([
+        {"prompt": p["state"], "chosen": [{"role": "assistant", "content": p["response"]}],
+         "rejected": [{"role": "assistant", "content": p["response_prime"]}]} for p in pairs])
+    timer = StepTimer()
+    with tempfile.TemporaryDirectory() as tmp:
+        config = DPOConfig(
+            output_dir=tmp, per_device_train_batch_size=len(pairs), gradient_accumulation_steps=1,
+            max_steps=settings.warmup_steps + settings.repeats, learning_rate=defaults.lr,
+            adam_beta1=defaults.betas[0], adam_beta2=defaults.betas[1], adam_epsilon=defaults.eps,
+            weight_decay=defaults.weight_decay, max_grad_norm=defaults.max_grad_norm, lr_scheduler_type="constant",
+            activation_checkpointing=False, bf16=False, use_cpu=True, report_to="none", save_strategy="no",
+            logging_strategy="no", disable_tqdm=True, max_length=None, dataloader_num_workers=0, seed=settings.seed,
+        )
+        trainer = DPOTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
+                             callbacks=[timer])
+        trainer.remove_callback(PrinterCallback)  # it prints the end-of-training metrics into the tables
+        trainer.train()
+        peak = peak_rss()
+    tokens = sum(len(r["prompt_ids"]) * 2 + len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in trainer.train_dataset)
+    if len(timer.times) != settings.warmup_steps + settings.repeats:
+        raise RuntimeError(f"DPOTrainer ran {len(timer.times)} steps, expected {settings.warmup_steps + settings.repeats}")
+    return {"step_seconds": timer.times[settings.warmup_steps:], "step_cpu_seconds": timer.cpu_times[settings.warmup_steps:],
+            "peak": peak, "tokens": tokens,
+            "load": (marks["load_before"], load_1min()), "optim": str(config.optim.value),
+            "model_state": model_state_bytes(trainer.model, trainer.ref_model)}
+
+
+# ------------------------------------------------------------------------------ report
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def seconds_cell(values: list[float]) -> str:
+    """The median, with the range when there are several values."""
+    return f"{median(values):.2f}" + (f" ({min(values):.2f}-{max(values):.2f})" if len(values) > 1 else "")
+
+
+def load_cell(load: tuple[float, float]) -> str:
+    return f"{load[0]:.1f} / {load[1]:.1f}"
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def collection_table(result: dict) -> str:
+    stats, seconds = result["stats"], result["seconds"]
+    row = [str(stats["prompts"]), str(stats["tuples"]), str(stats["dropped_truncated"]), str(stats["policy_responses"]),
+           f"{seconds:.1f}", f"{result['cpu_seconds']:.1f}", f"{stats['tuples'] / seconds:.3f}",
+           f"{stats['policy_responses'] / seconds:.2f}", load_cell(result["load"])]
+    return markdown_table(["prompts", "tuples", "dropped", "policy responses", "wall s", "CPU s", "tuples/s",
+                           "policy responses/s", "load before / after"], [row])
+
+
+def training_table(results: dict[str, dict], batch_pairs: int) -> str:
+    """Parts 2 to 4 side by side: time per optimizer step and peak memory, each with its ratio to REFUEL."""
+    base = results["REFUEL"]
+    base_wall, base_cpu, base_peak = median(base["step_seconds"]), median(base["step_cpu_seconds"]), base["peak"]
+    rows = []
+    for label, r in results.items():
+        wall, cpu = median(r["step_seconds"]), median(r["step_cpu_seconds"])
+        rows.append([label, seconds_cell(r["step_seconds"]), seconds_cell(r["step_cpu_seconds"]),
+                     f"{batch_pairs / wall:.3f}", f"{wall / base_wall:.2f}", f"{cpu / base_cpu:.2f}",
+                     f"{r['peak'] / GIB:.2f}", f"{r['peak'] / base_peak:.2f}", f"{r['model_state'] / GIB:.2f}",
+                     load_cell(r["load"])])
+    with_prepare = base_wall + base["prepare_seconds"]
+    rows.append(["REFUEL step + its pairs' pi_t log-probs (one epoch)", f"{with_prepare:.2f}", "-",
+                 f"{batch_pairs / with_prepare:.3f}", f"{with_prepare / base_wall:.2f}", "-", "-", "-", "-", "-"])
+    return markdown_table(["configuration", "wall s/step", "CPU s/step", "pairs/s", "wall x REFUEL", "CPU x REFUEL",
+                           "peak RSS (GiB)", "peak x REFUEL", "weights+grads+AdamW(+ref) (GiB)",
+                           "load before / after"], rows)
+
+
+def pairs_description(args: argparse.Namespace, pairs: list[dict], tokens: int) -> str:
+    if args.pairs == "synthetic":
+        what = f"synthetic, state {args.state_tokens} + response {args.response_tokens} tokens each"
+    else:
+        what = f"the first {len(pairs)} collected tuples"
+    return f"{len(pairs)} pairs ({what}): {2 * len(pairs)} sequences, {tokens} tokens per REFUEL forward"
+
+
+def load_line() -> str:
+    return "load average " + " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    settings = Settings(model=args.model, threads=args.threads, seed=args.seed, max_turns=args.max_turns,
+                        user_max_new_tokens=args.user_max_new_tokens, max_new_tokens=args.max_new_tokens,
+                        warmup_steps=args.warmup_steps, repeats=args.repeats)
+    run = lambda fn, *a: in_fresh_process(fn, *a, threads=args.threads)  # noqa: E731
+    import torch
+    import transformers
+
+    versions = f"torch {torch.__version__}, transformers {transformers.__version__}"
+    if not args.skip_dpo:
+        import trl
+
+        versions += f", trl {trl.__version__}"
+    command = " ".join(["python scripts/benchmark_refuel.py", *(sys.argv[1:] if argv is None else argv)])
+    print(f"command: {command}\n{versions}; fp32 CPU, {args.threads} torch thread(s) per process, "
+          f"{os.cpu_count()} CPUs; {load_line()}\n", flush=True)
+
+    pairs: list[dict] = []
+    if not args.skip_collection:
+        collected = run(collect_worker, settings, args.prompts, args.warmup_prompts)
+        print(f"1. Collection with collect_refuel_tuples: {args.model} policy and user, UltraInteractDialogue-v0, "
+              f"max_turns {args.max_turns}, up to {args.max_new_tokens} policy / {args.user_max_new_tokens} user "
+              f"tokens per turn, after an untimed warm-up of {args.warmup_prompts} prompts")
+        print(collection_table(collected) + "\n", flush=True)
+        pairs = collected["rows"][: args.batch_pairs]
+        if args.pairs == "collected" and len(pairs) < args.batch_pairs:
+            raise SystemExit(f"only {len(collected['rows'])} tuples survived the collection, fewer than --batch-pairs "
+                             f"{args.batch_pairs}: raise --prompts or use --pairs synthetic")
+    if args.pairs == "synthetic":
+        pairs = synthetic_pairs(args.model, args.batch_pairs, args.state_tokens, args.response_tokens, args.seed)
+
+    results = {"REFUEL": run(refuel_worker, settings, pairs, False)}
+    results["REFUEL + gradient checkpointing"] = run(refuel_worker, settings, pairs, True)
+    if not args.skip_dpo:
+        results["TRL DPOTrainer"] = run(dpo_worker, settings, pairs)
+    print(f"2.-4. Training steps on {pairs_description(args, pairs, results['REFUEL']['tokens'])}; one optimizer "
+          f"step per batch, {args.warmup_steps} warm-up + {args.repeats} timed steps per configuration, each "
+          "configuration in a fresh process; peak RSS = VmHWM over the steps (reset after set-up)")
+    print(training_table(results, args.batch_pairs))
+    print(f"pi_t log-probs of the {len(pairs)} pairs (RefuelTrainer.prepare, once per iteration, no grad): "
+          f"{results['REFUEL']['prepare_seconds']:.2f} s")
+    if not args.skip_dpo:
+        dpo = results["TRL DPOTrainer"]
+        print(f"DPOTrainer: {dpo['tokens']} tokens per policy forward (REFUEL: {results['REFUEL']['tokens']}; TRL keeps "
+              f"what the chat template writes after the end-of-turn token), optimizer {dpo['optim']} (REFUEL: torch "
+              "AdamW), a reference model in memory and run forward in every step")
+    print(f"\nat the end: {load_line()}")
+
+
+if __name__ == "__main__":
+    main()
