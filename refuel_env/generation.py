@@ -285,7 +285,7 @@ def supports_prefix_reuse(model: Any) -> bool:
 
 
 def _cache_kwarg(model: Any) -> str:
-    """The name under which ``model.forward`` takes a KV cache (``cache`` from transformers 5.2x on)."""
+    """The name under which ``model.forward`` takes a KV cache: ``cache`` in recent 5.x releases, else ``past_key_values``."""
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 

@@ -4,24 +4,25 @@
     python scripts/benchmark_generation.py --parts branches     # part 1 only
     python scripts/benchmark_generation.py --device cuda --repeats 3 --layouts 4x2 32x2 --batch-sizes 8 32
 
-On a GPU, the first call of each batch shape pays one-off kernel set-up: use ``--repeats`` there.
-
 Part 1, branch collection (REFUEL, algorithm 1): each of ``S`` dialogues has been rolled in to
-turn h, a state s_h of about ``--prefix-tokens`` tokens (fixed text here, since the roll-in is the
-same with and without reuse); from s_h, ``B`` continuations each generate y_h and go on to H
+turn h, a state s_h of about ``--prefix-tokens`` tokens (fixed text here: the roll-in is the same
+with and without reuse); from s_h, ``B`` continuations each generate y_h and go on to H
 (``--turns`` policy turns, a fixed user question between them). All ``S x B`` requests go to the
 policy in one ``chat`` call per turn, once with prefix reuse (s_h prefilled once per dialogue)
-and once recomputing every prefix; the table shows both times, their ratio, and whether the
-texts are the same. Layout ``4x2`` is REFUEL's two branches of four dialogues; ``1x8`` is eight
-continuations of one state.
+and once recomputing every prefix. The table shows the prompt tokens of all calls, how many of
+them were prefilled with reuse, both times, their ratio, and whether the texts are the same.
+One row per ``--branch-new-tokens`` value: 1 times the prefill alone (the time to the first
+token); more shows how decoding, which costs the same either way, dilutes the saving. Layout
+``4x2`` is REFUEL's two branches of four dialogues; ``1x8`` is eight continuations of one state.
 
 Part 2, batching: ``N`` different short prompts generated in one ``chat`` call, and one at a
 time, prefix reuse off (so that only batching is measured); the table shows both times,
 generated tokens per second and the ratio.
 
 Sampling is seeded (temperature ``--temperature``), so both sides generate the same tokens (in
-fp32; bf16 rounding can change a sample) and the times compare like with like. With ``--repeats N`` each measurement is taken N
-times, the two sides alternating, and the fastest is shown.
+fp32; bf16 rounding can change a sample) and the times compare like with like. With
+``--repeats N`` each measurement is taken N times, the two sides alternating, and the fastest is
+shown; use it on a GPU, where the first call of each batch shape pays one-off kernel set-up.
 """
 
 from __future__ import annotations
@@ -85,21 +86,25 @@ def continue_branches(
     branches: int,
     turns: int,
     params: SamplingParams,
-) -> tuple[float, list[str], int]:
-    """Continue each state ``branches`` times for ``turns`` policy turns: (seconds, texts, tokens generated)."""
+) -> tuple[float, list[str], int, int]:
+    """Continue each state ``branches`` times for ``turns`` policy turns.
+
+    Returns (seconds, texts, prompt tokens read, tokens generated).
+    """
     dialogues = [list(state) for state in states for _ in range(branches)]
-    texts, generated = [], 0
+    texts, prompt_tokens, generated = [], 0, 0
     start = time.perf_counter()
     for turn in range(turns):
         seeds = [1000 * turn + i for i in range(len(dialogues))]
         completions = generator.chat(dialogues, params, seeds=seeds)
         texts += [c.text for c in completions]
+        prompt_tokens += sum(c.prompt_tokens for c in completions)
         generated += sum(c.completion_tokens for c in completions)
         dialogues = [
             d + [{"role": "assistant", "content": c.text}, {"role": "user", "content": NEXT_QUESTION}]
             for d, c in zip(dialogues, completions)
         ]
-    return time.perf_counter() - start, texts, generated
+    return time.perf_counter() - start, texts, prompt_tokens, generated
 
 
 def timed_chat(generator: TransformersGenerator, prompts: Sequence[str], params: SamplingParams, batched: bool) -> tuple[float, int]:
@@ -144,7 +149,7 @@ def print_table(title: str, header: Sequence[str], rows: Sequence[Sequence[objec
             print("  ".join("-" * w for w in widths))
 
 
-def bench_branches(args: argparse.Namespace, model, tokenizer, params: SamplingParams) -> None:
+def bench_branches(args: argparse.Namespace, model, tokenizer) -> None:
     reuse = TransformersGenerator(model, tokenizer, prefix_cache=True, batch_size=args.max_batch)
     recompute = TransformersGenerator(model, tokenizer, prefix_cache=False, batch_size=args.max_batch)
     if not reuse.prefix_cache:
@@ -153,21 +158,28 @@ def bench_branches(args: argparse.Namespace, model, tokenizer, params: SamplingP
     for states_n, branches in args.layouts:
         states = [rolled_in_dialogue(i, args.prefix_tokens, reuse) for i in range(states_n)]
         prefix = sum(reuse.count_tokens(s) for s in states) / states_n
-        (t_plain, texts_plain, generated), (t_reuse, texts_reuse, _) = fastest(
-            args.repeats,
-            partial(continue_branches, recompute, states, branches, args.turns, params),
-            partial(continue_branches, reuse, states, branches, args.turns, params),
-        )
-        rows.append([f"{states_n}x{branches}", states_n * branches, round(prefix), args.turns, generated,
-                     t_plain, t_reuse, t_plain / t_reuse, "yes" if texts_plain == texts_reuse else "NO"])
+        for new_tokens in args.branch_new_tokens:
+            params = SamplingParams(max_new_tokens=new_tokens, temperature=args.temperature)
+            reused_before = reuse.prefix_tokens_reused
+            (t_plain, texts_plain, prompt_tokens, generated), (t_reuse, texts_reuse, _, _) = fastest(
+                args.repeats,
+                partial(continue_branches, recompute, states, branches, args.turns, params),
+                partial(continue_branches, reuse, states, branches, args.turns, params),
+            )
+            prefilled = prompt_tokens - (reuse.prefix_tokens_reused - reused_before) // args.repeats
+            rows.append([f"{states_n}x{branches}", states_n * branches, round(prefix), args.turns, new_tokens,
+                         prompt_tokens, prefilled, generated, t_plain, t_reuse, t_plain / t_reuse,
+                         "yes" if texts_plain == texts_reuse else "NO"])
     print_table(
-        f"Part 1: branch collection, recomputing every prefix vs prefix reuse ({args.new_tokens} new tokens per turn)",
-        ["dialogues x branches", "batch", "prefix tok", "turns", "gen tok", "recompute s", "reuse s", "speed-up", "same text"],
+        "Part 1: branch collection, recomputing every prefix vs prefix reuse",
+        ["dialogues x branches", "batch", "s_h tok", "turns", "max new", "prompt tok", "prefilled w/ reuse",
+         "gen tok", "recompute s", "reuse s", "speed-up", "same text"],
         rows,
     )
 
 
-def bench_batching(args: argparse.Namespace, model, tokenizer, params: SamplingParams) -> None:
+def bench_batching(args: argparse.Namespace, model, tokenizer) -> None:
+    params = SamplingParams(max_new_tokens=args.new_tokens, temperature=args.temperature)
     generator = TransformersGenerator(model, tokenizer, prefix_cache=False, batch_size=args.max_batch)
     rows = []
     for n in args.batch_sizes:
@@ -196,8 +208,10 @@ def parse_args() -> argparse.Namespace:
                    help="part 1: dialogues x branches per call (default: 4x2 1x8)")
     p.add_argument("--prefix-tokens", type=int, default=400, help="part 1: tokens of each rolled-in state s_h, at least (default: %(default)s)")
     p.add_argument("--turns", type=int, default=2, help="part 1: policy turns from h to H (default: %(default)s)")
+    p.add_argument("--branch-new-tokens", type=int, nargs="+", default=[1, 32],
+                   help="part 1: max new tokens per turn, one row each; 1 times the prefill, up to the first token (default: 1 32)")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 32], help=f"part 2: requests per run, at most {len(SHORT_PROMPTS)} (default: %(default)s)")
-    p.add_argument("--new-tokens", type=int, default=32, help="max new tokens per response (default: %(default)s)")
+    p.add_argument("--new-tokens", type=int, default=32, help="part 2: max new tokens per response (default: %(default)s)")
     p.add_argument("--temperature", type=float, default=0.8, help="seeded sampling temperature (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=1, help="take each measurement this many times, keep the fastest (default: %(default)s)")
     p.add_argument("--max-batch", type=int, default=64, help="the generator's batch size (default: %(default)s)")
@@ -215,13 +229,13 @@ def main() -> None:
 
         args.model = str(smollm2_path())
     model, tokenizer = load_causal_lm(args.model, device, args.dtype)
-    params = SamplingParams(max_new_tokens=args.new_tokens, temperature=args.temperature)
     print(f"model {args.model} on {device}, {next(model.parameters()).dtype}, {torch.get_num_threads()} CPU threads")
-    TransformersGenerator(model, tokenizer).chat([[{"role": "user", "content": "Hi"}]], params, seeds=[0])  # warm-up
+    warm_up = SamplingParams(max_new_tokens=4, temperature=args.temperature)
+    TransformersGenerator(model, tokenizer).chat([[{"role": "user", "content": "Hi"}]], warm_up, seeds=[0])
     if "branches" in args.parts:
-        bench_branches(args, model, tokenizer, params)
+        bench_branches(args, model, tokenizer)
     if "batching" in args.parts:
-        bench_batching(args, model, tokenizer, params)
+        bench_batching(args, model, tokenizer)
 
 
 if __name__ == "__main__":
