@@ -464,8 +464,11 @@ def main(argv: list[str] | None = None) -> None:
 
     versions = f"torch {torch.__version__}, transformers {transformers.__version__}"
     if not args.skip_dpo:
-        import trl
-
+        try:
+            import trl
+        except ImportError as e:
+            raise SystemExit("part 4 compares with TRL's DPOTrainer, which is not installed: pip install -e '.[dev]' "
+                             "(or pip install 'trl>=1.0'), or pass --skip-dpo") from e
         versions += f", trl {trl.__version__}"
     command = " ".join(["python scripts/benchmark_refuel.py", *(sys.argv[1:] if argv is None else argv)])
     print(f"command: {command}\n{versions}; fp32 CPU, {args.threads} torch thread(s) per process, "
