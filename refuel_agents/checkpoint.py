@@ -55,10 +55,15 @@ def atomic_dir(path: Path) -> Iterator[Path]:
 def rng_states() -> dict[str, Any]:
     return {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": _numpy_state(),
         "torch": torch.get_rng_state().tolist(),
         "cuda": [s.tolist() for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else [],
     }
+
+
+def _numpy_state() -> list:
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)]
 
 
 def set_rng_states(states: dict[str, Any]) -> None:

@@ -76,3 +76,17 @@ def test_iterations_draw_different_prompts():
 
     seeds = [_iteration_seed(1, t) for t in range(5)]
     assert len(set(seeds)) == 5 and min(abs(a - b) for a in seeds for b in seeds if a != b) > 1000
+
+
+def test_rng_states_survive_json(tmp_path):
+    import random
+
+    import numpy as np
+    import torch
+
+    from refuel_agents.checkpoint import rng_states, set_rng_states, write_json_atomic
+
+    write_json_atomic(tmp_path / "s.json", rng_states())
+    expected = (random.random(), np.random.rand(), torch.rand(1).item())
+    set_rng_states(__import__("json").loads((tmp_path / "s.json").read_text()))
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
