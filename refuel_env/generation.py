@@ -89,6 +89,15 @@ def validate_conversation(messages: Sequence[Message], where: str) -> None:
             )
 
 
+def validate_request(conversations: Sequence[Sequence[Message]], seeds: Sequence[int] | None, backend: str) -> None:
+    """Every backend's checks of a ``chat`` call: a non-empty batch, valid messages, int seeds."""
+    if len(conversations) == 0:
+        raise GenerationError(f"{backend}: empty batch; pass at least one conversation")
+    for i, conv in enumerate(conversations):
+        validate_conversation(conv, f"{backend}, conversation {i}")
+    validate_seeds(seeds, len(conversations), backend)
+
+
 def validate_seeds(seeds: Sequence[int] | None, n: int, backend: str) -> None:
     if seeds is None:
         return
@@ -362,11 +371,7 @@ class TransformersGenerator(TextGenerator):
         seeds: Sequence[int] | None = None,
     ) -> list[Completion]:
         backend = f"transformers backend ({self.name})"
-        if len(conversations) == 0:
-            raise GenerationError(f"{backend}: empty batch; pass at least one conversation")
-        for i, conv in enumerate(conversations):
-            validate_conversation(conv, f"{backend}, conversation {i}")
-        validate_seeds(seeds, len(conversations), backend)
+        validate_request(conversations, seeds, backend)
         if seeds is None and params.temperature > 0:
             seeds = torch.randint(0, 2**31 - 1, (len(conversations),), generator=self._rng).tolist()
 

@@ -51,8 +51,7 @@ from refuel_env.generation import (
     SamplingParams,
     TextGenerator,
     apply_stop_strings,
-    validate_conversation,
-    validate_seeds,
+    validate_request,
 )
 from refuel_env.types import Message
 
@@ -334,11 +333,7 @@ class OpenAIChatGenerator(TextGenerator):
         params: SamplingParams,
         seeds: Sequence[int] | None = None,
     ) -> list[Completion]:
-        if len(conversations) == 0:
-            raise GenerationError(f"{self.backend}: empty batch; pass at least one conversation")
-        for i, conv in enumerate(conversations):
-            validate_conversation(conv, f"{self.backend}, conversation {i}")
-        validate_seeds(seeds, len(conversations), self.backend)
+        validate_request(conversations, seeds, self.backend)
         bodies = [
             request_body(self.name, conv, params, seeds[i] if seeds is not None else None, self.extra_body)
             for i, conv in enumerate(conversations)

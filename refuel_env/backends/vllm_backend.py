@@ -43,8 +43,7 @@ from refuel_env.generation import (
     GenerationError,
     SamplingParams,
     TextGenerator,
-    validate_conversation,
-    validate_seeds,
+    validate_request,
 )
 from refuel_env.types import Message
 
@@ -149,11 +148,7 @@ class VLLMGenerator(TextGenerator):
         seeds: Sequence[int] | None = None,
     ) -> list[Completion]:
         backend = f"vLLM backend ({self.name})"
-        if len(conversations) == 0:
-            raise GenerationError(f"{backend}: empty batch; pass at least one conversation")
-        for i, conv in enumerate(conversations):
-            validate_conversation(conv, f"{backend}, conversation {i}")
-        validate_seeds(seeds, len(conversations), backend)
+        validate_request(conversations, seeds, backend)
         prompts = [self.encode(conv) for conv in conversations]
         for i, ids in enumerate(prompts):
             if len(ids) >= self.max_context:
