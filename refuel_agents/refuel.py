@@ -317,6 +317,7 @@ class RefuelTrainer:
         for t in range(state["iteration"], cfg.iterations):
             rows = self._iteration_data(t, logger, state)
             order = self._minibatch_order(t, len(rows))
+            self.engine.model.train()  # collection and evaluation left it in eval mode
             for step_in_iter in range(state["step_in_iteration"], steps_per_iter):
                 start_time = time.perf_counter()
                 idx = order[step_in_iter * cfg.batch_size : (step_in_iter + 1) * cfg.batch_size]
