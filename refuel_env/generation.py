@@ -188,7 +188,9 @@ def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
-def group_by_prefix(prompts: Sequence[Sequence[int]], min_prefix_tokens: int) -> list[PrefixGroup]:
+def group_by_prefix(
+    prompts: Sequence[Sequence[int]], min_prefix_tokens: int, max_group_size: int | None = None
+) -> list[PrefixGroup]:
     """Partition ``prompts`` into groups that share a prefix of at least ``min_prefix_tokens``.
 
     Sorted lexicographically, prompts with a common prefix are neighbours; the sorted list is cut
@@ -196,9 +198,14 @@ def group_by_prefix(prompts: Sequence[Sequence[int]], min_prefix_tokens: int) ->
     prefill tokens, ``(len(run) - 1) * shared``, by dynamic programming. So four pairs that each
     share 400 tokens stay four groups, rather than one group sharing the 30 tokens common to all.
     Every index appears in exactly one group; a request alone in its run gets ``prefix_len=0``.
+    Groups hold at most ``max_group_size`` requests (one generation batch), which also bounds the
+    work to ``len(prompts) * max_group_size`` steps.
     """
     if min_prefix_tokens < 1:
         raise GenerationError(f"min_prefix_tokens must be >= 1, got {min_prefix_tokens!r}")
+    if max_group_size is not None and max_group_size < 1:
+        raise GenerationError(f"max_group_size must be >= 1, got {max_group_size!r}")
+    longest_run = max_group_size or len(prompts)
     order = sorted(range(len(prompts)), key=lambda i: prompts[i])
     neighbour_lcp = [common_prefix_len(prompts[a], prompts[b]) for a, b in zip(order, order[1:])]
     # best[j]: most tokens saved on order[:j]; start[j], shared[j]: the last run order[start:j].
@@ -206,7 +213,7 @@ def group_by_prefix(prompts: Sequence[Sequence[int]], min_prefix_tokens: int) ->
     for j in range(1, len(order) + 1):
         best[j], start[j], shared[j] = best[j - 1], j - 1, 0
         run_shared = len(prompts[order[j - 1]]) - 1
-        for i in range(j - 2, -1, -1):
+        for i in range(j - 2, max(j - 1 - longest_run, -1), -1):
             run_shared = min(run_shared, neighbour_lcp[i], len(prompts[order[i]]) - 1)
             if run_shared < min_prefix_tokens:
                 break
@@ -399,7 +406,7 @@ class TransformersGenerator(TextGenerator):
         """
         if not self.prefix_cache:
             return sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-        groups = group_by_prefix(prompts, self.min_prefix_tokens)
+        groups = group_by_prefix(prompts, self.min_prefix_tokens, self.batch_size)
         members = [sorted(g.members, key=lambda i: len(prompts[i])) for g in groups]
         members.sort(key=lambda m: len(prompts[m[0]]))
         return [i for m in members for i in m]

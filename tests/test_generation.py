@@ -211,6 +211,8 @@ def test_group_by_prefix_keeps_long_shared_prefixes_apart():
     # A low threshold lets the 10 common tokens join everything but the unrelated prompt, when that saves more.
     assert group_by_prefix([a, b], 8) == [PrefixGroup(members=(0, 1), prefix_len=10)]
     assert group_by_prefix([a, b], 11) == [PrefixGroup(members=(0,), prefix_len=0), PrefixGroup(members=(1,), prefix_len=0)]
+    # Groups fit a generation batch.
+    assert sorted(len(g.members) for g in group_by_prefix([a] * 5, 32, max_group_size=2)) == [1, 2, 2]
     with pytest.raises(GenerationError, match="min_prefix_tokens"):
         group_by_prefix([a], 0)
 
