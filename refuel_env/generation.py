@@ -89,6 +89,12 @@ def validate_conversation(messages: Sequence[Message], where: str) -> None:
             )
 
 
+def encode_chat(tokenizer: Any, messages: Sequence[Message], *, add_generation_prompt: bool = True) -> list[int]:
+    """Token ids of ``messages`` under the tokenizer's chat template (special tokens come from the template)."""
+    text = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=add_generation_prompt)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
 def validate_request(conversations: Sequence[Sequence[Message]], seeds: Sequence[int] | None, backend: str) -> None:
     """Every backend's checks of a ``chat`` call: a non-empty batch, valid messages, int seeds."""
     if len(conversations) == 0:
@@ -365,8 +371,7 @@ class TransformersGenerator(TextGenerator):
         )
 
     def encode(self, messages: Sequence[Message], *, add_generation_prompt: bool = True) -> list[int]:
-        text = self.render(messages, add_generation_prompt=add_generation_prompt)
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return encode_chat(self.tokenizer, messages, add_generation_prompt=add_generation_prompt)
 
     def count_tokens(self, messages: Sequence[Message], *, add_generation_prompt: bool = True) -> int:
         return len(self.encode(messages, add_generation_prompt=add_generation_prompt))

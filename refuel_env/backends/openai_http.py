@@ -51,6 +51,7 @@ from refuel_env.generation import (
     SamplingParams,
     TextGenerator,
     apply_stop_strings,
+    encode_chat,
     validate_request,
 )
 from refuel_env.types import Message
@@ -322,10 +323,7 @@ class OpenAIChatGenerator(TextGenerator):
         """Exact under the local tokenizer's chat template if one was given, else an estimate."""
         if self.tokenizer is None:
             return estimate_tokens(messages, add_generation_prompt=add_generation_prompt)
-        text = self.tokenizer.apply_chat_template(
-            list(messages), tokenize=False, add_generation_prompt=add_generation_prompt
-        )
-        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return len(encode_chat(self.tokenizer, messages, add_generation_prompt=add_generation_prompt))
 
     def chat(
         self,

@@ -43,6 +43,7 @@ from refuel_env.generation import (
     GenerationError,
     SamplingParams,
     TextGenerator,
+    encode_chat,
     validate_request,
 )
 from refuel_env.types import Message
@@ -131,10 +132,7 @@ class VLLMGenerator(TextGenerator):
 
     def encode(self, messages: Sequence[Message], *, add_generation_prompt: bool = True) -> list[int]:
         """Token ids of ``messages`` under the chat template (what the engine is given)."""
-        text = self.tokenizer.apply_chat_template(
-            list(messages), tokenize=False, add_generation_prompt=add_generation_prompt
-        )
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return encode_chat(self.tokenizer, messages, add_generation_prompt=add_generation_prompt)
 
     def count_tokens(self, messages: Sequence[Message], *, add_generation_prompt: bool = True) -> int:
         return len(self.encode(messages, add_generation_prompt=add_generation_prompt))
