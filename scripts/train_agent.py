@@ -84,6 +84,11 @@ def main(argv: list[str] | None = None) -> None:
     except (ValueError, FileNotFoundError, FileExistsError) as err:
         raise SystemExit(f"error: {err}") from err
     trainer.train()
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():  # a clean teardown, not gloo/NCCL threads at exit
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -168,6 +168,10 @@ def main() -> None:
     for stage in args.stages:
         report[f"zero{stage}"] = run_zero3(rank, args.out) if stage == 3 else run_zero2(rank)
     (args.out / f"rank{rank}.json").write_text(json.dumps(report, indent=1))
+    # Tear the process group down before the interpreter exits: gloo's worker threads, left to
+    # static destructors, can abort the process ("terminate called without an active exception").
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
