@@ -14,7 +14,18 @@ from typing import Any
 
 
 def field_docs(cls: type) -> dict[str, str]:
-    """The string literal written under each field of a dataclass (its documentation)."""
+    """The string literal written under each field of a dataclass (its documentation).
+
+    Fields inherited from dataclass bases keep their base's text unless the subclass redeclares them.
+    """
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if dataclasses.is_dataclass(klass):
+            docs.update(_own_field_docs(klass))
+    return docs
+
+
+def _own_field_docs(cls: type) -> dict[str, str]:
     tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
     body = tree.body[0].body  # type: ignore[attr-defined]
     docs = {}

@@ -107,6 +107,7 @@ def collect_refuel_tuples(
     prompt_indices: Sequence[int] | None = None,
     kl_logprobs: LogprobFn | None = None,
     progress: bool = True,
+    last_turn: bool = False,
 ) -> tuple[list[dict[str, Any]], CollectionStats]:
     """Collect one REFUEL tuple per prompt with ``policy``; returns the rows and the stats.
 
@@ -115,13 +116,15 @@ def collect_refuel_tuples(
     ``reward``, ``reward_prime``, ``reward_parts``/``reward_parts_prime`` and ``seed``.
     ``kl_logprobs`` is needed when the environment has a KL penalty (it asks for the log-probs
     of every response under the policy and the reference).
+    ``last_turn=True`` branches at the last turn, h = H, instead of h ~ U{1..H}: the policy rolls
+    in to s_H and both responses are the final ones (the LT-ONLINE baseline's data).
     """
     rng = np.random.default_rng(seed)
     batcher = StepBatcher(env_id, env_kwargs)
     stats = CollectionStats(prompts=num_prompts)
     obs, info = batcher.reset(num_prompts, seed, prompt_indices)
     horizons = [int(x) for x in info["horizon"]]
-    turns_h = [int(rng.integers(1, H + 1)) for H in horizons]
+    turns_h = list(horizons) if last_turn else [int(rng.integers(1, H + 1)) for H in horizons]
     rows: list[dict[str, Any]] = [
         {"item_id": str(info["item_id"][i]), "h": turns_h[i], "H": horizons[i], "seed": seed}
         for i in range(num_prompts)

@@ -106,7 +106,7 @@ class RefuelConfig:
     output_dir: str = "runs"
     """Where runs are written: <output_dir>/<run_name>/."""
     run_name: str | None = None
-    """Run folder name (default: {env_id}__refuel__{seed}__{time})."""
+    """Run folder name (default: {env_id}__{agent}__{seed}__{time}; the baselines add their mode, {agent}-{mode})."""
     resume: bool = False
     """Continue the run in <output_dir>/<run_name> from its latest checkpoint."""
     progress: bool = True
@@ -186,6 +186,16 @@ class RefuelTrainer:
 
     agent = "refuel"
 
+    @property
+    def mode(self) -> str:
+        """The data the iterations collect (``refuel_agents.modes``): REFUEL's own, algorithm 1."""
+        return "refuel"
+
+    @property
+    def label(self) -> str:
+        """Agent and data mode as one name, used in the default run name."""
+        return self.agent if self.mode == "refuel" else f"{self.agent}-{self.mode}"
+
     def __init__(self, config: RefuelConfig, *, reward_model: Any = None):
         config.validate()
         self.config = config
@@ -214,7 +224,7 @@ class RefuelTrainer:
         self.max_turns = int(self.env_kwargs.get("max_turns", 5))
 
     def _default_run_name(self) -> str:
-        return f"{self.config.env_id}__{self.agent}__{self.config.seed}__{int(time.time())}"
+        return f"{self.config.env_id}__{self.label}__{self.config.seed}__{int(time.time())}"
 
     # -------------------------------------------------------------- pieces
 
@@ -406,7 +416,7 @@ class RefuelTrainer:
         if self.run_dir.exists() and any(self.run_dir.iterdir()):
             raise FileExistsError(f"{self.run_dir} exists and is not empty; pass --resume to continue it or pick another --run-name")
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        ckpt.write_json_atomic(self.run_dir / "config.json", {"agent": self.agent, **asdict(cfg)})
+        ckpt.write_json_atomic(self.run_dir / "config.json", {"agent": self.agent, "mode": self.mode, **asdict(cfg)})
         return {"iteration": 0, "step_in_iteration": 0, "global_step": 0}
 
     def _checkpoint(self, state: dict) -> None:
