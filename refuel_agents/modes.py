@@ -167,9 +167,14 @@ def usable_for(mode: str, item: DialogueItem, max_horizon: int) -> str:
     return ""
 
 
-def _draw_items(mode: str, items: list[DialogueItem], horizons: list[int], num_prompts: int | None,
-                prompt_indices: Sequence[int] | None, rng: np.random.Generator,
-                env_id: str) -> tuple[list[int], int, Counter]:
+def draw_items(mode: str, items: Sequence[DialogueItem], horizons: Sequence[int], num_prompts: int | None,
+               prompt_indices: Sequence[int] | None, rng: np.random.Generator,
+               env_id: str) -> tuple[list[int], int, Counter]:
+    """Indices of the items that start the pairs, the number of usable items, and why the others are not.
+
+    ``horizons[i]`` is the longest horizon the environment allows for ``items[i]``. Raises
+    ``ValueError`` when no item is usable in ``mode`` or a given prompt index is not usable.
+    """
     reasons = [usable_for(mode, item, H) for item, H in zip(items, horizons)]
     usable = [i for i, why in enumerate(reasons) if not why]
     unusable = Counter(why for why in reasons if why)
@@ -202,7 +207,7 @@ def _collect_offline_roll_in(mode, env_id, env_kwargs, policy, sampling, num_pro
                              kl_logprobs, progress) -> tuple[list[dict[str, Any]], ModeStats]:
     rng = np.random.default_rng(seed)
     items, max_horizons = dataset_items(env_id, env_kwargs)
-    indices, n_usable, unusable = _draw_items(mode, items, max_horizons, num_prompts, prompt_indices, rng, env_id)
+    indices, n_usable, unusable = draw_items(mode, items, max_horizons, num_prompts, prompt_indices, rng, env_id)
     n = len(indices)
     stats = ModeStats(prompts=n, mode=mode, usable_items=n_usable, unusable_items=unusable)
     if n == 0:

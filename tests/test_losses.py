@@ -144,3 +144,50 @@ def test_bad_input_is_reported():
         refuel_loss(*(x.reshape(3, 1) for x in pairs()), eta=ETA)
     with pytest.raises(ValueError, match="ref_rejected"):
         dpo_loss(logp_y, logp_y2, logp_t_y, logp_t_y2[:1], beta=0.1)
+
+
+def test_dpo_loss_equals_trls_sigmoid_dpo_loss():
+    """TRL's own code path: ``DPOTrainer._compute_loss`` with precomputed reference log-probs.
+
+    Its ``self`` and model are minimal stand-ins: the model returns per-token log-probs whose sums
+    over each sequence are the random sequence log-probs below (chosen rows first, then rejected,
+    as TRL batches them), so TRL's loss is computed from exactly the inputs ``dpo_loss`` gets.
+    """
+    from collections import defaultdict
+    from types import SimpleNamespace
+
+    trl_dpo = pytest.importorskip("trl.trainer.dpo_trainer")
+
+    torch.manual_seed(0)
+    n, length, beta = 6, 5, 0.3
+    policy_chosen, policy_rejected = -20 * torch.rand(n), -20 * torch.rand(n)
+    ref_chosen, ref_rejected = -20 * torch.rand(n), -20 * torch.rand(n)
+
+    class SummedLogprobs(torch.nn.Module):
+        def forward(self, *, input_ids, labels, fused_lm_head, **kwargs):
+            assert fused_lm_head
+            per_token = torch.zeros(2 * n, length - 1)
+            per_token[:, -1] = torch.cat([policy_chosen, policy_rejected])
+            zeros = torch.zeros(2 * n, length - 1)
+            return SimpleNamespace(log_probs=per_token, entropy=zeros, mean_logits=zeros,
+                                   is_top1=zeros.bool(), aux_loss=None)
+
+    identity = lambda x: x  # noqa: E731
+    trainer = SimpleNamespace(
+        model=SimpleNamespace(training=True), accelerator=SimpleNamespace(device="cpu", gather=identity,
+                                                                          gather_for_metrics=identity),
+        aux_loss_enabled=False, ld_alpha=None, precompute_ref_logps=True, f_divergence_type="reverse_kl",
+        loss_types=["sigmoid"], loss_weights=[1.0], beta=beta, use_weighting=False, label_smoothing=0.0,
+        _metrics=defaultdict(lambda: defaultdict(list)), _total_train_tokens=0, _tp_size=1,
+    )
+    inputs = {
+        "input_ids": torch.ones(2 * n, length, dtype=torch.long),
+        "attention_mask": torch.ones(2 * n, length, dtype=torch.long),
+        "completion_mask": torch.ones(2 * n, length, dtype=torch.long),
+        "ref_chosen_logps": ref_chosen, "ref_rejected_logps": ref_rejected,
+    }
+    theirs = trl_dpo.DPOTrainer._compute_loss(trainer, SummedLogprobs(), inputs, return_outputs=False)
+    ours = dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta)
+    assert torch.allclose(ours, theirs, rtol=1e-6, atol=1e-7)
+    assert trainer._metrics["train"]["rewards/accuracies"]  # TRL's full loss path ran
+    assert 0.1 < ours.item() < 10  # the random margins give a non-trivial loss
