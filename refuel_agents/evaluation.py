@@ -579,12 +579,27 @@ def split_named_spec(text: str) -> tuple[str, str]:
     return text, text
 
 
+def check_spec(spec: str) -> ModelSpec:
+    """Parse a spec and check what can be checked without loading it (the API key of the OpenAI API)."""
+    from refuel_env.backends.openai_http import API_KEY_ENV, resolve_base_url
+
+    parsed = parse_spec(spec)
+    if parsed.backend == "openai":
+        base_url = resolve_base_url(parsed.base_url)
+        if "api.openai.com" in base_url and not os.environ.get(API_KEY_ENV):
+            raise SpecError(
+                f"{spec!r} goes to the OpenAI API ({base_url}), which needs a key: set ${API_KEY_ENV}, or give the "
+                "base URL of a local OpenAI-compatible server (openai:MODEL@http://localhost:8000/v1)"
+            )
+    return parsed
+
+
 def load_generator(spec: str | TextGenerator, *, device: str | None = None, dtype: str | None = None,
                    batch_size: int = 32) -> TextGenerator:
     """A :class:`TextGenerator` from a spec (a ready generator is returned as is)."""
     if isinstance(spec, TextGenerator):
         return spec
-    parsed = parse_spec(spec)
+    parsed = check_spec(spec)
     if parsed.backend == "transformers":
         path = parsed.model
         if path == "embedded":
@@ -598,15 +613,9 @@ def load_generator(spec: str | TextGenerator, *, device: str | None = None, dtyp
         from refuel_env.backends.vllm_backend import VLLMGenerator
 
         return VLLMGenerator(parsed.model, name=spec)
-    from refuel_env.backends.openai_http import API_KEY_ENV, OpenAIChatGenerator, resolve_base_url
+    from refuel_env.backends.openai_http import OpenAIChatGenerator
 
-    base_url = resolve_base_url(parsed.base_url)
-    if "api.openai.com" in base_url and not os.environ.get(API_KEY_ENV):
-        raise SpecError(
-            f"{spec!r} goes to the OpenAI API ({base_url}), which needs a key: set ${API_KEY_ENV}, or give the "
-            "base URL of a local OpenAI-compatible server (openai:MODEL@http://localhost:8000/v1)"
-        )
-    return OpenAIChatGenerator(parsed.model, base_url=base_url)
+    return OpenAIChatGenerator(parsed.model, base_url=parsed.base_url)
 
 
 def build_judge(spec: str | Judge, *, env: Any, template: str, seed: int, both_orders: bool,
@@ -917,7 +926,7 @@ def write_reports(results: Mapping[str, Any], out_dir: str | Path) -> dict[str, 
 
 __all__ = [
     "Comparison", "HH_JUDGE_TEMPLATE", "JUDGE_TEMPLATES", "Judge", "ModelSpec", "PairwiseJudge",
-    "RewardJudge", "SPEC_HELP", "SpecError", "ULTRAINTERACT_JUDGE_TEMPLATE", "build_judge", "evaluate_policies",
+    "RewardJudge", "SPEC_HELP", "SpecError", "ULTRAINTERACT_JUDGE_TEMPLATE", "build_judge", "check_spec", "evaluate_policies",
     "kl_estimate", "length_weights", "load_generator", "markdown_report", "markdown_table", "parse_preference",
     "parse_spec", "plot_win_rates", "render_dialogue", "response_logprobs", "split_named_spec", "truncate_dialogue",
     "turn_pairs", "weighted_average", "wilson_interval", "win_rates", "write_reports",
