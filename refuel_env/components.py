@@ -49,11 +49,18 @@ class EnvConfig:
     user_model: str | TextGenerator = EMBEDDED
     """The simulated user's model: 'embedded' (SmolLM2-135M-Instruct), a path / hub id, or a
     ready :class:`TextGenerator` (any backend). With ``user_backend='openai'``: the served model's name."""
-    user_backend: Literal["transformers", "openai"] = "transformers"
-    """How the user's model runs: 'transformers' (loaded in this process) or 'openai' (an
-    OpenAI-compatible server such as ``vllm serve`` or the OpenAI API, reached over HTTP; the API key
-    comes from $OPENAI_API_KEY, token counts are estimated, the context is taken as 8192 tokens;
-    see :class:`refuel_env.backends.OpenAIChatGenerator`)."""
+    user_backend: Literal["transformers", "openai", "vllm"] = "transformers"
+    """How the user's model runs: 'transformers' (loaded in this process), 'vllm' (an in-process
+    ``vllm.LLM`` engine with prefix caching; needs the vllm extra, see
+    :class:`refuel_env.backends.VLLMGenerator`) or 'openai' (an OpenAI-compatible server such as
+    ``vllm serve`` or the OpenAI API, reached over HTTP; the API key comes from $OPENAI_API_KEY, token
+    counts are estimated, the context is taken as 8192 tokens; see
+    :class:`refuel_env.backends.OpenAIChatGenerator`)."""
+    user_tensor_parallel_size: int = 1
+    """'vllm' user backend: GPUs the user's model is sharded over."""
+    user_vllm_kwargs: dict[str, Any] | None = None
+    """'vllm' user backend: further ``vllm.LLM`` options, e.g. ``{"gpu_memory_utilization": 0.45,
+    "max_model_len": 8192}``; on the CPU build ``{"kv_cache_memory_bytes": 2**30}`` sizes the KV cache."""
     user_base_url: str | None = None
     """Base URL of the 'openai' user backend, API prefix included (e.g. http://localhost:8000/v1);
     default: $OPENAI_BASE_URL, else https://api.openai.com/v1."""
@@ -95,6 +102,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "data_source": "hub",
         "user": "llm",
         "user_model": "meta-llama/Llama-3.1-70B-Instruct",
+        "user_backend": "vllm",
+        "user_tensor_parallel_size": 4,
         "user_prompt_style": "paper",
         "user_temperature": 0.8,
         "user_max_new_tokens": 1024,
@@ -146,6 +155,14 @@ def _model_path(name: str) -> str:
     return str(embedded.smollm2_path()) if name == EMBEDDED else name
 
 
+@lru_cache(maxsize=2)
+def _vllm_engine(model: str, tensor_parallel_size: int, options: tuple[tuple[str, Any], ...]) -> TextGenerator:
+    """One in-process vLLM engine per model and settings, shared by every environment that names it."""
+    from refuel_env.backends.vllm_backend import VLLMGenerator
+
+    return VLLMGenerator(model, tensor_parallel_size=tensor_parallel_size, **dict(options))
+
+
 def user_generator(config: EnvConfig) -> TextGenerator:
     if isinstance(config.user_model, TextGenerator):
         return config.user_model
@@ -153,8 +170,11 @@ def user_generator(config: EnvConfig) -> TextGenerator:
         if config.user_model == EMBEDDED:
             raise ValueError("user_backend='openai' needs user_model set to the served model's name")
         return OpenAIChatGenerator(config.user_model, base_url=config.user_base_url)
+    if config.user_backend == "vllm":
+        options = tuple(sorted((config.user_vllm_kwargs or {}).items()))
+        return _vllm_engine(_model_path(config.user_model), config.user_tensor_parallel_size, options)
     if config.user_backend != "transformers":
-        raise ValueError(f"unknown user_backend {config.user_backend!r}; use 'transformers' or 'openai'")
+        raise ValueError(f"unknown user_backend {config.user_backend!r}; use 'transformers', 'vllm' or 'openai'")
     model, tokenizer = load_causal_lm(_model_path(config.user_model), config.user_device or default_device(), "auto")
     return TransformersGenerator(model, tokenizer, name=config.user_model)
 

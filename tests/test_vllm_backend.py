@@ -361,3 +361,47 @@ def test_engine_tensor_parallel_weight_update(tp_model_dir, monkeypatch):
 
     engine.load_state_dict(weights)
     assert engine.chat(CONVS, params) == original
+
+
+def test_env_vllm_user_backend_without_vllm_names_the_install(monkeypatch):
+    """``user_backend='vllm'`` where vLLM cannot be imported: the error says how to install it."""
+    import builtins
+
+    from refuel_env.components import _vllm_engine, make_config, user_generator
+
+    real_import = builtins.__import__
+
+    def no_vllm(name, *args, **kwargs):
+        if name == "vllm" or name.startswith("vllm."):
+            raise ImportError("No module named 'vllm'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_vllm)
+    _vllm_engine.cache_clear()
+    with pytest.raises(ImportError, match="setup_vllm_cpu.sh"):
+        user_generator(make_config(user_backend="vllm", user_model="some/model"))
+
+
+@engine_test
+def test_env_simulated_user_on_vllm_engine(tp_model_dir):
+    """``gym.make(..., user_backend='vllm')``: the user speaks through an in-process engine, and a
+    snapshot restored with the same seed replays the same user turn."""
+    import gymnasium as gym
+
+    import refuel_env  # noqa: F401  (registers the ids)
+    from refuel_env.backends.vllm_backend import VLLMGenerator
+
+    env = gym.make(
+        "UltraInteractDialogue-v0", user_model=str(tp_model_dir), user_backend="vllm",
+        user_vllm_kwargs={"dtype": "float32", "max_model_len": 1024, "kv_cache_memory_bytes": 64 * 2**20},
+        user_max_new_tokens=8, max_turns=2,
+    )  # fmt: skip
+    assert isinstance(env.unwrapped.core.user.generator, VLLMGenerator)
+    _, info = env.reset(seed=3, options={"horizon": 2})
+    snapshot = info["snapshot"]
+    obs, reward, terminated, truncated, info = env.step("Let me think about that first.")
+    assert not (terminated or truncated) and info["turn"] == 2
+    assert [m["role"] for m in obs] == ["user", "assistant", "user"]
+    env.reset(options={"snapshot": snapshot})  # no seed: the user's stream continues as it was
+    again, *_ = env.step("Let me think about that first.")
+    assert list(again) == list(obs)
