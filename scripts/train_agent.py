@@ -4,9 +4,26 @@
     python scripts/train_agent.py --agent refuel --preset paper-setting-one  # the paper's setting one
     python scripts/train_agent.py --agent refuel --iterations 3 --prompts-per-iteration 16 --lr 2e-6
     python scripts/train_agent.py --agent refuel --run-name my-run --resume  # continue after a crash
+    python scripts/train_agent.py --agent rebel --mode lt-online             # a baseline (paper section 4.1)
+    python scripts/train_agent.py --agent dpo --mode lt-mixed --beta 0.1
 
-Every flag below sets a field of the agent's config (``refuel_agents.refuel.RefuelConfig``);
-``--preset`` sets several at once and explicit flags override it. A run writes
+Agents: ``refuel`` (algorithm 1: on-policy roll-in to h ~ U{1..H}, two on-policy rollouts to H,
+the regression of eq. 1); ``rebel`` (the same regression) and ``dpo`` (the logistic loss on pairs
+ordered by reward, ties dropped) on the data of one ``--mode``, required for them and refused for
+refuel:
+
+    lt-offline  dataset state s_H, the dataset's chosen / rejected replies at the last turn H
+    lt-mixed    dataset state s_H, two policy responses at H
+    lt-online   the policy rolls in to s_H with the simulated user, two policy responses at H
+    mt-mixed    dataset state s_h at h ~ U{1..H}, two policy rollouts from s_h to H
+
+In the dataset-state modes H is the dataset dialogue's number of turns (refuel_agents.modes).
+DPO's reference is the iteration's frozen policy pi_t (--reference-policy iteration, default) or
+the initial policy (--reference-policy initial).
+
+Every flag below sets a field of the agent's config (``refuel_agents.refuel.RefuelConfig``,
+``refuel_agents.baselines.RebelConfig`` / ``DpoConfig``); ``--preset`` sets several at once and
+explicit flags override it. A run writes
 ``<output-dir>/<run-name>/``: config.json, metrics.jsonl, tensorboard/, iteration_*/tuples
 (the collected data, a ``datasets.Dataset``), checkpoints/, summary.md, reward_loss.png and
 final_model/ (loadable with ``from_pretrained``).
@@ -26,10 +43,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from refuel_agents.baselines import AGENTS  # noqa: E402
 from refuel_agents.cli import add_dataclass_arguments, dataclass_from_args  # noqa: E402
-from refuel_agents.refuel import RefuelConfig, RefuelTrainer  # noqa: E402
-
-AGENTS = {"refuel": (RefuelConfig, RefuelTrainer)}
+from refuel_agents.modes import BASELINE_MODES, MODE_HELP  # noqa: E402
 
 # The paper's configurations (DESIGN.md, appendix C.3). Models must be in the local HF cache.
 PRESETS: dict[str, dict] = {
@@ -63,6 +79,9 @@ def build_parser(agent: str, preset: str) -> argparse.ArgumentParser:
                         help="a named configuration; explicit flags override it (default: %(default)s)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
                         help="set by the deepspeed launcher; the process's rank is read from LOCAL_RANK")
+    if agent == "refuel":
+        parser.add_argument("--mode", choices=BASELINE_MODES, default=None,
+                            help="data mode of the baselines only (--agent rebel or dpo; see above); refused for refuel")
     config_cls, _ = AGENTS[agent]
     add_dataclass_arguments(parser, config_cls, replace(config_cls(), **PRESETS[preset]))
     return parser
@@ -74,7 +93,16 @@ def main(argv: list[str] | None = None) -> None:
     first = argparse.ArgumentParser(add_help=False)
     first.add_argument("--agent", choices=sorted(AGENTS), default="refuel")
     first.add_argument("--preset", choices=sorted(PRESETS), default="embedded")
+    first.add_argument("--mode", default=None)
     known, _ = first.parse_known_args(argv)
+    asking_help = any(a in ("-h", "--help") for a in argv)
+    if known.agent == "refuel" and known.mode is not None:
+        raise SystemExit(f"error: --mode {known.mode} is for the baselines (--agent rebel or dpo); REFUEL collects its "
+                         "own data (on-policy roll-in, two on-policy rollouts from h ~ U{1..H}) and takes no --mode")
+    if known.agent != "refuel" and known.mode not in BASELINE_MODES and not asking_help:
+        given = "no --mode was given" if known.mode is None else f"--mode {known.mode} is not one of them"
+        raise SystemExit(f"error: --agent {known.agent} needs --mode, one of {', '.join(BASELINE_MODES)} ({given}):\n"
+                         + "\n".join(f"  {m:<11} {MODE_HELP[m]}" for m in BASELINE_MODES))
     args = build_parser(known.agent, known.preset).parse_args(argv)
     config_cls, trainer_cls = AGENTS[args.agent]
     try:
