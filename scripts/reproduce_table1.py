@@ -1,0 +1,189 @@
+"""Reproduce table 1: train REFUEL and the eight baselines on one configuration, then evaluate
+every trained policy against the base model, per turn, on the same held-out prompts.
+
+    python scripts/reproduce_table1.py                                   # embedded default, CPU (see README for the time)
+    python scripts/reproduce_table1.py --methods refuel rebel-lt-online  # a subset of the rows
+    python scripts/reproduce_table1.py --preset paper-setting-one --judge openai:gpt-4-0613 --both-orders \\
+        --eval-prompts 500 --benchmark llama-3.1-8b-it=hf:meta-llama/Llama-3.1-8B-Instruct \\
+        --train-launcher "deepspeed --num_gpus 8" --train-args "--deepspeed refuel_agents/configs/deepspeed_zero3.json"
+
+Each method is trained by ``scripts/train_agent.py`` and all of them are evaluated in one run of
+``scripts/evaluate.py`` (same prompts, same seeds, same judge), each in a subprocess whose exact
+command line is written to ``<output-dir>/commands.sh`` before it runs. A method whose
+``final_model`` exists is not trained again, and one whose run folder exists without it is
+resumed from its last checkpoint, so an interrupted reproduction continues where it stopped.
+
+Writes ``<output-dir>/``: one run folder per method, ``commands.sh``, ``eval/`` (results.md,
+results.json, winrate_by_turn.png) and ``table1.md`` (rows: methods; columns: h = 1..H and avg).
+On the embedded default the models are tiny and trained for a few steps: the run checks that the
+whole pipeline works, and its numbers say nothing about the methods.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from refuel_agents.modes import BASELINE_MODES  # noqa: E402
+
+#: Table 1's rows, in its order: (row name, agent, mode).
+METHODS: dict[str, tuple[str, str | None]] = {
+    **{f"dpo-{m}": ("dpo", m) for m in BASELINE_MODES},
+    **{f"rebel-{m}": ("rebel", m) for m in BASELINE_MODES},
+    "refuel": ("refuel", None),
+}
+
+#: Per preset: the environment of the evaluation, the reference policy, and extra training flags.
+SETUPS: dict[str, dict] = {
+    # A bounded CPU run: one short iteration per method, H <= 3.
+    "embedded": {
+        "env_id": "UltraInteractDialogue-v0", "env_preset": None, "reference": "embedded", "horizon": 3,
+        "env_kwargs": {"max_turns": 3, "user_max_new_tokens": 24},
+        "train_args": ["--iterations", "1", "--prompts-per-iteration", "4", "--batch-size", "4",
+                       "--micro-batch-size", "2", "--max-new-tokens", "24", "--eval-prompts", "0"],
+        "eval_max_new_tokens": 24,
+    },
+    "paper-setting-one": {
+        "env_id": "UltraInteractDialogue-v0", "env_preset": "paper-setting-one", "env_kwargs": {},
+        "reference": "hf:meta-llama/Meta-Llama-3-8B-Instruct", "horizon": 5, "train_args": [],
+        "eval_max_new_tokens": 1024,
+    },
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(SETUPS), default="embedded",
+                        help="the configuration: training preset of train_agent.py and evaluation environment "
+                             "(default: %(default)s)")
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS), metavar="METHOD",
+                        help="rows to train and evaluate (default: all nine: " + ", ".join(METHODS) + ")")
+    parser.add_argument("--seed", type=int, default=1, help="seed of every training run and of the evaluation (default: %(default)s)")
+    parser.add_argument("--output-dir", type=Path, default=None,
+                        help="where the runs and the table go (default: runs/table1-<preset>-seed<seed>)")
+    parser.add_argument("--train-args", default="",
+                        help="extra flags for every train_agent.py run, one quoted string, e.g. \"--lr 2e-6 --eta 5\" "
+                             "(they come after the preset's own and override them)")
+    parser.add_argument("--train-launcher", default="",
+                        help="command that starts each training, e.g. \"deepspeed --num_gpus 8\" "
+                             "(default: this Python interpreter)")
+    parser.add_argument("--judge", default="reward",
+                        help="evaluate.py's judge: 'reward' (the environment's reward model) or a model spec such as "
+                             "openai:gpt-4-0613 (the paper's judge) (default: %(default)s)")
+    parser.add_argument("--both-orders", action="store_true", help="judge every comparison in both A/B orders")
+    parser.add_argument("--eval-prompts", type=int, default=4, help="held-out prompts in the evaluation (default: %(default)s)")
+    parser.add_argument("--horizon", type=int, default=None, help="turns H of the evaluation (default: the preset's)")
+    parser.add_argument("--benchmark", action="append", default=[], metavar="NAME=SPEC",
+                        help="also evaluate an untrained model as a row, e.g. llama-3.1-70b-it=vllm:meta-llama/"
+                             "Llama-3.1-70B-Instruct (repeatable; environment-only benchmarking)")
+    parser.add_argument("--dry-run", action="store_true", help="write and print the commands without running them")
+    return parser
+
+
+def train_command(args: argparse.Namespace, setup: dict, method: str, run_dir: Path) -> list[str]:
+    agent, mode = METHODS[method]
+    launcher = shlex.split(args.train_launcher) or [sys.executable]
+    cmd = [*launcher, str(ROOT / "scripts" / "train_agent.py"), "--agent", agent]
+    if mode is not None:
+        cmd += ["--mode", mode]
+    if args.preset != "embedded":
+        cmd += ["--preset", args.preset]
+    cmd += [*setup["train_args"], "--seed", str(args.seed), "--output-dir", str(run_dir.parent),
+            "--run-name", run_dir.name, "--no-progress", *shlex.split(args.train_args)]
+    if setup["env_kwargs"]:
+        cmd += ["--env-kwargs", json.dumps(setup["env_kwargs"])]
+    if run_dir.exists() and not (run_dir / "final_model").exists():
+        cmd.append("--resume")  # interrupted earlier: continue from its last checkpoint
+    return cmd
+
+
+def eval_command(args: argparse.Namespace, setup: dict, out: Path, horizon: int) -> list[str]:
+    cmd = [sys.executable, str(ROOT / "scripts" / "evaluate.py")]
+    for method in args.methods:
+        cmd += ["--policy", f"{method}={out / method / 'final_model'}"]
+    for spec in args.benchmark:
+        cmd += ["--policy", spec]
+    cmd += ["--reference", setup["reference"], "--judge", args.judge, "--env-id", setup["env_id"],
+            "--num-prompts", str(args.eval_prompts), "--horizon", str(horizon), "--seed", str(args.seed),
+            "--max-new-tokens", str(setup["eval_max_new_tokens"]), "--output-dir", str(out / "eval"), "--quiet"]
+    if setup["env_preset"]:
+        cmd += ["--env-preset", setup["env_preset"]]
+    if setup["env_kwargs"]:
+        cmd += ["--env-kwargs", json.dumps(setup["env_kwargs"])]
+    if args.both_orders:
+        cmd.append("--both-orders")
+    return cmd
+
+
+def table1(results: dict, rows: list[str]) -> str:
+    """Table 1's layout: one row per method, win rate (%) at h = 1..H and their average."""
+    H = int(results["config"]["horizon"])
+    lines = ["| Method | " + " | ".join(f"h={h}" for h in range(1, H + 1)) + " | avg |", "|---" * (H + 2) + "|"]
+    for name in rows:
+        wr = results["policies"][name]["win_rate"]
+        cells = []
+        for h in range(1, H + 1):
+            t = wr["per_turn"].get(str(h)) or wr["per_turn"].get(h)
+            cells.append(f"{100 * t['win_rate']:.1f}" if t and t["n"] and t["win_rate"] is not None else "-")
+        avg = wr["average"]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {'-' if avg is None else f'{100 * avg:.2f}'} |")
+    return "\n".join(lines)
+
+
+def run(cmd: list[str], log: Path) -> None:
+    print(f"\n$ {shlex.join(cmd)}\n  (log: {log})", flush=True)
+    start = time.perf_counter()
+    with log.open("a") as f:
+        proc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        tail = "".join(log.read_text().splitlines(keepends=True)[-30:])
+        raise SystemExit(f"error: this command failed with exit code {proc.returncode}:\n{shlex.join(cmd)}\n"
+                         f"last lines of {log}:\n{tail}")
+    print(f"  done in {time.perf_counter() - start:.0f} s", flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    setup = SETUPS[args.preset]
+    horizon = args.horizon or setup["horizon"]
+    if args.eval_prompts < 1:
+        raise SystemExit("error: --eval-prompts must be at least 1")
+    out = (args.output_dir or ROOT / "runs" / f"table1-{args.preset}-seed{args.seed}").resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    commands: list[tuple[str, list[str]]] = []
+    for method in args.methods:
+        if (out / method / "final_model").exists():
+            print(f"{method}: {out / method / 'final_model'} exists, not trained again", flush=True)
+            continue
+        commands.append((method, train_command(args, setup, method, out / method)))
+    commands.append(("eval", eval_command(args, setup, out, horizon)))
+    script = out / "commands.sh"
+    with script.open("a") as f:
+        f.write(f"# {time.strftime('%Y-%m-%d %H:%M:%S')} reproduce_table1.py {shlex.join(argv or sys.argv[1:])}\n")
+        f.writelines(f"{shlex.join(cmd)}\n" for _, cmd in commands)
+    if args.dry_run:
+        print("\n".join(shlex.join(cmd) for _, cmd in commands))
+        return
+    start = time.perf_counter()
+    for step, (name, cmd) in enumerate(commands, 1):
+        print(f"[{step}/{len(commands)}] {name}", flush=True)
+        run(cmd, out / f"{name}.log")
+    results = json.loads((out / "eval" / "results.json").read_text())
+    rows = [*args.methods, *(spec.split("=", 1)[0] if "=" in spec else spec for spec in args.benchmark)]
+    text = (f"Win rate (%) against {setup['reference']} at each turn h (judge: {args.judge}; "
+            f"{args.eval_prompts} held-out prompts; seed {args.seed}; preset {args.preset})\n\n" + table1(results, rows))
+    (out / "table1.md").write_text(text + "\n")
+    print(f"\n{text}\n\nreward score, KL, length and 95 % intervals: {out / 'eval' / 'results.md'}\n"
+          f"commands: {script}\ntotal {time.perf_counter() - start:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
