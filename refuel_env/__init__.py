@@ -21,6 +21,12 @@ ENV_IDS = {
     "AnthropicHHPresampled-v0": {"dataset": "anthropic_hh", "user": "presampled"},
 }
 
+# A small task with exactly computable Q-values, for checking algorithms (refuel_env.synthetic).
+SYNTHETIC_ENV_IDS = {
+    "SyntheticDialogue-v0": ("refuel_env.envs.synthetic:SyntheticDialogueEnv",
+                             "refuel_env.envs.synthetic:SyntheticDialogueVectorEnv"),
+}
+
 
 def register_envs() -> None:
     """Register every refuel-gym id (idempotent)."""
@@ -34,8 +40,11 @@ def register_envs() -> None:
             kwargs=dict(kwargs),
             nondeterministic=False,
         )
+    for env_id, (entry_point, vector_entry_point) in SYNTHETIC_ENV_IDS.items():
+        if env_id not in registry:
+            register(id=env_id, entry_point=entry_point, vector_entry_point=vector_entry_point, nondeterministic=False)
 
 
 register_envs()
 
-__all__ = ["ENV_IDS", "register_envs"]
+__all__ = ["ENV_IDS", "SYNTHETIC_ENV_IDS", "register_envs"]

@@ -1,0 +1,104 @@
+"""Exact analysis of training on ``SyntheticDialogue-v0``: the policy as the training code scores it.
+
+:func:`scored_policy` turns a chat model into the probability callable of
+:mod:`refuel_env.synthetic_exact` using exactly the functions of training
+(:func:`~refuel_agents.logprobs.encode_response`, :func:`~refuel_agents.logprobs.sequence_logprobs`:
+the response's tokens and its end-of-turn token), so the values computed from it are the values of
+the distribution that the training loss sees. :func:`exact_metrics` gives the per-turn expected
+reward and win rate of a model, :func:`fit_refuel_minimiser` minimises eq. 1 on a fixed batch of
+tuples (claim: the minimiser is the soft policy improvement of eq. 3-5), and
+:func:`tuple_q_gaps` gives the exact Q_H(s_h, y) - Q_H(s_h, y') of collected tuples.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from refuel_agents.logprobs import collate, encode_response, sequence_logprobs
+from refuel_agents.losses import refuel_loss
+from refuel_env import synthetic_exact as sx
+from refuel_env.synthetic import MAX_TURNS, RESPONSES
+from refuel_env.types import Message
+
+
+def scored_policy(model: Any, tokenizer: Any, *, temperature: float = 1.0, batch_size: int = 1024) -> sx.PolicyFn:
+    """pi(y|s) for y in RESPONSES, as ``sequence_logprobs`` scores them (a callable over lists of states)."""
+
+    @torch.no_grad()
+    def probs(states: list[list[Message]]) -> np.ndarray:
+        encoded = [encode_response(tokenizer, s, y) for s in states for y in RESPONSES]
+        device = next(model.parameters()).device
+        was_training = model.training
+        model.eval()
+        out: list[torch.Tensor] = []
+        for start in range(0, len(encoded), batch_size):
+            batch = {k: v.to(device) for k, v in collate(encoded[start:start + batch_size], tokenizer.pad_token_id).items()}
+            out.append(sequence_logprobs(model, batch, temperature=temperature).double().cpu())
+        model.train(was_training)
+        return torch.cat(out).exp().numpy().reshape(len(states), len(RESPONSES))
+
+    return probs
+
+
+def policy_table(model: Any, tokenizer: Any, max_turns: int = MAX_TURNS, *, temperature: float = 1.0) -> sx.PolicyTable:
+    """The model's exact response distribution at every state (raises if it is not a distribution over RESPONSES)."""
+    return sx.tabulate(scored_policy(model, tokenizer, temperature=temperature), max_turns)
+
+
+def exact_metrics(table: sx.PolicyTable, reference: sx.PolicyTable, max_turns: int = MAX_TURNS) -> dict[str, Any]:
+    """Per-turn expected reward J_H and win rate against ``reference`` (H = 1..max_turns), their means,
+    and the return under REFUEL's horizon weights."""
+    returns = sx.per_turn_returns(table, max_turns)
+    wins = [sx.win_rate(table, reference, H) for H in range(1, max_turns + 1)]
+    return {
+        "reward_by_h": returns,
+        "reward_avg": float(np.mean(returns)),
+        "win_rate_by_h": wins,
+        "win_rate_avg": float(np.mean(wins)),
+        "refuel_objective": sx.average_return(table, max_turns, sx.refuel_horizon_weights(max_turns)),
+    }
+
+
+def tuple_q_gaps(table: sx.PolicyTable, rows: Sequence[dict]) -> np.ndarray:
+    """Exact Q_H(s_h, y) - Q_H(s_h, y') of each collected tuple (H = the tuple's dialogue length)."""
+    q_by_h = {H: sx.q_values(table, H)[0] for H in sorted({int(r["H"]) for r in rows})}
+    gaps = []
+    for r in rows:
+        q = q_by_h[int(r["H"])][sx.key_of(r["state"])]
+        gaps.append(q[sx.response_index(r["response"])] - q[sx.response_index(r["response_prime"])])
+    return np.asarray(gaps)
+
+
+def fit_refuel_minimiser(model: Any, tokenizer: Any, rows: Sequence[dict], *, eta: float, steps: int = 300,
+                         lr: float = 3e-3, seed: int = 0) -> list[float]:
+    """Minimise eq. 1 (``refuel_loss``) over ``rows`` (full batch, Adam) in place; returns the losses.
+
+    ``rows`` hold ``state``, ``response``, ``response_prime``, ``reward``, ``reward_prime``; log pi_t is
+    the model's before the first update.
+    """
+    torch.manual_seed(seed)
+    pad = tokenizer.pad_token_id
+    a = collate([encode_response(tokenizer, r["state"], r["response"]) for r in rows], pad)
+    b = collate([encode_response(tokenizer, r["state"], r["response_prime"]) for r in rows], pad)
+    reward = torch.tensor([r["reward"] for r in rows], dtype=torch.float32)
+    reward_prime = torch.tensor([r["reward_prime"] for r in rows], dtype=torch.float32)
+    with torch.no_grad():
+        model.eval()
+        logp_t, logp_t_prime = sequence_logprobs(model, a), sequence_logprobs(model, b)
+    model.train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = refuel_loss(sequence_logprobs(model, a), logp_t, sequence_logprobs(model, b), logp_t_prime,
+                           reward, reward_prime, eta)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    model.eval()
+    return losses
+
