@@ -33,6 +33,7 @@ counts, and the other is counted as a parse failure. None parsed: no outcome.
 
 from __future__ import annotations
 
+import abc
 import hashlib
 import json
 import math
@@ -116,11 +117,9 @@ def judge_prompt(template: str, dialogue_a: Sequence[Message], dialogue_b: Seque
     return text.replace("{dialogue_a}", render_dialogue(dialogue_a)).replace("{dialogue_b}", render_dialogue(dialogue_b))
 
 
-def template_for_env(env_kwargs: Mapping[str, Any]) -> str:
-    """'hh' for the Anthropic HH dataset, else 'ultrainteract'."""
-    dataset = env_kwargs.get("dataset")
-    preset = str(env_kwargs.get("preset") or "")
-    return "hh" if dataset == "anthropic_hh" or preset.endswith("-hh") else "ultrainteract"
+def template_for_dataset(dataset: str) -> str:
+    """The judge template of an environment's dataset: 'hh' for Anthropic HH, else 'ultrainteract'."""
+    return "hh" if dataset == "anthropic_hh" else "ultrainteract"
 
 
 # ------------------------------------------------------------------------------ parsing
@@ -222,7 +221,7 @@ def _base_record(c: Comparison) -> dict[str, Any]:
 # ------------------------------------------------------------------------------ judges
 
 
-class Judge:
+class Judge(abc.ABC):
     """Compares the policy's dialogue with the reference's: one record per :class:`Comparison`.
 
     Every record holds ``index``, ``item_id``, ``turn``, ``full``, ``prompt_hash``, ``outcome``
@@ -232,8 +231,9 @@ class Judge:
 
     name: str = "judge"
 
+    @abc.abstractmethod
     def judge(self, comparisons: Sequence[Comparison], *, progress: bool = False) -> list[dict[str, Any]]:
-        raise NotImplementedError
+        """One record per comparison, in order."""
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name}
@@ -281,7 +281,9 @@ class PairwiseJudge(Judge):
 
     The position of the policy's dialogue (A or B) is drawn per comparison from a generator
     seeded with ``seed``, so the same seed gives the same orders. ``both_orders=True`` asks both
-    orders and combines them by the rule in the module docstring. ``sampling`` defaults to
+    orders and combines them by the rule in the module docstring. ``template`` is a key of
+    :data:`JUDGE_TEMPLATES` or a text with both placeholders; None lets :func:`evaluate_policies`
+    pick it from the environment's dataset ('ultrainteract' when used on its own). ``sampling`` defaults to
     greedy decoding with up to 256 new tokens. A prompt longer than the judge's context minus
     ``sampling.max_new_tokens`` is not sent; it is recorded with ``failure="context"``.
     """
@@ -290,7 +292,7 @@ class PairwiseJudge(Judge):
         self,
         generator: TextGenerator,
         *,
-        template: str = "ultrainteract",
+        template: str | None = None,
         seed: int = 0,
         both_orders: bool = False,
         sampling: SamplingParams | None = None,
@@ -298,7 +300,8 @@ class PairwiseJudge(Judge):
     ):
         if not isinstance(generator, TextGenerator):
             raise TypeError(f"generator must be a TextGenerator, got {type(generator).__name__}")
-        judge_prompt(template, [], [])  # validates the template
+        if template is not None:
+            judge_prompt(template, [], [])  # validates the template
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.generator = generator
@@ -311,7 +314,8 @@ class PairwiseJudge(Judge):
         self._rng = np.random.default_rng(self.seed)
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "kind": "pairwise", "template": self.template if self.template in JUDGE_TEMPLATES
+        template = self.template or "ultrainteract"
+        return {"name": self.name, "kind": "pairwise", "template": template if template in JUDGE_TEMPLATES
                 else "custom", "seed": self.seed, "both_orders": self.both_orders, "sampling": asdict(self.sampling)}
 
     def judge(self, comparisons: Sequence[Comparison], *, progress: bool = False) -> list[dict[str, Any]]:
@@ -321,7 +325,7 @@ class PairwiseJudge(Judge):
             first = bool(self._rng.random() < 0.5)
             for policy_first in ([first, not first] if self.both_orders else [first]):
                 a, b = (c.policy_dialogue, c.reference_dialogue) if policy_first else (c.reference_dialogue, c.policy_dialogue)
-                requests.append((k, policy_first, judge_prompt(self.template, a, b)))
+                requests.append((k, policy_first, judge_prompt(self.template or "ultrainteract", a, b)))
         seeds = self._rng.integers(0, 2**31 - 1, len(requests)).tolist()
         answers: list[str | None] = [None] * len(requests)
         room = self.generator.max_context - self.sampling.max_new_tokens
@@ -706,9 +710,11 @@ def evaluate_policies(
     indices = sorted(np.random.default_rng(seed).choice(len(items), size=num_prompts, replace=False).tolist())
     horizons = [min(H, core.max_horizon(items[i])) for i in indices]
     weights = dict(turn_weights) if turn_weights is not None else length_weights([it.num_turns for it in items], H)
-    template = judge_template or template_for_env(play_kwargs)
+    template = judge_template or template_for_dataset(env.unwrapped.config.dataset)
     the_judge = build_judge(judge, env=env, template=template, seed=seed, both_orders=both_orders,
                             sampling=judge_sampling, device=device)
+    if isinstance(the_judge, PairwiseJudge) and the_judge.template is None:
+        the_judge.template = template
 
     def play(generator: TextGenerator) -> list[dict[str, Any]]:
         return play_dialogues(env_id=env_id, env_kwargs=play_kwargs, policy=generator, sampling=sampling,
@@ -860,9 +866,13 @@ def markdown_report(results: Mapping[str, Any]) -> str:
         for h in range(1, H + 1):
             t = _get_turn(p["win_rate"]["per_turn"], h)
             cells.append(f"{_pct(t['ci_low'])}–{_pct(t['ci_high'])} (n={t['n']})" if t and t["n"] else "-")
-        lines_note = f" | truncated pairs: {p['truncated_pairs']}" if p["truncated_pairs"] else ""
-        out.append(f"| {name} | " + " | ".join(cells) + f" |{lines_note}")
+        out.append(f"| {name} | " + " | ".join(cells) + " |")
     notes = [f"- {name}: KL {p['kl_note']}" for name, p in results["policies"].items() if p.get("kl_note")]
+    notes += [f"- {name}: {p['truncated_pairs']} pair(s) not judged: the environment truncated a dialogue"
+              for name, p in results["policies"].items() if p["truncated_pairs"]]
+    notes += [f"- {name}: {p['win_rate']['failures']} comparison(s) without an outcome "
+              f"({p['win_rate']['parse_failures']} unparsed judge answers)"
+              for name, p in results["policies"].items() if p["win_rate"]["failures"]]
     if notes:
         out += ["", *notes]
     return "\n".join(out) + "\n"
@@ -928,6 +938,6 @@ __all__ = [
     "Comparison", "HH_JUDGE_TEMPLATE", "JUDGE_TEMPLATES", "Judge", "ModelSpec", "PairwiseJudge",
     "RewardJudge", "SPEC_HELP", "SpecError", "ULTRAINTERACT_JUDGE_TEMPLATE", "build_judge", "check_spec", "evaluate_policies",
     "kl_estimate", "length_weights", "load_generator", "markdown_report", "markdown_table", "parse_preference",
-    "parse_spec", "plot_win_rates", "render_dialogue", "response_logprobs", "split_named_spec", "truncate_dialogue",
+    "parse_spec", "plot_win_rates", "render_dialogue", "response_logprobs", "split_named_spec", "template_for_dataset", "truncate_dialogue",
     "turn_pairs", "weighted_average", "wilson_interval", "win_rates", "write_reports",
 ]

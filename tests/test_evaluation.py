@@ -190,7 +190,8 @@ class ScriptedJudge(TextGenerator):
         for conv in conversations:
             prompt = conv[-1]["content"]
             self.prompts.append(prompt)
-            a, b = re.split(r"\nDialogue B:\n", prompt.split("\nDialogue A:\n", 1)[1], maxsplit=1)
+            a, b = re.split(r"\n(?:Dialogue|Conversation) B:\n",
+                            re.split(r"\n(?:Dialogue|Conversation) A:\n", prompt, maxsplit=1)[1], maxsplit=1)
             b = b.split("\nInstructions:", 1)[0]
             good = "A" if "GOOD" in a else "B"
             text = {"content": f"Comparison: {good} is better.\nPreferred: {good}",
@@ -372,6 +373,20 @@ def test_evaluate_policies_with_a_pairwise_judge(word_generators, tmp_path):
     assert results["policies"]["sharp"]["kl"]["mean"] > 0
     md = write_reports(results, tmp_path)["markdown"].read_text()
     assert "| sharp | 50.0 | 50.0 | 50.0 |" in md
+
+
+def test_evaluate_policies_presampled_hh_items_end_at_their_own_length(word_generators):
+    """HH test items have 1, 4 and 5 questions: at H = 2 the first ends after one turn."""
+    base, sharp = word_generators
+    judge = PairwiseJudge(ScriptedJudge("position"), seed=0)
+    results = evaluate_policies({"sharp": sharp}, base, judge, env_id="AnthropicHHPresampled-v0", num_prompts=3,
+                                horizon=2, seed=0, sampling=SamplingParams(max_new_tokens=4), progress=False)
+    assert sorted(results["config"]["dialogue_horizons"]) == [1, 2, 2]
+    assert results["config"]["judge"]["template"] == "hh"
+    wr = results["policies"]["sharp"]["win_rate"]
+    assert (wr["per_turn"][1]["n"], wr["per_turn"][2]["n"], wr["full_dialogue"]["n"]) == (3, 2, 3)
+    # appendix E weights from the test items' lengths 1, 4, 5 at H = 2: {1: 1/3, 2: 2/3}
+    assert results["turn_weights"] == pytest.approx({1: 1 / 3, 2: 2 / 3})
 
 
 def test_evaluate_policies_rejects_bad_arguments(word_lm_dir):
