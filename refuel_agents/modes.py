@@ -34,8 +34,10 @@ when they run out (``num_prompts=None``: each usable item once).
 
 Rewards always come from the environment: each branch is stepped (from the dataset prefix for
 the offline roll-ins, through ``reset(options={"index", "prefix", "horizon"})``) so the same
-reward model, penalties and truncation rules score every mode. A branch that is truncated is
-dropped and counted, as in ``collection.py``.
+reward model, penalties and truncation rules score every mode (a dataset reply that reaches
+``max_response_tokens`` gets the truncation penalty Gamma like a policy reply; the dataset
+replies inside a prefix are context and count towards neither that limit nor the KL penalty).
+A branch that is truncated is dropped and counted, as in ``collection.py``.
 """
 
 from __future__ import annotations

@@ -155,7 +155,7 @@ def test_lt_offline_compares_the_dataset_pair(items):
         assert (r["response"], r["response_prime"]) == (item.chosen, item.rejected)
 
 
-def test_modes_are_reproducible(policy, multi_turn):
+def test_modes_are_reproducible(policy):
     for mode in ("lt-mixed", "mt-mixed"):
         a, _ = collect(mode, policy, num_prompts=6, seed=9)
         b, _ = collect(mode, policy, num_prompts=6, seed=9)
