@@ -94,7 +94,7 @@ class RebelTrainer(RefuelTrainer):
         cfg = self.config
         self.model.eval()
         return collect_pairs(
-            mode=self.mode, env_id=cfg.env_id, env_kwargs=self.env_kwargs, policy=self.generator,
+            mode=self.mode, env_id=cfg.env_id, env_kwargs=self.env_kwargs, policy=self.rollout_policy(),
             sampling=self.sampling, num_prompts=cfg.prompts_per_iteration or None,
             seed=_iteration_seed(cfg.seed, iteration),
             kl_logprobs=self._kl_logprobs if self._env_has_kl() else None, progress=cfg.progress,

@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -40,7 +41,13 @@ from refuel_agents.logprobs import (
 from refuel_agents.losses import refuel_loss, regression_sign_agreement
 from refuel_agents.tracking import MetricsLogger, plot_run
 from refuel_env import embedded
-from refuel_env.generation import SamplingParams, TransformersGenerator, default_device, load_causal_lm
+from refuel_env.generation import (
+    SamplingParams,
+    TextGenerator,
+    TransformersGenerator,
+    default_device,
+    load_causal_lm,
+)
 
 
 @dataclass
@@ -97,6 +104,12 @@ class RefuelConfig:
     """Keep a frozen copy of the initial policy to log KL(pi || pi_0) and use it for the env's KL penalty."""
     save_every: int = 0
     """Also checkpoint every N optimizer steps (0 = only after each iteration)."""
+    policy_backend: str = "transformers"
+    """How the policy generates in collection and evaluation: 'transformers' (the very module being trained) or
+    'vllm' (an in-process vLLM engine started from policy_model; the trained weights are pushed into it, without a
+    restart, before each collection and evaluation; needs vllm)."""
+    policy_vllm_kwargs: dict[str, Any] = field(default_factory=dict)
+    """'vllm' policy backend: further vllm.LLM options, e.g. {"gpu_memory_utilization": 0.3, "tensor_parallel_size": 2}."""
     deepspeed: str | None = None
     """DeepSpeed config file (ZeRO-2/3); None = plain PyTorch."""
     device: str | None = None
@@ -122,6 +135,8 @@ class RefuelConfig:
             problems.append(f"batch_size ({self.batch_size}) must be a positive multiple of micro_batch_size ({self.micro_batch_size})")
         if self.prompts_per_iteration < 0:
             problems.append("prompts_per_iteration must be >= 0")
+        if self.policy_backend not in ("transformers", "vllm"):
+            problems.append(f"policy_backend must be 'transformers' or 'vllm', got {self.policy_backend!r}")
         if self.resume and not self.run_name:
             problems.append("--resume needs --run-name (the run folder to continue)")
         if problems:
@@ -216,6 +231,17 @@ class RefuelTrainer:
         # Training reads right-padded batches; generation pads on the left: separate tokenizer copies.
         self.train_tokenizer = copy.copy(self.tokenizer)
         self.model = self.generator.model
+        self.rollout_generator: TextGenerator = self.generator
+        self.weight_pushes = 0  # vLLM backend: how often the trained weights were pushed into the engine
+        self._pushed_step = 0  # the optimizer step whose weights the rollout generator holds
+        if config.policy_backend == "vllm":
+            from refuel_env.backends.vllm_backend import VLLMGenerator
+
+            if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+                raise ValueError("policy_backend='vllm' runs in a single training process; with several ranks use "
+                                 "'transformers' (or give the engine several GPUs with policy_vllm_kwargs tensor_parallel_size)")
+
+            self.rollout_generator = VLLMGenerator(path, name=path, **config.policy_vllm_kwargs)
         self.reference = copy.deepcopy(self.model).eval().requires_grad_(False) if config.reference_kl else None
         self.pad_id = self.tokenizer.pad_token_id
         self.sampling = SamplingParams(max_new_tokens=config.max_new_tokens, temperature=config.temperature)
@@ -232,11 +258,27 @@ class RefuelTrainer:
         cfg = self.config
         self.model.eval()
         rows, stats = collect_refuel_tuples(
-            env_id=cfg.env_id, env_kwargs=self.env_kwargs, policy=self.generator, sampling=self.sampling,
+            env_id=cfg.env_id, env_kwargs=self.env_kwargs, policy=self.rollout_policy(), sampling=self.sampling,
             num_prompts=cfg.prompts_per_iteration or self._dataset_size(), seed=_iteration_seed(cfg.seed, iteration),
             kl_logprobs=self._kl_logprobs if self._env_has_kl() else None, progress=cfg.progress,
         )
         return rows, stats
+
+    def rollout_policy(self) -> TextGenerator:
+        """The generator that plays the policy, holding the current weights.
+
+        With the transformers backend it is the trained module itself. With vLLM the engine gets
+        the trained weights when they changed since the last push (every rank takes part: under
+        ZeRO-3 the full weights are gathered from the shards).
+        """
+        step = self._state["global_step"] if self._state else 0
+        if self.rollout_generator is not self.generator and step != self._pushed_step:
+            weights = self.engine.unwrapped_model_state()
+            # Tied weights (lm_head sharing the embedding) appear twice in a state dict; push each tensor once.
+            own = {name for name, _ in self.model.named_parameters()}
+            self.rollout_generator.load_state_dict({k: v for k, v in weights.items() if k in own})
+            self._pushed_step, self.weight_pushes = step, self.weight_pushes + 1
+        return self.rollout_generator
 
     def _env_has_kl(self) -> bool:
         from refuel_env.components import make_config
@@ -281,7 +323,7 @@ class RefuelTrainer:
         self.model.eval()
         horizons = [H for H in range(1, self.max_turns + 1) for _ in range(cfg.eval_prompts)]
         return play_dialogues(
-            env_id=cfg.env_id, env_kwargs={**self.env_kwargs, "split": "test"}, policy=self.generator,
+            env_id=cfg.env_id, env_kwargs={**self.env_kwargs, "split": "test"}, policy=self.rollout_policy(),
             sampling=self.sampling, num_dialogues=len(horizons), seed=cfg.seed + 10_000,
             horizon=horizons, prompt_indices=list(range(cfg.eval_prompts)) * self.max_turns,
         )

