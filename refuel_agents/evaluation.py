@@ -137,15 +137,16 @@ _OTHER_LETTER = re.compile(
 _BARE_LETTER = re.compile(r"^[\"'“”‘’<\[(\s]*([AaBb])[\"'“”‘’>\])\s.!]*$")
 
 
-def parse_preference(text: str | None) -> Literal["A", "B"] | None:
+def parse_preference(text: str | None, *, bare_letter: bool = True) -> Literal["A", "B"] | None:
     """The judge's choice from its answer: ``"A"``, ``"B"``, or None when missing or ambiguous.
 
     Reads ``Preferred: A`` lines, tolerant of case, Markdown (``**Preferred:** B``), quotes and
     brackets (``Preferred: "A"``, ``[B]``), a noun (``Preferred: Dialogue A``) and trailing text
     (``Preferred: B, because ...``). A lower-case ``a`` followed by more words (``Preferred: a
     longer answer``) is read as an article, not a choice. Without any ``Preferred`` line, a last
-    line holding only the letter counts. None when nothing is found, when a line offers both
-    (``Preferred: A or B``), or when two lines disagree.
+    line holding only the letter counts when ``bare_letter`` (pass False for an answer cut at the
+    token limit, whose last line may be any fragment). None when nothing is found, when a line
+    offers both (``Preferred: A or B``), or when two lines disagree.
     """
     if not isinstance(text, str):
         return None
@@ -158,7 +159,7 @@ def parse_preference(text: str | None) -> Literal["A", "B"] | None:
         if letter == "a" and re.match(r"\s+[A-Za-z]", rest):
             continue  # the article "a", not a choice
         found.add(letter.upper())
-    if not found:
+    if not found and bare_letter:
         lines = [line for line in clean.strip().splitlines() if line.strip()]
         bare = _BARE_LETTER.match(lines[-1]) if lines else None
         if bare:
@@ -328,6 +329,7 @@ class PairwiseJudge(Judge):
                 requests.append((k, policy_first, judge_prompt(self.template or "ultrainteract", a, b)))
         seeds = self._rng.integers(0, 2**31 - 1, len(requests)).tolist()
         answers: list[str | None] = [None] * len(requests)
+        finished: list[str | None] = [None] * len(requests)
         room = self.generator.max_context - self.sampling.max_new_tokens
         fits = [self.generator.count_tokens([{"role": "user", "content": p}]) <= room for _, _, p in requests]
         todo = [i for i in range(len(requests)) if fits[i]]
@@ -337,16 +339,17 @@ class PairwiseJudge(Judge):
             done = self.generator.chat([[{"role": "user", "content": requests[i][2]}] for i in chunk],
                                        self.sampling, seeds=[seeds[i] for i in chunk])
             for i, completion in zip(chunk, done):
-                answers[i] = completion.text
+                answers[i], finished[i] = completion.text, completion.finish_reason
             bar.update(len(chunk))
         bar.close()
 
         per_comparison: list[list[dict[str, Any]]] = [[] for _ in comparisons]
         for i, (k, policy_first, prompt) in enumerate(requests):
-            parsed = parse_preference(answers[i]) if fits[i] else None
+            parsed = parse_preference(answers[i], bare_letter=finished[i] == "stop") if fits[i] else None
             winner = None if parsed is None else ("policy" if (parsed == "A") == policy_first else "reference")
             per_comparison[k].append({"order": "policy=A" if policy_first else "policy=B",
                                       "judge_prompt_hash": _text_hash(prompt), "raw": answers[i],
+                                      "finish_reason": finished[i],
                                       "parsed": parsed, "winner": winner, "sent": fits[i]})
         return [self._record(c, js) for c, js in zip(comparisons, per_comparison)]
 
@@ -901,8 +904,8 @@ def plot_win_rates(results: Mapping[str, Any], path: str | Path) -> Path:
     ax.set_xticks(turns)
     ax.set_ylim(0, 100)
     ax.set_xlabel("turn h")
-    ax.set_ylabel(f"win rate vs {results['config']['reference']} (%)")
-    ax.set_title("Win rate by turn (95 % Wilson bands)")
+    ax.set_ylabel("win rate against the reference (%)")
+    ax.set_title(f"Win rate by turn vs {Path(str(results['config']['reference'])).name} (95 % Wilson bands)", fontsize=10)
     ax.legend(loc="best", fontsize="small")
     fig.tight_layout()
     path = Path(path)

@@ -88,6 +88,11 @@ def test_parse_preference(text, expected):
     assert parse_preference(text) == expected
 
 
+def test_bare_letter_only_from_a_complete_answer():
+    assert parse_preference("Comparison: B wins.\nB", bare_letter=False) is None
+    assert parse_preference("Comparison: B wins.\nPreferred: B", bare_letter=False) == "B"
+
+
 def test_judge_prompt_carries_both_dialogues_and_the_format():
     a = [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "answer one"}]
     b = [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "answer two"}]
@@ -175,7 +180,8 @@ class ScriptedJudge(TextGenerator):
     """A test double at the judge boundary: answers from the prompt text alone.
 
     ``mode``: 'content' prefers the dialogue holding GOOD; 'position' always answers A;
-    'garbage' never gives a choice; 'only-b' answers only when GOOD is in dialogue B.
+    'garbage' never gives a choice; 'only-b' answers only when GOOD is in dialogue B; 'cut' ends
+    with the right bare letter but hit the token limit.
     """
 
     name = "scripted-judge"
@@ -197,8 +203,10 @@ class ScriptedJudge(TextGenerator):
             text = {"content": f"Comparison: {good} is better.\nPreferred: {good}",
                     "position": "Comparison: the first.\n**Preferred:** A",
                     "garbage": "Both are lovely.",
-                    "only-b": "Preferred: B" if good == "B" else "I am not sure."}[self.mode]
-            out.append(Completion(text=text, prompt_tokens=0, completion_tokens=1, finish_reason="stop"))
+                    "only-b": "Preferred: B" if good == "B" else "I am not sure.",
+                    "cut": f"Comparison: B: A: B: A:\n{good}"}[self.mode]
+            finish = "length" if self.mode == "cut" else "stop"
+            out.append(Completion(text=text, prompt_tokens=0, completion_tokens=1, finish_reason=finish))
         return out
 
     def count_tokens(self, messages, *, add_generation_prompt=True) -> int:
@@ -246,6 +254,9 @@ def test_judge_failures_are_counted_not_guessed():
     assert all(r["outcome"] is None and r["failure"] == "parse" and r["parse_failures"] == 1 for r in garbage)
     summary = win_rates(garbage)
     assert summary["n"] == 0 and summary["failures"] == 6 and summary["parse_failures"] == 6
+    # a bare letter at the end of an answer cut at the token limit is not a choice
+    cut = PairwiseJudge(ScriptedJudge("cut"), seed=0).judge(comparisons)
+    assert all(r["outcome"] is None and r["judgements"][0]["finish_reason"] == "length" for r in cut)
     # both orders, one answer parsed: that answer counts, the other is a parse failure
     one = PairwiseJudge(ScriptedJudge("only-b"), seed=0, both_orders=True).judge(comparisons)
     assert all(r["outcome"] == 1.0 and r["parse_failures"] == 1 for r in one)
