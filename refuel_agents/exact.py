@@ -49,6 +49,19 @@ def policy_table(model: Any, tokenizer: Any, max_turns: int = MAX_TURNS, *, temp
     return sx.tabulate(scored_policy(model, tokenizer, temperature=temperature), max_turns)
 
 
+def policy_table_and_leak(model: Any, tokenizer: Any, max_turns: int = MAX_TURNS) -> tuple[sx.PolicyTable, float]:
+    """The response distribution at every state, renormalised over RESPONSES, and the largest mass
+    (over states) that the model put outside RESPONSES. The values computed from the table are exact
+    only when that mass is 0 (below float32 resolution); report it next to them."""
+    states = sx.enumerate_states(max_turns)
+    probs = scored_policy(model, tokenizer)([sx.messages_of(k) for k in states])
+    total = probs.sum(axis=1, keepdims=True)
+    if not (total > 0).all():
+        raise ValueError("the model puts no mass on any synthetic response at some state; nothing to renormalise")
+    leak = float(np.abs(1.0 - total).max())
+    return dict(zip(states, probs / total)), leak
+
+
 def exact_metrics(table: sx.PolicyTable, reference: sx.PolicyTable, max_turns: int = MAX_TURNS) -> dict[str, Any]:
     """Per-turn expected reward J_H and win rate against ``reference`` (H = 1..max_turns), their means,
     and the return under REFUEL's horizon weights."""
@@ -75,30 +88,41 @@ def tuple_q_gaps(table: sx.PolicyTable, rows: Sequence[dict]) -> np.ndarray:
 
 def fit_refuel_minimiser(model: Any, tokenizer: Any, rows: Sequence[dict], *, eta: float, steps: int = 300,
                          lr: float = 3e-3, seed: int = 0) -> list[float]:
-    """Minimise eq. 1 (``refuel_loss``) over ``rows`` (full batch, Adam) in place; returns the losses.
+    """Minimise eq. 1 (``refuel_loss`` over every row, full batch, Adam) in place; returns the losses.
 
     ``rows`` hold ``state``, ``response``, ``response_prime``, ``reward``, ``reward_prime``; log pi_t is
-    the model's before the first update.
+    the model's before the first update. Each distinct (state, response) is scored once per step and
+    gathered into the pairs, so the loss is exactly the mean over the rows at a fraction of the cost.
     """
     torch.manual_seed(seed)
-    pad = tokenizer.pad_token_id
-    a = collate([encode_response(tokenizer, r["state"], r["response"]) for r in rows], pad)
-    b = collate([encode_response(tokenizer, r["state"], r["response_prime"]) for r in rows], pad)
+    index: dict[tuple, int] = {}
+    encoded = []
+    pairs = []
+    for r in rows:
+        ids = []
+        for response in (r["response"], r["response_prime"]):
+            key = (sx.key_of(r["state"]), response)
+            if key not in index:
+                index[key] = len(encoded)
+                encoded.append(encode_response(tokenizer, r["state"], response))
+            ids.append(index[key])
+        pairs.append(ids)
+    batch = collate(encoded, tokenizer.pad_token_id)
+    first, second = torch.tensor([p[0] for p in pairs]), torch.tensor([p[1] for p in pairs])
     reward = torch.tensor([r["reward"] for r in rows], dtype=torch.float32)
     reward_prime = torch.tensor([r["reward_prime"] for r in rows], dtype=torch.float32)
     with torch.no_grad():
         model.eval()
-        logp_t, logp_t_prime = sequence_logprobs(model, a), sequence_logprobs(model, b)
+        logp_t = sequence_logprobs(model, batch)
     model.train()
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     losses = []
     for _ in range(steps):
-        loss = refuel_loss(sequence_logprobs(model, a), logp_t, sequence_logprobs(model, b), logp_t_prime,
-                           reward, reward_prime, eta)
+        logp = sequence_logprobs(model, batch)
+        loss = refuel_loss(logp[first], logp_t[first], logp[second], logp_t[second], reward, reward_prime, eta)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
     model.eval()
     return losses
-

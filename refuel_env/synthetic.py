@@ -89,8 +89,9 @@ BEHAVIOUR_POLICY: dict[str, dict[str, float]] = {
 }
 """The fixed policy that wrote the offline data set's responses (never invalid)."""
 
-SPLIT_SIZES = {"train": 64, "test": 16}
-"""Items per split; both splits follow START_PATTERN exactly."""
+SPLIT_SIZES = {"train": 48, "test": 24}
+"""Items per split (multiples of 12): item i starts in START_PATTERN[i % 4] and its offline dialogue has
+1 + (i // 4) % 3 turns (at most max_turns), so every start state comes with every dialogue length."""
 
 MAX_TURNS = 3
 """Longest dialogue of the task (exact enumeration grows as 12^H)."""
@@ -172,9 +173,9 @@ def count_words(text: str) -> int:
 
 
 def make_items(split: str, max_turns: int = MAX_TURNS) -> list[DialogueItem]:
-    """The split's items: start state, a behaviour-policy dialogue of ``max_turns`` turns, and
-    chosen / rejected responses at its last turn (two different behaviour moves, the one of higher
-    utility chosen). Deterministic for a split."""
+    """The split's items: start state, a behaviour-policy dialogue of K turns (see
+    :data:`SPLIT_SIZES`), and chosen / rejected responses at its last turn (two different behaviour
+    moves, the one of higher utility chosen). Deterministic for a split."""
     if split not in SPLIT_SIZES:
         raise ValueError(f"unknown split {split!r}; the synthetic task has {sorted(SPLIT_SIZES)}")
     seed = int.from_bytes(hashlib.sha256(f"synthetic-{split}".encode()).digest()[:4], "little")
@@ -182,10 +183,11 @@ def make_items(split: str, max_turns: int = MAX_TURNS) -> list[DialogueItem]:
     items = []
     for i in range(SPLIT_SIZES[split]):
         states, responses = [START_PATTERN[i % len(START_PATTERN)]], []
-        for h in range(max_turns):
+        turns = min(1 + (i // len(START_PATTERN)) % MAX_TURNS, max_turns)
+        for h in range(turns):
             move = _draw(BEHAVIOUR_POLICY[states[-1]], rng)
             responses.append(move)
-            if h + 1 < max_turns:
+            if h + 1 < turns:
                 states.append(sample_next_state(TRANSITIONS[states[-1]][move], rng))
         last = states[-1]
         first = _draw(BEHAVIOUR_POLICY[last], rng)
@@ -245,7 +247,7 @@ def make_synthetic_config(**kwargs: object) -> SyntheticEnvConfig:
 
 def build_synthetic_core(config: SyntheticEnvConfig) -> DialogueCore:
     return DialogueCore(
-        items=make_items(config.split, MAX_TURNS),
+        items=make_items(config.split, config.max_turns),
         user=SyntheticUser(),
         reward=TrajectoryReward(SyntheticReward(), kl_coef=config.kl_coef),
         max_turns=config.max_turns,
@@ -267,7 +269,7 @@ CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-SATURATION = 40.0
+SATURATION = 200.0
 """Weight of the marker features on the output layer (see :func:`build_synthetic_policy`)."""
 
 
@@ -312,7 +314,7 @@ def build_synthetic_policy(path: str | Path, seed: int = 0, *, hidden_size: int 
     allowed = [vocab[t] for t in ("<|im_end|>", *MOVES)]
     forbidden = [i for i in range(len(vocab)) if i not in allowed]
     reply = vocab["assistant"]
-    marker = float(np.sqrt(hidden_size - 2))  # as much energy as the random features
+    marker = 2.0 * float(np.sqrt(hidden_size - 2))  # four times the energy of the random features
     with torch.no_grad():
         emb = model.model.embed_tokens.weight
         emb.normal_(0.0, 1.0)
