@@ -126,3 +126,25 @@ def fit_refuel_minimiser(model: Any, tokenizer: Any, rows: Sequence[dict], *, et
         losses.append(loss.item())
     model.eval()
     return losses
+
+
+def grouped_unbiasedness(rows: Sequence[dict], gaps: np.ndarray, *, min_group: int = 30) -> dict[str, float]:
+    """A chi-square test that E[r - r'] = ``gaps`` within every group of tuples with the same
+    (H, s_h, y, y') and h < H (at h = H the reward is deterministic): the sum over groups of
+    z_g^2, z_g = mean residual / its standard error, against the 95 % quantile of chi-square with
+    one degree of freedom per group (Wilson-Hilferty). Groups with fewer than ``min_group`` tuples
+    (or no spread) are left out."""
+    diff = np.array([r["reward"] - r["reward_prime"] for r in rows]) - np.asarray(gaps)
+    groups: dict[tuple, list[float]] = {}
+    for r, res in zip(rows, diff):
+        if r["h"] < r["H"]:
+            key = (int(r["H"]), sx.key_of(r["state"]), r["response"], r["response_prime"])
+            groups.setdefault(key, []).append(float(res))
+    z = [np.mean(v) / (np.std(v, ddof=1) / np.sqrt(len(v))) for v in groups.values()
+         if len(v) >= min_group and np.std(v) > 0]
+    if not z:
+        raise ValueError(f"no group of (H, s_h, y, y') has {min_group} or more tuples with h < H; collect more tuples")
+    k = len(z)
+    critical = k * (1 - 2 / (9 * k) + 1.6449 * np.sqrt(2 / (9 * k))) ** 3
+    statistic = float(np.sum(np.square(z)))
+    return {"groups": k, "statistic": statistic, "critical_95": float(critical), "rejected": bool(statistic > critical)}

@@ -15,7 +15,13 @@ from gymnasium.utils.env_checker import check_env
 
 import refuel_env  # noqa: F401
 from refuel_agents.collection import collect_refuel_tuples
-from refuel_agents.exact import exact_metrics, fit_refuel_minimiser, policy_table, tuple_q_gaps
+from refuel_agents.exact import (
+    exact_metrics,
+    fit_refuel_minimiser,
+    grouped_unbiasedness,
+    policy_table,
+    tuple_q_gaps,
+)
 from refuel_agents.logprobs import collate, encode_response, sequence_logprobs
 from refuel_env import synthetic_exact as sx
 from refuel_env.generation import SamplingParams, TransformersGenerator
@@ -307,14 +313,12 @@ def test_claim1_reward_gap_is_unbiased_for_the_q_gap(generator):
     sigma2 = ((diff[~last] - design @ coef) ** 2).sum() / (len(res) - 2)
     se = math.sqrt(sigma2 * np.linalg.inv(design.T @ design)[1, 1])
     assert abs(coef[1] - 1.0) < 1.96 * se
-    # The same test rejects the myopic Q of horizon h (the test can fail).
-    myopic = {h: sx.q_values(table, h)[0] for h in (1, 2)}
+    assert not grouped_unbiasedness(rows, gap)["rejected"]  # per (H, s_h, y, y') group
+    # The same grouped test rejects the myopic Q of horizon h in place of H (the test can fail).
+    myopic = {h: sx.q_values(table, h)[0] for h in (1, 2, 3)}
     wrong = np.array([myopic[r["h"]][sx.key_of(r["state"])][sx.response_index(r["response"])]
-                      - myopic[r["h"]][sx.key_of(r["state"])][sx.response_index(r["response_prime"])]
-                      for r, is_last in zip(rows, last) if not is_last])
-    wrong_res = diff[~last] - wrong
-    assert abs(wrong_res.mean() / (wrong_res.std(ddof=1) / math.sqrt(len(wrong_res)))) > 1.96 or \
-        abs(np.polyfit(wrong, diff[~last], 1)[0] - 1.0) > 1.96 * se
+                      - myopic[r["h"]][sx.key_of(r["state"])][sx.response_index(r["response_prime"])] for r in rows])
+    assert grouped_unbiasedness(rows, wrong)["rejected"]
 
 
 @pytest.mark.slow
