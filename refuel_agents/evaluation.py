@@ -876,6 +876,9 @@ def markdown_report(results: Mapping[str, Any]) -> str:
     notes += [f"- {name}: {p['win_rate']['failures']} comparison(s) without an outcome "
               f"({p['win_rate']['parse_failures']} unparsed judge answers)"
               for name, p in results["policies"].items() if p["win_rate"]["failures"]]
+    notes += [f"- {name}: avg and weighted avg cover turns {p['win_rate']['turns_in_average']} only (no judgement "
+              "at the others)" for name, p in results["policies"].items()
+              if len(p["win_rate"]["turns_in_average"]) < H]
     if notes:
         out += ["", *notes]
     return "\n".join(out) + "\n"

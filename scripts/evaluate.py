@@ -127,6 +127,12 @@ def main(argv: list[str] | None = None) -> int:
         )
     except (SpecError, GenerationError, TypeError, ValueError) as err:
         raise SystemExit(f"error: {err}") from None
+    except OSError as err:  # a dataset or model that is not on this machine (no network)
+        raise SystemExit(
+            f"error: {type(err).__name__}: {err}\nThe environment, a policy or the judge could not load its data or "
+            "model. The paper presets need their hub datasets and models in the local Hugging Face cache; or pass "
+            'local copies, e.g. --env-kwargs \'{"data_source": "path/to/data.jsonl"}\'.'
+        ) from None
     paths = write_reports(results, out_dir)
     print(markdown_table(results))
     print("\n".join(f"{kind}: {path}" for kind, path in paths.items()))
