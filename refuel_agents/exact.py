@@ -12,6 +12,7 @@ tuples (claim: the minimiser is the soft policy improvement of eq. 3-5), and
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -133,7 +134,8 @@ def grouped_unbiasedness(rows: Sequence[dict], gaps: np.ndarray, *, min_group: i
     (H, s_h, y, y') and h < H (at h = H the reward is deterministic): the sum over groups of
     z_g^2, z_g = mean residual / its standard error, against the 95 % quantile of chi-square with
     one degree of freedom per group (Wilson-Hilferty). Groups with fewer than ``min_group`` tuples
-    (or no spread) are left out."""
+    (or no spread) are left out. Returns the statistic, the critical value, an approximate p-value
+    and whether the test rejects at 5 %."""
     diff = np.array([r["reward"] - r["reward_prime"] for r in rows]) - np.asarray(gaps)
     groups: dict[tuple, list[float]] = {}
     for r, res in zip(rows, diff):
@@ -147,4 +149,8 @@ def grouped_unbiasedness(rows: Sequence[dict], gaps: np.ndarray, *, min_group: i
     k = len(z)
     critical = k * (1 - 2 / (9 * k) + 1.6449 * np.sqrt(2 / (9 * k))) ** 3
     statistic = float(np.sum(np.square(z)))
-    return {"groups": k, "statistic": statistic, "critical_95": float(critical), "rejected": bool(statistic > critical)}
+    # Wilson-Hilferty: (X / k)^(1/3) is about normal with mean 1 - 2/(9k) and variance 2/(9k).
+    normal = ((statistic / k) ** (1 / 3) - (1 - 2 / (9 * k))) / np.sqrt(2 / (9 * k))
+    p_value = 0.5 * math.erfc(normal / math.sqrt(2))
+    return {"groups": k, "statistic": statistic, "critical_95": float(critical), "p_value": float(p_value),
+            "rejected": bool(statistic > critical)}
