@@ -111,11 +111,9 @@ class DpoTrainer(RebelTrainer):
         rows, stats = super().collect(iteration)
         kept = [r for r in rows if r["reward"] != r["reward_prime"]]
         stats.dropped_ties = len(rows) - len(kept)
-        if rows and not kept:
-            raise RuntimeError(
-                f"iteration {iteration}: all {len(rows)} pairs have equal rewards, so DPO has no preferred response "
-                "to learn from; use more prompts, a higher sampling temperature or a reward that separates them"
-            )
+        if rows and not kept:  # e.g. a policy that became deterministic: nothing to prefer, no update
+            print(f"iteration {iteration}: all {len(rows)} pairs have equal rewards, so DPO has no preferred "
+                  "response to learn from; this iteration makes no update", flush=True)
         return kept, stats
 
     def train_step(self, batch_rows: list[dict]) -> dict[str, float]:

@@ -368,9 +368,9 @@ class RefuelTrainer:
         steps_per_iter = self._steps_per_iteration()
         for t in range(state["iteration"], cfg.iterations):
             rows = self._iteration_data(t, logger, state)
-            order = self._minibatch_order(t, len(rows))
+            order = self._minibatch_order(t, len(rows)) if rows else []
             self.engine.model.train()  # collection and evaluation left it in eval mode
-            for step_in_iter in range(state["step_in_iteration"], steps_per_iter):
+            for step_in_iter in range(state["step_in_iteration"], steps_per_iter if rows else 0):
                 start_time = time.perf_counter()
                 idx = order[step_in_iter * cfg.batch_size : (step_in_iter + 1) * cfg.batch_size]
                 metrics: list[dict[str, float]] = []
@@ -417,22 +417,23 @@ class RefuelTrainer:
             return datasets.load_from_disk(str(data_dir)).to_list()
         rows, stats = self.collect(t)
         rows, too_long = self.prepare(rows)
-        if not rows:
+        if not rows and not getattr(stats, "dropped_ties", 0):  # (DPO: an iteration of ties just makes no update)
             raise RuntimeError(
                 f"iteration {t}: no usable tuple ({stats.dropped_truncated} truncated, {too_long} longer than "
                 f"max_seq_len={self.config.max_seq_len}); raise the limits or shorten the responses"
             )
         if self.engine.is_main:
-            with ckpt.atomic_dir(data_dir) as tmp:
-                datasets.Dataset.from_list([_storable(r) for r in rows]).save_to_disk(str(tmp))
+            if rows:  # (an empty Dataset does not load back; an iteration without pairs is simply collected again)
+                with ckpt.atomic_dir(data_dir) as tmp:
+                    datasets.Dataset.from_list([_storable(r) for r in rows]).save_to_disk(str(tmp))
             ckpt.write_json_atomic(data_dir.parent / "collection.json", {**stats.as_dict(), "too_long": too_long})
         by_h = {h: float(np.mean([r["reward"] - r["reward_prime"] for r in rows if r["h"] == h] or [math.nan]))
                 for h in range(1, self.max_turns + 1)}
         logger.log(state["global_step"], {"collect/tuples": len(rows), "collect/dropped": stats.dropped_truncated + too_long,
-                                          "collect/reward_mean": float(np.mean([r["reward"] for r in rows])),
+                                          "collect/reward_mean": float(np.mean([r["reward"] for r in rows] or [math.nan])),
                                           "collect/user_parse_failures": stats.user_parse_failures,
                                           **{f"collect/reward_gap_h{h}": v for h, v in by_h.items()}})
-        return datasets.load_from_disk(str(data_dir)).to_list() if self.engine.is_main else rows
+        return datasets.load_from_disk(str(data_dir)).to_list() if self.engine.is_main and rows else rows
 
     def _resume_or_start(self) -> dict:
         cfg = self.config

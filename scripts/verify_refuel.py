@@ -211,14 +211,12 @@ def train_run(method: str, seed: int, policy_dir: Path, args: argparse.Namespace
 
     # The trainer's evaluation (played dialogues) is replaced by the exact values of the current policy.
     trainer.evaluate = exact_evaluation
-    stopped = ""
     log = run_root / f"{overrides['run_name']}.log"
     with open(log, "w") as fh, contextlib.redirect_stdout(fh):
-        try:
-            trainer.train()
-        except RuntimeError as err:  # DPO refuses an iteration whose pairs all tie: recorded, the policy reached is scored
-            stopped = f"stopped after {len(history) - 1} of {args.iterations} iterations: {err}"
-    return {"method": method, "seed": seed, "history": history, "final": history[-1], "stopped": stopped,
+        trainer.train()
+    # DPO makes no update in an iteration whose pairs all tie (a deterministic policy): counted from its log.
+    idle = log.read_text().count("this iteration makes no update")
+    return {"method": method, "seed": seed, "history": history, "final": history[-1], "idle_iterations": idle,
             "max_leak": max(h["leak"] for h in history)}
 
 
@@ -238,7 +236,7 @@ def summarise(runs: list[dict], methods: list[str], seeds: int) -> dict[str, Any
             "win_rate_avg": ci95([f["win_rate_avg"] for f in finals]),
             "curve": [ci95([r["history"][t]["reward_avg"] for r in runs if r["method"] == m and len(r["history"]) > t])
                       for t in range(max(len(r["history"]) for r in runs if r["method"] == m))],
-            "stopped": [r["stopped"] for r in runs if r["method"] == m and r["stopped"]],
+            "idle_iterations": sum(r["idle_iterations"] for r in runs if r["method"] == m),
             "max_leak": max(r["max_leak"] for r in runs if r["method"] == m),
             "seeds": len(finals),
         }
@@ -294,8 +292,8 @@ def markdown(results: dict[str, Any]) -> str:
     for m, s in summary.items():
         lines.append(f"| {label(m)} | " + " | ".join(cell(x, 100) for x in s["win_rate_by_h"]) + " |")
     lines += ["", "Ordering: " + results["ordering"], ""]
-    notes = [f"- {label(m)}: {len(s['stopped'])} run(s) stopped early ({s['stopped'][0].split(':', 1)[0]}: "
-             f"{s['stopped'][0].split(': ', 1)[-1][:120]})" for m, s in summary.items() if s["stopped"]]
+    notes = [f"- {label(m)}: {s['idle_iterations']} of {s['seeds'] * results['config']['iterations']} iterations "
+             "(all seeds) had only tied pairs and made no update" for m, s in summary.items() if s["idle_iterations"]]
     notes += [f"- {label(m)}: the policy put up to {s['max_leak']:.1e} of its mass outside the synthetic responses at some "
               "state and iteration; its values are for the renormalised distribution" for m, s in summary.items()
               if s["max_leak"] > 1e-4]

@@ -120,8 +120,21 @@ def test_dpo_drops_ties_and_counts_them(word_lm_dir, tmp_path):
     assert 0 < len(unequal) < len(rebel_rows)  # this seed gives both ties and preferences
     assert dpo_rows == unequal and stats.dropped_ties == len(rebel_rows) - len(unequal)
     assert stats.as_dict()["dropped_ties"] == stats.dropped_ties
-    with pytest.raises(RuntimeError, match="equal rewards"):
-        make_trainer("dpo", "lt-online", reward_model=YesReward(constant=True), run_name="c", **kw).collect(0)
+
+
+
+def test_dpo_iteration_of_ties_makes_no_update_and_the_run_goes_on(word_lm_dir, tmp_path, capsys):
+    kw = small(word_lm_dir, tmp_path, iterations=2, lr=1e-2)
+    trainer = make_trainer("dpo", "lt-online", reward_model=YesReward(constant=True), run_name="ties", **kw)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    final = trainer.train()
+    assert "all 4 pairs have equal rewards" in capsys.readouterr().out
+    assert all(torch.equal(before[n], p) for n, p in trainer.model.named_parameters())
+    run = tmp_path / "ties"
+    for t in range(2):
+        stats = json.loads((run / f"iteration_{t:03d}" / "collection.json").read_text())
+        assert stats["dropped_ties"] == 4 and not (run / f"iteration_{t:03d}" / "tuples").exists()
+    assert (final / "config.json").exists() and trainer._state["iteration"] == 2 and trainer._state["global_step"] == 0
 
 
 def test_rebel_on_lt_offline_trains_on_the_dataset_pairs(word_lm_dir, tmp_path):
