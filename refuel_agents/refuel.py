@@ -446,20 +446,26 @@ class RefuelTrainer:
             if latest is None:
                 raise FileNotFoundError(f"--resume: {self.run_dir} has no complete checkpoint to continue from")
             _load_weights(self.model, latest / "model")
-            ckpt.remove_partial_writes(self.run_dir)
         self.engine = TrainEngine(self.model, optim, total_steps, deepspeed_config=cfg.deepspeed,
                                   gradient_checkpointing=cfg.gradient_checkpointing, last_k_layers=cfg.last_k_layers,
                                   micro_batch_size=2 * cfg.micro_batch_size, device=None if cfg.deepspeed else self.device)
         if cfg.resume:
+            if self.engine.is_main:
+                ckpt.remove_partial_writes(self.run_dir)
+            self.engine.barrier()
             self.engine.load(latest / "engine")
             state = ckpt.load_state(latest)
             ckpt.set_rng_states(state.pop("rng"))
             print(f"resuming {self.run_dir} at iteration {state['iteration']}, step {state['global_step']}", flush=True)
             return state
-        if self.run_dir.exists() and any(self.run_dir.iterdir()):
+        taken = self.run_dir.exists() and any(self.run_dir.iterdir())
+        self.engine.barrier()  # every rank has looked before the main rank writes
+        if taken:
             raise FileExistsError(f"{self.run_dir} exists and is not empty; pass --resume to continue it or pick another --run-name")
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        ckpt.write_json_atomic(self.run_dir / "config.json", {"agent": self.agent, "mode": self.mode, **asdict(cfg)})
+        if self.engine.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            ckpt.write_json_atomic(self.run_dir / "config.json", {"agent": self.agent, "mode": self.mode, **asdict(cfg)})
+        self.engine.barrier()
         return {"iteration": 0, "step_in_iteration": 0, "global_step": 0}
 
     def _checkpoint(self, state: dict) -> None:

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("deepspeed")
 
@@ -116,3 +117,34 @@ def test_zero2_last_layer_only(reports):
     assert r0["optimizer_partition_numel"] + r1["optimizer_partition_numel"] == r0["trainable_numel"]
     assert r0["optimizer_partition_numel"] < r0["trainable_numel"]
     assert r0["stats"] == r1["stats"] and len(r0["stats"]) == 1
+
+
+def test_train_agent_on_two_ranks(word_lm_dir, tmp_path):
+    """``scripts/train_agent.py`` itself under torchrun with ZeRO-2: both ranks collect, train and
+    checkpoint together; only the main rank writes the logs and the final model."""
+    from safetensors.torch import load_file
+
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    env_kwargs = {"user": "instant", "max_turns": 2, "tokenizer": None}
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={WORLD}", "--master_addr=127.0.0.1",
+        f"--master_port={_free_port()}", str(ROOT / "scripts" / "train_agent.py"), "--agent", "refuel",
+        "--policy-model", str(word_lm_dir), "--env-kwargs", json.dumps(env_kwargs), "--iterations", "1",
+        "--prompts-per-iteration", "4", "--batch-size", "2", "--micro-batch-size", "1", "--max-new-tokens", "5",
+        "--eval-prompts", "1", "--lr", "1e-3", "--deepspeed", str(ROOT / "refuel_agents" / "configs" / "deepspeed_zero2.json"),
+        "--output-dir", str(tmp_path), "--run-name", "two-ranks", "--no-progress",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    run = tmp_path / "two-ranks"
+    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    loss_steps = [r["step"] for r in logged if "losses/loss" in r]
+    assert loss_steps == [1, 2]  # one writer: no step logged twice
+    assert json.loads((run / "config.json").read_text())["deepspeed"].endswith("deepspeed_zero2.json")
+    assert (run / "checkpoints" / "latest").exists() and (run / "summary.md").exists()
+    initial = load_file(str(next(Path(word_lm_dir).glob("*.safetensors"))))
+    final = load_file(str(next((run / "final_model").glob("*.safetensors"))))
+    assert set(final) == set(initial)
+    assert any(not torch.equal(final[k], initial[k]) for k in initial)
+    assert not [p for p in run.rglob("*") if ".tmp" in p.name]  # no half-written folder left behind
