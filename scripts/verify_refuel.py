@@ -1,6 +1,6 @@
 """Check REFUEL's claims on SyntheticDialogue-v0, where Q^pi is known exactly.
 
-    python scripts/verify_refuel.py                      # 5 seeds, every method, about 20 minutes on 2 CPU cores
+    python scripts/verify_refuel.py                      # 5 seeds, every method, about 10 minutes on 2 CPU cores
     python scripts/verify_refuel.py --quick              # a smoke run of a few minutes
     python scripts/verify_refuel.py --seeds 3 --iterations 6 --methods refuel rebel:lt-online
 
