@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
         config = dataclass_from_args(config_cls, args)
         trainer = trainer_cls(config)
         trainer.setup()
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
+    except (ValueError, FileNotFoundError, FileExistsError, ImportError) as err:
         raise SystemExit(f"error: {err}") from err
     trainer.train()
     import torch.distributed as dist
