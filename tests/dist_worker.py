@@ -18,6 +18,7 @@ import argparse
 import hashlib
 import json
 import os
+import sys
 from pathlib import Path
 
 import deepspeed
@@ -168,10 +169,14 @@ def main() -> None:
     for stage in args.stages:
         report[f"zero{stage}"] = run_zero3(rank, args.out) if stage == 3 else run_zero2(rank)
     (args.out / f"rank{rank}.json").write_text(json.dumps(report, indent=1))
-    # Tear the process group down before the interpreter exits: gloo's worker threads, left to
-    # static destructors, can abort the process ("terminate called without an active exception").
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+    torch.distributed.barrier()  # every rank's report is on disk
+    # End here, without the interpreter's teardown. On some runs a native thread of the
+    # communication stack (gloo / DeepSpeed's CPU shared-memory op) aborted the process while
+    # static objects were destroyed ("terminate called without an active exception"), after all
+    # the work and both reports were complete; destroying the process group first did not help.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
