@@ -64,6 +64,10 @@ class EnvConfig:
     user_base_url: str | None = None
     """Base URL of the 'openai' user backend, API prefix included (e.g. http://localhost:8000/v1);
     default: $OPENAI_BASE_URL, else https://api.openai.com/v1."""
+    user_openai_kwargs: dict[str, Any] | None = None
+    """'openai' user backend: further :class:`refuel_env.backends.OpenAIChatGenerator` options, e.g.
+    ``{"tokenizer": "/path/to/the/served/model", "max_context": 131072, "max_concurrency": 64}``
+    (a local tokenizer makes its token counts exact instead of estimated)."""
     user_prompt_style: Literal["paper", "role-swap"] | None = None
     """'paper' (appendix C.2 prompt) or 'role-swap'; default: role-swap for the embedded model."""
     user_device: str | None = None
@@ -169,7 +173,7 @@ def user_generator(config: EnvConfig) -> TextGenerator:
     if config.user_backend == "openai":
         if config.user_model == EMBEDDED:
             raise ValueError("user_backend='openai' needs user_model set to the served model's name")
-        return OpenAIChatGenerator(config.user_model, base_url=config.user_base_url)
+        return OpenAIChatGenerator(config.user_model, base_url=config.user_base_url, **(config.user_openai_kwargs or {}))
     if config.user_backend == "vllm":
         options = tuple(sorted((config.user_vllm_kwargs or {}).items()))
         return _vllm_engine(_model_path(config.user_model), config.user_tensor_parallel_size, options)

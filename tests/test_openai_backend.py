@@ -34,7 +34,13 @@ from refuel_env.backends.openai_http import (
     resolve_base_url,
     to_completion,
 )
-from refuel_env.generation import ContextLengthError, GenerationError, SamplingParams, TransformersGenerator
+from refuel_env.generation import (
+    ContextLengthError,
+    GenerationError,
+    SamplingParams,
+    TransformersGenerator,
+    encode_chat,
+)
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -383,6 +389,13 @@ def test_env_config_selects_the_openai_backend(fake):
     assert gen.chat([QUESTION], SamplingParams())[0].text == "echo: What is the capital of France?"
     with pytest.raises(ValueError, match="user_backend='openai' needs user_model"):
         user_generator(make_config(user_backend="openai", user_base_url=fake.url))
+    assert gen.tokenizer is None and gen.max_context == 8192  # estimated counts by default
+    from refuel_env.embedded import smollm2_path
+
+    exact = user_generator(make_config(user_backend="openai", user_model="served-model", user_base_url=fake.url,
+                                       user_openai_kwargs={"tokenizer": str(smollm2_path()), "max_context": 2048}))
+    assert exact.max_context == 2048 and exact.tokenizer is not None
+    assert exact.count_tokens(QUESTION) == len(encode_chat(exact.tokenizer, QUESTION)) != gen.count_tokens(QUESTION)
     with pytest.raises(ValueError, match="unknown user_backend 'grpc'"):
         user_generator(make_config(user_backend="grpc"))
 
