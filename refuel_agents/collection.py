@@ -64,6 +64,7 @@ class _Slot:
     snapshot: Any
     seed: int | None = None  # reseed the user's stream at the next restore (a branch's first step)
     response: str | None = None  # y_h of a branch
+    given: str | None = None  # a response to play at the next step instead of a policy sample (lt-offline)
 
 
 class StepBatcher:
@@ -151,7 +152,7 @@ def _run(
     slots: list[_Slot],
     rows: list[dict[str, Any]],
     batcher: StepBatcher,
-    policy: TextGenerator,
+    policy: TextGenerator | None,
     sampling: SamplingParams,
     rng: np.random.Generator,
     stats: CollectionStats,
@@ -162,9 +163,7 @@ def _run(
     while slots:
         states = [s.snapshot.messages for s in slots]
         seeds = rng.integers(0, 2**31 - 1, len(slots)).tolist()
-        replies = [c.text for c in policy.chat(states, sampling, seeds=seeds)]
-        stats.policy_calls += 1
-        stats.policy_responses += len(replies)
+        replies = _replies(slots, states, seeds, policy, sampling, stats)
         logprobs = kl_logprobs(states, replies) if kl_logprobs is not None else None
         obs, reward, terminated, truncated, info = batcher.step(
             [s.snapshot for s in slots], [s.seed for s in slots], replies, logprobs
@@ -173,7 +172,7 @@ def _run(
             bar.update(len(slots))
         next_slots: list[_Slot] = []
         for k, slot in enumerate(slots):
-            slot.seed = None
+            slot.seed = slot.given = None
             if slot.branch >= 0 and slot.response is None:
                 slot.response = replies[k]
             row = rows[slot.tuple_index]
@@ -189,6 +188,22 @@ def _run(
                 else:
                     next_slots.append(slot)
         slots = next_slots
+
+
+def _replies(slots: list[_Slot], states: list[list], seeds: list[int], policy: TextGenerator | None,
+             sampling: SamplingParams, stats: CollectionStats) -> list[str]:
+    """Each slot's response this turn: its given one, else a policy sample (one batched call)."""
+    replies = [s.given for s in slots]
+    asking = [k for k, reply in enumerate(replies) if reply is None]
+    if asking:
+        if policy is None:
+            raise ValueError("these dialogues need policy responses, but no policy was given")
+        sampled = policy.chat([states[k] for k in asking], sampling, seeds=[seeds[k] for k in asking])
+        stats.policy_calls += 1
+        stats.policy_responses += len(asking)
+        for k, completion in zip(asking, sampled):
+            replies[k] = completion.text
+    return replies
 
 
 def _branch_slots(i: int, snap: Any, rng: np.random.Generator, rows: list[dict]) -> list[_Slot]:

@@ -56,10 +56,7 @@ from refuel_agents.collection import (
     LogprobFn,
     StepBatcher,
     _branch_slots,
-    _drop,
-    _finish_branch,
     _run,
-    _Slot,
     collect_refuel_tuples,
 )
 from refuel_env.generation import SamplingParams, TextGenerator
@@ -222,36 +219,16 @@ def _collect_offline_roll_in(mode, env_id, env_kwargs, policy, sampling, num_pro
     })
     rows = [{"item_id": str(info["item_id"][k]), "h": turns_h[k], "H": horizons[k], "seed": seed} for k in range(n)]
     slots = [s for k in range(n) for s in _branch_slots(k, info["snapshot"][k], rng, rows)]
-    if mode == "lt-offline":
+    if mode == "lt-offline":  # s_H is the last state: one step with the dataset's replies ends every branch
         for slot in slots:
             item = items[indices[slot.tuple_index]]
-            slot.response = item.chosen if slot.branch == 0 else item.rejected
-        _step_fixed(slots, rows, batcher, stats, kl_logprobs)
-    else:
-        total = sum(2 * (H - h + 1) for H, h in zip(horizons, turns_h))
-        bar = tqdm(total=total, desc=f"collect {mode}", unit="resp", disable=not progress, leave=False)
-        _run(slots, rows, batcher, policy, sampling, rng, stats, kl_logprobs, bar)
-        bar.close()
+            slot.given = item.chosen if slot.branch == 0 else item.rejected
+    total = sum(2 * (H - h + 1) for H, h in zip(horizons, turns_h))
+    bar = tqdm(total=total, desc=f"collect {mode}", unit="resp", disable=not progress, leave=False)
+    _run(slots, rows, batcher, policy, sampling, rng, stats, kl_logprobs, bar)
+    bar.close()
     batcher.close()
     complete = [{**r, "mode": mode} for r in rows if "reward" in r and "reward_prime" in r and not r.get("dropped")]
     stats.tuples = len(complete)
     return complete, stats
 
-
-def _step_fixed(slots: list[_Slot], rows: list[dict], batcher: StepBatcher, stats: ModeStats,
-                kl_logprobs: LogprobFn | None) -> None:
-    """Step every branch once with its given response (lt-offline: s_H is the last state)."""
-    states = [s.snapshot.messages for s in slots]
-    replies = [s.response for s in slots]
-    logprobs = kl_logprobs(states, replies) if kl_logprobs is not None else None
-    obs, reward, terminated, truncated, info = batcher.step([s.snapshot for s in slots], [s.seed for s in slots],
-                                                            replies, logprobs)
-    for k, slot in enumerate(slots):
-        row = rows[slot.tuple_index]
-        if truncated[k]:
-            row["truncation_reason"] = str(info["truncation_reason"][k])
-            _drop(row, stats, row["truncation_reason"])
-        elif terminated[k]:
-            _finish_branch(row, slot, obs[k], float(reward[k]), info, k, stats)
-        else:
-            raise RuntimeError(f"item {row['item_id']}: the episode did not end after the response at H = {row['H']}")
