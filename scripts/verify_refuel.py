@@ -70,7 +70,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seeds", type=int, default=5, help="seeds per method for claims 3 and 4 (policy init and data; default 5)")
     p.add_argument("--iterations", type=int, default=8, help="training iterations T per run (default 8)")
     p.add_argument("--quick", action="store_true",
-                   help="smoke run: 2 seeds, 3 iterations, 128 prompts per iteration, smaller claim 1-2 batches")
+                   help="smoke run: 2 seeds, 3 iterations, 128 prompts per iteration, smaller claim 1-2 batches (4000 and 1000 tuples)")
     p.add_argument("--methods", nargs="+", default=list(METHODS), metavar="AGENT[:MODE]",
                    help=f"methods for claim 4 (default all: {' '.join(METHODS)})")
     p.add_argument("--prompts-per-iteration", type=int, default=256, help="pairs collected per iteration (default 256)")
@@ -88,7 +88,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.quick:
         args.seeds, args.iterations, args.prompts_per_iteration = 2, 3, 128
-        args.claim1_prompts, args.claim2_prompts, args.claim2_steps = 1500, 1000, 100
+        args.claim1_prompts, args.claim2_prompts, args.claim2_steps = 4000, 1000, 100  # claim 1 needs groups of 30
     for m in args.methods:
         if m not in METHODS:
             p.error(f"unknown method {m!r}; choose from {' '.join(METHODS)}")
@@ -214,8 +214,10 @@ def train_run(method: str, seed: int, policy_dir: Path, args: argparse.Namespace
     log = run_root / f"{overrides['run_name']}.log"
     with open(log, "w") as fh, contextlib.redirect_stdout(fh):
         trainer.train()
-    # DPO makes no update in an iteration whose pairs all tie (a deterministic policy): counted from its log.
-    idle = log.read_text().count("this iteration makes no update")
+    # DPO makes no update in an iteration whose pairs all tie (a deterministic policy): read from the
+    # iterations' collection stats.
+    stats = [json.loads(f.read_text()) for f in trainer.run_dir.glob("iteration_*/collection.json")]
+    idle = sum(1 for st in stats if 0 < st.get("dropped_ties", 0) == st["tuples"])
     return {"method": method, "seed": seed, "history": history, "final": history[-1], "idle_iterations": idle,
             "max_leak": max(h["leak"] for h in history)}
 
