@@ -46,11 +46,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from refuel_agents.collection import play_dialogues
-from refuel_agents.logprobs import collate, encode_response, sequence_logprobs
+from refuel_agents.logprobs import batched_logprobs, encode_response
 from refuel_env.generation import SamplingParams, TextGenerator, TransformersGenerator
 from refuel_env.types import Message
 
@@ -465,7 +464,6 @@ def _local_model(generator: TextGenerator) -> tuple[Any, Any] | None:
     return None
 
 
-@torch.no_grad()
 def response_logprobs(generator: TextGenerator, pairs: Sequence[tuple[Sequence[Message], str]], *,
                       temperature: float = 1.0, batch_size: int = 8) -> list[float]:
     """log pi(y|s) of each (state, response) pair under a local transformers model, with the
@@ -475,14 +473,10 @@ def response_logprobs(generator: TextGenerator, pairs: Sequence[tuple[Sequence[M
     if local is None:
         raise TypeError(f"log-probs need a local transformers model, got {type(generator).__name__}")
     model, tokenizer = local
-    device = next(model.parameters()).device
-    encoded = [encode_response(tokenizer, state, response) for state, response in pairs]
-    out: list[float] = []
-    for start in range(0, len(encoded), batch_size):
-        batch = collate(encoded[start : start + batch_size], tokenizer.pad_token_id)
-        batch = {k: v.to(device) for k, v in batch.items()}
-        out.extend(sequence_logprobs(model, batch, temperature=temperature).float().cpu().tolist())
-    return out
+    rows = [{"input_ids": e.input_ids, "response_mask": e.response_mask}
+            for e in (encode_response(tokenizer, state, response) for state, response in pairs)]
+    return batched_logprobs(model, rows, tokenizer.pad_token_id, batch_size=batch_size, temperature=temperature,
+                            device=next(model.parameters()).device)
 
 
 def turn_pairs(dialogue: Sequence[Message]) -> list[tuple[list[Message], str]]:

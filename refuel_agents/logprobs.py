@@ -250,3 +250,21 @@ def sequence_logprobs_and_entropy(
     summed = torch.zeros(n, device=per_token.device).index_add(0, rows, per_token)
     entropy = torch.zeros(n, device=per_token.device).index_add(0, rows, token_entropy(logits, temperature))
     return summed, entropy / torch.bincount(rows, minlength=n)
+
+
+@torch.no_grad()
+def batched_logprobs(model: Any, rows: list[dict], pad_id: int, *, suffix: str = "", batch_size: int,
+                     temperature: float, device: torch.device) -> list[float]:
+    """log pi(y|s) of each row's encoded response (keys ``input_ids{suffix}`` and
+    ``response_mask{suffix}``, ``suffix`` '' or '_prime'), in batches, in eval mode, with
+    :func:`sequence_logprobs` (the training function)."""
+    out: list[float] = []
+    was_training = model.training
+    model.eval()
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        batch = collate([EncodedResponse(r[f"input_ids{suffix}"], r[f"response_mask{suffix}"]) for r in chunk], pad_id)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        out.extend(sequence_logprobs(model, batch, temperature=temperature).float().cpu().tolist())
+    model.train(was_training)
+    return out

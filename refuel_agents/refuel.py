@@ -33,9 +33,9 @@ from refuel_agents.engine import OptimConfig, TrainEngine
 from refuel_agents.logprobs import (
     EncodedResponse,
     SequenceTooLongError,
+    batched_logprobs,
     collate,
     encode_response,
-    sequence_logprobs,
     sequence_logprobs_and_entropy,
 )
 from refuel_agents.losses import refuel_loss, regression_sign_agreement
@@ -159,22 +159,6 @@ def encode_tuples(rows: list[dict], tokenizer: Any, max_seq_len: int) -> tuple[l
         kept.append({**row, "input_ids": a.input_ids, "response_mask": a.response_mask,
                      "input_ids_prime": b.input_ids, "response_mask_prime": b.response_mask})
     return kept, too_long
-
-
-@torch.no_grad()
-def batched_logprobs(model: Any, rows: list[dict], pad_id: int, *, suffix: str, batch_size: int,
-                     temperature: float, device: torch.device) -> list[float]:
-    """log pi(y|s) of each row's response (``suffix`` '' or '_prime'), with the training function."""
-    out: list[float] = []
-    was_training = model.training
-    model.eval()
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start : start + batch_size]
-        batch = collate([EncodedResponse(r[f"input_ids{suffix}"], r[f"response_mask{suffix}"]) for r in chunk], pad_id)
-        batch = {k: v.to(device) for k, v in batch.items()}
-        out.extend(sequence_logprobs(model, batch, temperature=temperature).float().cpu().tolist())
-    model.train(was_training)
-    return out
 
 
 def pair_batch(rows: list[dict], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
