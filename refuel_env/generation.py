@@ -70,12 +70,21 @@ class SamplingParams:
 
 @dataclass(frozen=True)
 class Completion:
-    """One generated assistant message."""
+    """One generated assistant message.
+
+    ``token_ids`` are the tokens the model sampled, in order, with the end-of-turn token last when
+    one was sampled (``finish_reason="stop"`` on it) and none when the budget ran out
+    (``"length"``); ``None`` where the backend does not report tokens (an HTTP endpoint).
+    ``text`` is their decoding without special tokens, stripped of surrounding whitespace, so it
+    re-tokenises to these tokens only up to that stripping: training scores ``token_ids``.
+    ``completion_tokens`` leaves the end-of-turn token out.
+    """
 
     text: str
     prompt_tokens: int
     completion_tokens: int
     finish_reason: Literal["stop", "length"]
+    token_ids: tuple[int, ...] | None = None
 
 
 def validate_conversation(messages: Sequence[Message], where: str) -> None:
@@ -482,9 +491,10 @@ class TransformersGenerator(TextGenerator):
         for row, ids in enumerate(prompts):
             new = output[row, width:].tolist()
             finish: Literal["stop", "length"] = "length"
+            sampled = new
             for pos, tok in enumerate(new):
                 if tok in self.eos_token_ids:
-                    new, finish = new[:pos], "stop"
+                    new, sampled, finish = new[:pos], new[: pos + 1], "stop"
                     break
             text = self.tokenizer.decode(new, skip_special_tokens=True)
             text, stopped = apply_stop_strings(text, params.stop)
@@ -494,6 +504,7 @@ class TransformersGenerator(TextGenerator):
                     prompt_tokens=len(ids),
                     completion_tokens=len(new),
                     finish_reason="stop" if stopped else finish,
+                    token_ids=None if stopped else tuple(sampled),
                 )
             )
         return completions

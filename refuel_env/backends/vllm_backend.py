@@ -268,6 +268,7 @@ def to_completion(output: Any, backend: str) -> Completion:
         prompt_tokens=len(output.prompt_token_ids),
         completion_tokens=n_tokens,
         finish_reason=finish,
+        token_ids=None if isinstance(out.stop_reason, str) else tuple(out.token_ids),
     )
 
 
