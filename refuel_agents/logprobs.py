@@ -169,6 +169,47 @@ def encode_response(
     return EncodedResponse(input_ids=input_ids, response_mask=[0] * len(prompt_ids) + [1] * (end + 1))
 
 
+def encode_sampled_response(
+    tokenizer: Any,
+    prompt_messages: Sequence[Message],
+    token_ids: Sequence[int],
+    finish_reason: str,
+    *,
+    max_length: int | None = None,
+) -> EncodedResponse:
+    """The generation prompt's tokens followed by exactly the tokens the policy sampled.
+
+    ``token_ids`` and ``finish_reason`` come from a :class:`~refuel_env.generation.Completion`.
+    A response that ended on its own (``"stop"``) must end with its sampled end-of-turn token,
+    which is scored; a response cut by the token budget (``"length"``) is scored without one,
+    since none was sampled. Nothing is re-tokenised, so the scored tokens are the sampled ones.
+    """
+    if not prompt_messages or prompt_messages[-1]["role"] != "user":
+        raise ResponseEncodingError("prompt_messages must be a non-empty dialogue ending with a user message")
+    ids = [int(i) for i in token_ids]
+    end_ids = end_of_turn_token_ids(tokenizer)
+    if finish_reason == "stop":
+        if not ids or ids[-1] not in end_ids:
+            raise ResponseEncodingError(
+                f"a response with finish_reason 'stop' must end with its sampled end-of-turn token (one of "
+                f"{sorted(end_ids)}), got {ids[-3:]}; a response cut by a stop string has no token ids to score"
+            )
+    elif finish_reason != "length":
+        raise ResponseEncodingError(f"finish_reason must be 'stop' or 'length', got {finish_reason!r}")
+    if not ids:
+        raise ResponseEncodingError("a response of no tokens has nothing to score")
+    if any(i in end_ids for i in ids[:-1]):
+        raise ResponseEncodingError("the sampled tokens hold an end-of-turn token before their last position")
+    prompt_ids = _tokenize(tokenizer, _render(tokenizer, prompt_messages, add_generation_prompt=True))
+    input_ids = prompt_ids + ids
+    if max_length is not None and len(input_ids) > max_length:
+        raise SequenceTooLongError(
+            f"prompt + response is {len(input_ids)} tokens ({len(prompt_ids)} prompt, {len(ids)} response), "
+            f"over the limit of {max_length}; drop this sample or raise max_length"
+        )
+    return EncodedResponse(input_ids=input_ids, response_mask=[0] * len(prompt_ids) + [1] * len(ids))
+
+
 def collate(encoded: Sequence[EncodedResponse], pad_token_id: int) -> dict[str, torch.Tensor]:
     """Right-pad a batch: ``input_ids``, ``attention_mask`` and ``response_mask``, each (B, T) long."""
     if not encoded:
