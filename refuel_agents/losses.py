@@ -51,15 +51,42 @@ def refuel_loss(
 
     mean( ((1/eta) * log_ratio_gap - (reward_y - reward_y2))^2 ).
 
-    The original release computes mean( (log_ratio_gap - eta * (reward_y - reward_y2))^2 ) instead,
-    which is exactly ``eta**2`` times this loss: the same minimiser and gradients scaled by
-    ``eta**2``, which Adam's per-parameter normalisation all but cancels (up to its epsilon).
+    :func:`refuel_loss_original` is the original release's form, exactly ``eta**2`` times this
+    one: the same minimiser, gradients ``eta**2`` times larger. Adam divides each gradient element
+    by the root of its second moment plus ``eps``, so the scale cancels only for elements well
+    above ``eps``. At large eta this form's gradients are ``eta**2`` times smaller and many
+    elements fall near or below ``eps`` (1e-8): the steps are smaller than the original form's,
+    and learning rates copied from the release are too small here. ``tests/test_losses.py``
+    measures one AdamW step on a tiny model at eta = 1e3 (see its figures); pick
+    ``loss_scale="original"`` in the trainers to train with the release's form.
     """
     _check_positive("eta", eta)
     _check_pairs(logp_y=logp_y, reward_y=reward_y, reward_y2=reward_y2)
     gap = log_ratio_gap(logp_y, logp_t_y, logp_y2, logp_t_y2)
     return ((gap / eta - (reward_y - reward_y2)) ** 2).mean()
 
+
+def refuel_loss_original(
+    logp_y: torch.Tensor,
+    logp_t_y: torch.Tensor,
+    logp_y2: torch.Tensor,
+    logp_t_y2: torch.Tensor,
+    reward_y: torch.Tensor,
+    reward_y2: torch.Tensor,
+    eta: float,
+) -> torch.Tensor:
+    """The original release's parameterisation of eq. 1, averaged over the pairs.
+
+    mean( (log_ratio_gap - eta * (reward_y - reward_y2))^2 ) = eta^2 * :func:`refuel_loss`.
+    """
+    _check_positive("eta", eta)
+    _check_pairs(logp_y=logp_y, reward_y=reward_y, reward_y2=reward_y2)
+    gap = log_ratio_gap(logp_y, logp_t_y, logp_y2, logp_t_y2)
+    return ((gap - eta * (reward_y - reward_y2)) ** 2).mean()
+
+
+#: The trainers' ``loss_scale`` choices: eq. 1 as the paper writes it, or the original release's form.
+LOSS_SCALES = {"paper": refuel_loss, "original": refuel_loss_original}
 
 rebel_loss = refuel_loss
 """REBEL's loss: the REFUEL regression applied to last-turn pairs (same arguments, same formula)."""
