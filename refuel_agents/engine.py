@@ -65,6 +65,9 @@ from typing import Any
 import torch
 from torch import nn
 
+#: The decays after the warm-up that :func:`lr_lambda` offers.
+LR_SCHEDULES = ("cosine", "linear")
+
 _STATE_FILE = "engine.pt"
 _META_FILE = "engine.json"
 _DS_TAG = "engine"
@@ -84,6 +87,8 @@ class OptimConfig:
     """AdamW decoupled weight decay, applied to every trainable parameter."""
     warmup_ratio: float = 0.1
     """Fraction of the optimizer steps spent warming the learning rate up linearly (rounded)."""
+    schedule: str = "cosine"
+    """The decay after the warm-up, to 0 at the last step: 'cosine' or 'linear'."""
     max_grad_norm: float = 1.0
     """Clip the global gradient 2-norm to this value before each optimizer step; 0 disables clipping."""
     grad_accum_steps: int = 1
@@ -101,6 +106,8 @@ class OptimConfig:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
+        if self.schedule not in LR_SCHEDULES:
+            raise ValueError(f"schedule must be one of {list(LR_SCHEDULES)}, got {self.schedule!r}")
         if not self.max_grad_norm >= 0:
             raise ValueError(f"max_grad_norm must be >= 0 (0 disables clipping), got {self.max_grad_norm!r}")
         if not (isinstance(self.grad_accum_steps, int) and self.grad_accum_steps >= 1):
@@ -111,12 +118,12 @@ class OptimConfig:
         return round(self.warmup_ratio * total_steps)
 
 
-def lr_lambda(step: int, total_steps: int, warmup_steps: int) -> float:
+def lr_lambda(step: int, total_steps: int, warmup_steps: int, schedule: str = "cosine") -> float:
     """The learning-rate multiplier of optimizer step ``step`` (0-based).
 
     Linear warm-up ``(step + 1) / (warmup_steps + 1)`` for ``step < warmup_steps``, so that
-    no step has a zero learning rate, then a cosine from 1 at ``step = warmup_steps`` to 0 at
-    ``step = total_steps`` (and 0 after it).
+    no step has a zero learning rate, then a cosine (``schedule="cosine"``) or a straight line
+    (``"linear"``) from 1 at ``step = warmup_steps`` to 0 at ``step = total_steps`` (and 0 after it).
     """
     if total_steps < 1:
         raise ValueError(f"total_steps must be >= 1, got {total_steps}")
@@ -129,6 +136,10 @@ def lr_lambda(step: int, total_steps: int, warmup_steps: int) -> float:
     if step >= total_steps:
         return 0.0
     progress = (step - warmup_steps) / (total_steps - warmup_steps)
+    if schedule == "linear":
+        return 1.0 - progress
+    if schedule != "cosine":
+        raise ValueError(f"schedule must be one of {list(LR_SCHEDULES)}, got {schedule!r}")
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
@@ -156,8 +167,9 @@ def trainable_parameters(model: nn.Module, last_k_layers: int | None) -> list[nn
 
     ``None`` trains every parameter. ``k`` trains the last ``k`` decoder layers, the final
     norm and the output embedding (``lm_head``) and freezes the rest (the paper's setting
-    two, ``k = 4``). When ``lm_head`` is tied to the input embedding, that shared matrix is
-    trained too.
+    two, ``k = 4``). The input embedding is always frozen: when ``lm_head`` is tied to it,
+    that shared matrix stays frozen too, as in the original release (training it would
+    change the input of the frozen bottom layers).
     """
     if last_k_layers is None:
         for p in model.parameters():
@@ -178,7 +190,9 @@ def trainable_parameters(model: nn.Module, last_k_layers: int | None) -> list[nn
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if head is None:
         raise ValueError(f"{type(model).__name__} has no output embedding (lm_head) to train")
-    trained = {id(p) for m in [*layers[-last_k_layers:], *norms, head] for p in m.parameters()}
+    inputs = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    frozen = {id(p) for p in inputs.parameters()} if inputs is not None else set()
+    trained = {id(p) for m in [*layers[-last_k_layers:], *norms, head] for p in m.parameters()} - frozen
     for p in model.parameters():
         p.requires_grad_(id(p) in trained)
     return [p for p in model.parameters() if p.requires_grad]
@@ -347,6 +361,7 @@ class TrainEngine:
         self.optim = optim
         self.total_steps = total_steps
         self.warmup_steps = optim.warmup_steps(total_steps)
+        self._window = (0, 0, total_steps)  # (first optimizer step, its place in the schedule, schedule length)
         params = trainable_parameters(model, last_k_layers)
         if gradient_checkpointing:
             _enable_checkpointing(model)
@@ -365,8 +380,40 @@ class TrainEngine:
     # -- set-up ---------------------------------------------------------------------------
 
     def _schedule(self, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
-        total, warmup = self.total_steps, self.warmup_steps
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_lambda(step, total, warmup))
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: self.lr_multiplier(step))
+
+    def lr_multiplier(self, step: int) -> float:
+        """The schedule's multiplier of the learning rate at optimizer step ``step`` (see :meth:`set_schedule`)."""
+        first, offset, total = self._window
+        return lr_lambda(max(0, offset + step - first), total, self.optim.warmup_steps(total), self.optim.schedule)
+
+    def set_schedule(self, first_step: int, offset: int, total: int) -> None:
+        """From optimizer step ``first_step`` on, follow the schedule of ``total`` steps (warm-up
+        and decay) from its step ``offset``: one iteration's window of a run-long schedule, or a
+        schedule of its own (``offset=0``). The learning rate of the next update follows at once.
+        Call it again after a resume; the window is not part of a checkpoint."""
+        if not (0 <= offset < total and first_step >= 0):
+            raise ValueError(f"need 0 <= offset < total and first_step >= 0, got {first_step=}, {offset=}, {total=}")
+        self._window = (first_step, offset, total)
+        scheduler = self.model.lr_scheduler if self.is_deepspeed else self._scheduler
+        for group, base in zip(scheduler.optimizer.param_groups, scheduler.base_lrs):
+            group["lr"] = base * self.lr_multiplier(scheduler.last_epoch)
+
+    def reset_optimizer_state(self) -> None:
+        """Forget AdamW's moment estimates and step counts, as a new run would start."""
+        optimizer = self.model.optimizer if self.is_deepspeed else self._optimizer
+        base = getattr(optimizer, "optimizer", optimizer)  # DeepSpeed's ZeRO optimizer wraps torch AdamW
+        base.state.clear()
+
+    def match_precision(self, module: nn.Module) -> nn.Module:
+        """Put a frozen copy of the policy (pi_0) in the trained model's precision: the same weight
+        dtype and device, and on the plain path the same bf16 autocast, so that its log-probs and
+        the trained model's agree where the weights do."""
+        dtype = next(self._module.parameters()).dtype
+        module.to(self.device, dtype=dtype)
+        if not self.is_deepspeed and self.bf16:
+            module.forward = torch.autocast(self.device.type, dtype=torch.bfloat16)(module.forward)
+        return module
 
     def _adamw(self, params: list[nn.Parameter]) -> torch.optim.AdamW:
         o = self.optim
