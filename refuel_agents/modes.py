@@ -34,10 +34,11 @@ when they run out (``num_prompts=None``: each usable item once).
 
 Rewards always come from the environment: each branch is stepped (from the dataset prefix for
 the offline roll-ins, through ``reset(options={"index", "prefix", "horizon"})``) so the same
-reward model, penalties and truncation rules score every mode (a dataset reply that reaches
-``max_response_tokens`` gets the truncation penalty Gamma like a policy reply; the dataset
-replies inside a prefix are context and count towards neither that limit nor the KL penalty).
-A branch that is truncated is dropped and counted, as in ``collection.py``.
+reward model, penalties and truncation rules score every mode. Gamma and the KL penalty cover
+the policy's generations of a branch as in ``collection.py`` (:class:`~refuel_agents.collection.Penalties`);
+a dataset reply (lt-offline's pair, the replies inside a prefix) was not generated under a token
+budget and gets neither. A truncated branch gets Gamma where the setting has one, else its
+pair is dropped and counted, as in ``collection.py``.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ from tqdm import tqdm
 from refuel_agents.collection import (
     CollectionStats,
     LogprobFn,
+    Penalties,
     StepBatcher,
     _branch_slots,
     _run,
@@ -99,18 +101,20 @@ def collect_pairs(
     env_id: str,
     env_kwargs: dict[str, Any],
     policy: TextGenerator | None,
-    sampling: SamplingParams,
+    sampling: SamplingParams | dict[int, SamplingParams],
     num_prompts: int | None,
     seed: int,
     prompt_indices: Sequence[int] | None = None,
     kl_logprobs: LogprobFn | None = None,
     progress: bool = True,
+    penalties: Penalties | None = None,
 ) -> tuple[list[dict[str, Any]], ModeStats]:
     """Collect one pair per prompt in ``mode`` (see the module docstring); returns rows and stats.
 
     ``num_prompts=None`` means every usable item once (offline modes) or the whole dataset (on-policy
     modes). ``prompt_indices`` picks dataset items by index instead of drawing them. ``policy`` may
-    be None only for lt-offline, which samples nothing.
+    be None only for lt-offline, which samples nothing. ``sampling`` and ``penalties`` as in
+    :func:`~refuel_agents.collection.collect_refuel_tuples`.
     """
     if mode not in MODES:
         raise ValueError(f"unknown data mode {mode!r}; the modes are {list(MODES)}")
@@ -122,12 +126,12 @@ def collect_pairs(
         rows, base = collect_refuel_tuples(
             env_id=env_id, env_kwargs=env_kwargs, policy=policy, sampling=sampling, num_prompts=num_prompts,
             seed=seed, prompt_indices=prompt_indices, kl_logprobs=kl_logprobs, progress=progress,
-            last_turn=mode == "lt-online",
+            last_turn=mode == "lt-online", penalties=penalties,
         )
         stats = ModeStats(**{f.name: getattr(base, f.name) for f in fields(CollectionStats)}, mode=mode)
         return [{**r, "mode": mode} for r in rows], stats
     return _collect_offline_roll_in(mode, env_id, env_kwargs, policy, sampling, num_prompts, seed, prompt_indices,
-                                    kl_logprobs, progress)
+                                    kl_logprobs, progress, penalties)
 
 
 # ------------------------------------------------------------------------------ dataset items
@@ -203,7 +207,7 @@ def draw_items(mode: str, items: Sequence[DialogueItem], horizons: Sequence[int]
 
 
 def _collect_offline_roll_in(mode, env_id, env_kwargs, policy, sampling, num_prompts, seed, prompt_indices,
-                             kl_logprobs, progress) -> tuple[list[dict[str, Any]], ModeStats]:
+                             kl_logprobs, progress, penalties=None) -> tuple[list[dict[str, Any]], ModeStats]:
     rng = np.random.default_rng(seed)
     items, max_horizons = dataset_items(env_id, env_kwargs)
     indices, n_usable, unusable = draw_items(mode, items, max_horizons, num_prompts, prompt_indices, rng, env_id)
@@ -218,6 +222,7 @@ def _collect_offline_roll_in(mode, env_id, env_kwargs, policy, sampling, num_pro
         "index": list(indices), "prefix": [items[i].prefix(h) for i, h in zip(indices, turns_h)], "horizon": horizons,
     })
     rows = [{"item_id": str(info["item_id"][k]), "h": turns_h[k], "H": horizons[k], "seed": seed} for k in range(n)]
+    stats.prompts_by_h.update(turns_h)
     slots = [s for k in range(n) for s in _branch_slots(k, info["snapshot"][k], rng, rows)]
     if mode == "lt-offline":  # s_H is the last state: one step with the dataset's replies ends every branch
         for slot in slots:
@@ -225,7 +230,7 @@ def _collect_offline_roll_in(mode, env_id, env_kwargs, policy, sampling, num_pro
             slot.given = item.chosen if slot.branch == 0 else item.rejected
     total = sum(2 * (H - h + 1) for H, h in zip(horizons, turns_h))
     bar = tqdm(total=total, desc=f"collect {mode}", unit="resp", disable=not progress, leave=False)
-    _run(slots, rows, batcher, policy, sampling, rng, stats, kl_logprobs, bar)
+    _run(slots, rows, batcher, policy, sampling, rng, stats, kl_logprobs, bar, penalties)
     bar.close()
     batcher.close()
     complete = [{**r, "mode": mode} for r in rows if "reward" in r and "reward_prime" in r and not r.get("dropped")]
