@@ -27,10 +27,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from refuel_agents.logprobs import sequence_logprobs_and_entropy
 from refuel_agents.losses import dpo_loss, log_ratio_gap
 from refuel_agents.modes import BASELINE_MODES, MODE_HELP, ModeStats, collect_pairs
-from refuel_agents.refuel import RefuelConfig, RefuelTrainer, _iteration_seed, pair_batch
+from refuel_agents.refuel import RefuelConfig, RefuelTrainer, _iteration_seed
 
 REFERENCE_POLICIES = ("iteration", "initial")
 
@@ -93,11 +92,14 @@ class RebelTrainer(RefuelTrainer):
     def collect(self, iteration: int) -> tuple[list[dict], ModeStats]:
         cfg = self.config
         self.model.eval()
+        # The on-policy modes walk the split as REFUEL does; the offline roll-ins draw usable items themselves.
+        indices = self.prompt_indices(iteration) if self.mode == "lt-online" else None
         return collect_pairs(
-            mode=self.mode, env_id=cfg.env_id, env_kwargs=self.env_kwargs, policy=self.rollout_policy(),
-            sampling=self.sampling, num_prompts=cfg.prompts_per_iteration or None,
-            seed=_iteration_seed(cfg.seed, iteration),
+            mode=self.mode, env_id=cfg.env_id, env_kwargs=self.collect_env_kwargs, policy=self.rollout_policy(),
+            sampling=self.collection_sampling, num_prompts=len(indices) if indices else cfg.prompts_per_iteration or None,
+            seed=_iteration_seed(cfg.seed, iteration), prompt_indices=indices,
             kl_logprobs=self._kl_logprobs if self._env_has_kl() else None, progress=cfg.progress,
+            penalties=self.penalties,
         )
 
 
@@ -119,8 +121,7 @@ class DpoTrainer(RebelTrainer):
     def train_step(self, batch_rows: list[dict]) -> dict[str, float]:
         """One micro-batch: forward y and y' together, order each pair by reward, DPO's loss, backward."""
         n = len(batch_rows)
-        batch = pair_batch(batch_rows, self.pad_id, self.device)
-        logp, entropy = sequence_logprobs_and_entropy(self.engine.model, batch, temperature=self.config.logprob_temperature)
+        logp, entropy, batch = self.pair_logprobs(self.engine.model, batch_rows, entropy=True)
         col = lambda key: torch.tensor([r[key] for r in batch_rows], dtype=torch.float32, device=self.device)  # noqa: E731
         ref = "logp_t" if self.config.reference_policy == "iteration" else "logp_ref"
         first = col("reward") > col("reward_prime")  # y is the chosen response
@@ -139,7 +140,7 @@ class DpoTrainer(RebelTrainer):
             "tokens": int(batch["attention_mask"].sum()),
         }
         if self.reference is not None:
-            out["charts/kl_to_init"] = (logp.detach() - torch.cat([col("logp_ref"), col("logp_ref_prime")])).mean().item()
+            out["charts/logratio_to_init"] = (logp.detach() - torch.cat([col("logp_ref"), col("logp_ref_prime")])).mean().item()
         return out
 
 

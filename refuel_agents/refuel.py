@@ -20,7 +20,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,17 +28,25 @@ import numpy as np
 import torch
 
 from refuel_agents import checkpoint as ckpt
-from refuel_agents.collection import CollectionStats, collect_refuel_tuples, play_dialogues
-from refuel_agents.engine import OptimConfig, TrainEngine
+from refuel_agents.collection import (
+    PENALTY_TURNS,
+    CollectionStats,
+    Penalties,
+    collect_refuel_tuples,
+    play_dialogues,
+)
+from refuel_agents.engine import LR_SCHEDULES, OptimConfig, TrainEngine
 from refuel_agents.logprobs import (
     EncodedResponse,
     SequenceTooLongError,
     batched_logprobs,
     collate,
     encode_response,
+    encode_sampled_response,
+    sequence_logprobs,
     sequence_logprobs_and_entropy,
 )
-from refuel_agents.losses import refuel_loss, regression_sign_agreement
+from refuel_agents.losses import LOSS_SCALES, regression_sign_agreement
 from refuel_agents.tracking import MetricsLogger, plot_run
 from refuel_env import embedded
 from refuel_env.generation import (
@@ -63,11 +71,15 @@ class RefuelConfig:
     policy_model: str = "embedded"
     """Policy to train: 'embedded' (SmolLM2-135M-Instruct) or a local path / hub id."""
     iterations: int = 2
-    """T: collect-then-train iterations."""
+    """T: collect-then-train iterations; 0 = one pass over the split's prompts (ceil(split size / prompts_per_iteration))."""
     prompts_per_iteration: int = 8
-    """Prompts (= tuples) collected per iteration; 0 = the whole dataset split."""
+    """Prompts (= tuples) collected per iteration; 0 = the whole dataset split. Iterations walk seeded permutations of
+    the split without replacement: a permutation drawn from (seed, pass) each pass, iteration after iteration."""
     eta: float = 1.0
     """eta of eq. 1: the log-ratio difference is divided by it."""
+    loss_scale: str = "paper"
+    """'paper': eq. 1, ((1/eta) * log-ratio gap - reward gap)^2. 'original': the original release's (log-ratio gap -
+    eta * reward gap)^2, eta^2 times larger, for learning rates copied from it (see refuel_agents.losses)."""
     epochs: int = 1
     """Passes over each iteration's tuples."""
     batch_size: int = 4
@@ -83,19 +95,31 @@ class RefuelConfig:
     weight_decay: float = 1e-6
     """AdamW weight decay."""
     warmup_ratio: float = 0.1
-    """Fraction of the updates spent warming up linearly before the cosine decay."""
+    """Fraction of the updates spent warming up linearly before the decay."""
+    lr_schedule: str = "cosine"
+    """Decay after the warm-up: 'cosine' (to 0) or 'linear' (to 0)."""
+    schedule_scope: str = "run"
+    """'run': one warm-up + decay over all iterations. 'iteration': every iteration restarts AdamW's state and its
+    own warm-up + decay (setting one of the original release, which ran each iteration as a new job)."""
     max_grad_norm: float = 1.0
-    """Gradient clipping norm."""
+    """Gradient clipping norm (0 = no clipping, as in the original release)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory."""
     last_k_layers: int | None = None
     """Train only the last k decoder layers (plus final norm and lm_head); None = all."""
     max_new_tokens: int = 32
     """Longest policy response during collection, in tokens."""
+    max_new_tokens_by_h: dict[str, int] | None = None
+    """Per-H response limits, JSON {"H": tokens}, e.g. {"1": 1024, "2": 768, "3": 512}: a dialogue of length H gets
+    this budget at every turn (the original release's setting two); H not listed use max_new_tokens."""
     temperature: float = 0.8
     """Policy sampling temperature during collection."""
-    logprob_temperature: float = 1.0
-    """Divide logits by this before log-softmax in the loss (the original release used the sampling temperature)."""
+    logprob_temperature: float | None = None
+    """Divide logits by this before log-softmax for log pi, log pi_t and log pi_0 (eq. 1 and the KL penalty).
+    None = the sampling temperature (1.0 when sampling is greedy), so pi_t is the distribution y was drawn from."""
+    penalty_turns: str = "rollout"
+    """Which policy responses of a branch the KL penalty and Gamma cover: 'rollout' (y_h and the later turns to H, the
+    generations Q(s_h, y_h) is the return of) or 'turn-h' (y_h only, the original release). Never the shared roll-in."""
     max_seq_len: int = 2048
     """Longest (state + response) in tokens for training; longer tuples are dropped and counted."""
     eval_prompts: int = 2
@@ -127,8 +151,21 @@ class RefuelConfig:
 
     def validate(self) -> None:
         problems = []
-        if self.iterations < 1:
-            problems.append(f"iterations must be >= 1, got {self.iterations}")
+        if self.iterations < 0:
+            problems.append(f"iterations must be >= 1, or 0 for one pass over the split, got {self.iterations}")
+        if self.loss_scale not in LOSS_SCALES:
+            problems.append(f"loss_scale must be one of {list(LOSS_SCALES)}, got {self.loss_scale!r}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            problems.append(f"lr_schedule must be one of {list(LR_SCHEDULES)}, got {self.lr_schedule!r}")
+        if self.schedule_scope not in ("run", "iteration"):
+            problems.append(f"schedule_scope must be 'run' or 'iteration', got {self.schedule_scope!r}")
+        if self.penalty_turns not in PENALTY_TURNS:
+            problems.append(f"penalty_turns must be one of {list(PENALTY_TURNS)}, got {self.penalty_turns!r}")
+        if self.logprob_temperature is not None and not self.logprob_temperature > 0:
+            problems.append(f"logprob_temperature must be > 0 (or None for the sampling temperature), got {self.logprob_temperature}")
+        for key, value in (self.max_new_tokens_by_h or {}).items():
+            if not (str(key).isdigit() and int(key) >= 1 and isinstance(value, int) and value >= 1):
+                problems.append(f"max_new_tokens_by_h needs entries H >= 1 -> tokens >= 1, got {key!r}: {value!r}")
         if self.eta <= 0:
             problems.append(f"eta must be > 0, got {self.eta}")
         if self.micro_batch_size < 1 or self.batch_size % self.micro_batch_size:
@@ -146,13 +183,28 @@ class RefuelConfig:
 # ------------------------------------------------------------------------------ data
 
 
+def encode_pair_response(tokenizer: Any, row: dict, suffix: str, max_seq_len: int | None) -> EncodedResponse:
+    """s_h and one of the row's responses as token ids with its response mask.
+
+    A sampled response is scored on exactly its sampled tokens (``response{suffix}_token_ids``:
+    the end-of-turn token only when it was sampled; nothing re-tokenised). A response without
+    them (a dataset reply, a backend that reports no tokens) is tokenised through the template,
+    end-of-turn token included.
+    """
+    ids = row.get(f"response{suffix}_token_ids")
+    if ids is not None:
+        return encode_sampled_response(tokenizer, row["state"], ids, row[f"response{suffix}_finish_reason"],
+                                       max_length=max_seq_len)
+    return encode_response(tokenizer, row["state"], row[f"response{suffix}"], max_length=max_seq_len)
+
+
 def encode_tuples(rows: list[dict], tokenizer: Any, max_seq_len: int) -> tuple[list[dict], int]:
     """Add token ids and turn-h response masks for y and y'; drop (and count) tuples too long."""
     kept, too_long = [], 0
     for row in rows:
         try:
-            a = encode_response(tokenizer, row["state"], row["response"], max_length=max_seq_len)
-            b = encode_response(tokenizer, row["state"], row["response_prime"], max_length=max_seq_len)
+            a = encode_pair_response(tokenizer, row, "", max_seq_len)
+            b = encode_pair_response(tokenizer, row, "_prime", max_seq_len)
         except SequenceTooLongError:
             too_long += 1
             continue
@@ -166,6 +218,27 @@ def pair_batch(rows: list[dict], pad_id: int, device: torch.device) -> dict[str,
     encoded = [EncodedResponse(r["input_ids"], r["response_mask"]) for r in rows]
     encoded += [EncodedResponse(r["input_ids_prime"], r["response_mask_prime"]) for r in rows]
     return {k: v.to(device) for k, v in collate(encoded, pad_id).items()}
+
+
+def iteration_prompts(seed: int, num_items: int, iteration: int, per_iteration: int) -> list[int]:
+    """The dataset indices of iteration ``iteration``'s prompts, without replacement.
+
+    The prompts of successive iterations are consecutive stretches of one endless walk through
+    the split: pass k is the permutation drawn from (seed, k). With ``per_iteration = 0`` (the
+    whole split) iteration t is exactly pass t; with fewer, iterations walk on through the same
+    pass, and no prompt comes back before every other prompt of the split has been used.
+    """
+    if num_items < 1:
+        raise ValueError("the dataset split has no items to draw prompts from")
+    per = per_iteration or num_items
+    out: list[int] = []
+    position = iteration * per
+    while len(out) < per:
+        walk, offset = divmod(position, num_items)
+        take = min(per - len(out), num_items - offset)
+        out.extend(np.random.default_rng([seed, walk]).permutation(num_items)[offset : offset + take].tolist())
+        position += take
+    return out
 
 
 def reward_table(rows: list[dict], key: str, max_turns: int) -> dict[int, tuple[int, float]]:
@@ -226,25 +299,52 @@ class RefuelTrainer:
                                  "'transformers' (or give the engine several GPUs with policy_vllm_kwargs tensor_parallel_size)")
 
             self.rollout_generator = VLLMGenerator(path, name=path, **config.policy_vllm_kwargs)
+        # pi_0, frozen; put in the trained model's precision once the engine exists (match_precision).
         self.reference = copy.deepcopy(self.model).eval().requires_grad_(False) if config.reference_kl else None
         self.pad_id = self.tokenizer.pad_token_id
+        self.logprob_temperature = config.logprob_temperature or (config.temperature if config.temperature > 0 else 1.0)
         self.sampling = SamplingParams(max_new_tokens=config.max_new_tokens, temperature=config.temperature)
         self.engine: TrainEngine | None = None
         self._state: dict | None = None
-        self.max_turns = int(self.env_kwargs.get("max_turns", 5))
+        env_config = self._env_config()
+        self.max_turns = env_config.max_turns
+        self.collection_sampling: SamplingParams | dict[int, SamplingParams] = self.sampling
+        if config.max_new_tokens_by_h:
+            limits = {H: config.max_new_tokens for H in range(1, self.max_turns + 1)}
+            limits.update({int(H): n for H, n in config.max_new_tokens_by_h.items()})
+            self.collection_sampling = {H: replace(self.sampling, max_new_tokens=n) for H, n in limits.items()}
+        # Collection applies Gamma itself, from how each covered generation ended (collection.py);
+        # the environment's token-counting Gamma is off there. Evaluation keeps the environment's.
+        self.penalties = Penalties(env_config.truncation_penalty, env_config.kl_coef, config.penalty_turns)
+        self.collect_env_kwargs = {**self.env_kwargs, "truncation_penalty": None}
+        self._iterations: int | None = None
 
     def _default_run_name(self) -> str:
         return f"{self.config.env_id}__{self.label}__{self.config.seed}__{int(time.time())}"
 
     # -------------------------------------------------------------- pieces
 
+    @property
+    def iterations(self) -> int:
+        """T; ``iterations=0`` in the config means one pass over the split's prompts."""
+        if self._iterations is None:
+            per = self.config.prompts_per_iteration
+            self._iterations = self.config.iterations or (math.ceil(self._dataset_size() / per) if per else 1)
+        return self._iterations
+
+    def prompt_indices(self, iteration: int) -> list[int]:
+        """The dataset items iteration ``iteration`` collects from (:func:`iteration_prompts`)."""
+        return iteration_prompts(self.config.seed, self._dataset_size(), iteration, self.config.prompts_per_iteration)
+
     def collect(self, iteration: int) -> tuple[list[dict], CollectionStats]:
         cfg = self.config
         self.model.eval()
+        indices = self.prompt_indices(iteration)
         rows, stats = collect_refuel_tuples(
-            env_id=cfg.env_id, env_kwargs=self.env_kwargs, policy=self.rollout_policy(), sampling=self.sampling,
-            num_prompts=cfg.prompts_per_iteration or self._dataset_size(), seed=_iteration_seed(cfg.seed, iteration),
-            kl_logprobs=self._kl_logprobs if self._env_has_kl() else None, progress=cfg.progress,
+            env_id=cfg.env_id, env_kwargs=self.collect_env_kwargs, policy=self.rollout_policy(),
+            sampling=self.collection_sampling, num_prompts=len(indices), prompt_indices=indices,
+            seed=_iteration_seed(cfg.seed, iteration), kl_logprobs=self._kl_logprobs if self._env_has_kl() else None,
+            progress=cfg.progress, penalties=self.penalties,
         )
         return rows, stats
 
@@ -264,17 +364,23 @@ class RefuelTrainer:
             self._pushed_step, self.weight_pushes = step, self.weight_pushes + 1
         return self.rollout_generator
 
-    def _env_has_kl(self) -> bool:
+    def _env_config(self) -> Any:
         from refuel_env.components import make_config
 
         kwargs = {k: v for k, v in self.env_kwargs.items() if k != "preset"}
-        return make_config(self.env_kwargs.get("preset"), **kwargs).kl_coef > 0
+        return make_config(self.env_kwargs.get("preset"), **kwargs)
+
+    def _env_has_kl(self) -> bool:
+        return self._env_config().kl_coef > 0
 
     def _dataset_size(self) -> int:
-        import gymnasium as gym
+        if not hasattr(self, "_num_items"):
+            import gymnasium as gym
 
-        env = gym.make(self.config.env_id, **self.env_kwargs)
-        return len(env.unwrapped.core.items)
+            env = gym.make(self.config.env_id, **self.env_kwargs)
+            self._num_items = len(env.unwrapped.core.items)
+            env.close()
+        return self._num_items
 
     @torch.no_grad()
     def _kl_logprobs(self, states: list[list[dict]], responses: list[str]) -> tuple[list[float], list[float]]:
@@ -283,20 +389,47 @@ class RefuelTrainer:
         rows = [{"input_ids": e.input_ids, "response_mask": e.response_mask} for e in
                 (encode_response(self.train_tokenizer, s, r) for s, r in zip(states, responses))]
         kw = {"suffix": "", "batch_size": self.config.micro_batch_size * 2,
-              "temperature": self.config.logprob_temperature, "device": self.device}
+              "temperature": self.logprob_temperature, "device": self.device}
         return batched_logprobs(self.model, rows, self.pad_id, **kw), batched_logprobs(self.reference, rows, self.pad_id, **kw)
 
-    def prepare(self, rows: list[dict]) -> tuple[list[dict], int]:
-        """Token ids, masks and the pi_t (and pi_0) log-probs, computed once before the updates."""
+    def pair_logprobs(self, model: Any, batch_rows: list[dict], *, entropy: bool = False) -> Any:
+        """log pi(y|s_h) and log pi(y'|s_h) of the rows under ``model``, as one [y..., y'...] batch.
+
+        Training and the pi_t / pi_0 scores in :meth:`prepare` both go through here, with the
+        same rows in the same micro-batch, so the padding and shapes are the same and the
+        log-ratio is exactly 0 before the first update.
+        """
+        batch = pair_batch(batch_rows, self.pad_id, self.device)
+        if entropy:
+            return (*sequence_logprobs_and_entropy(model, batch, temperature=self.logprob_temperature), batch)
+        return sequence_logprobs(model, batch, temperature=self.logprob_temperature)
+
+    def prepare(self, rows: list[dict], iteration: int = 0) -> tuple[list[dict], int]:
+        """Token ids, masks and the pi_t (and pi_0) log-probs, computed once before the updates.
+
+        Each row is scored in the micro-batch where training first meets it (the iteration's
+        mini-batch order is a function of the seed, the iteration and the number of rows).
+        """
         rows, too_long = encode_tuples(rows, self.train_tokenizer, self.config.max_seq_len)
-        kw = {"batch_size": self.config.micro_batch_size * 2, "temperature": self.config.logprob_temperature,
-              "device": self.device}
-        for suffix in ("", "_prime"):
-            for row, lp in zip(rows, batched_logprobs(self.model, rows, self.pad_id, suffix=suffix, **kw)):
-                row[f"logp_t{suffix}"] = lp
-            if self.reference is not None:
-                for row, lp in zip(rows, batched_logprobs(self.reference, rows, self.pad_id, suffix=suffix, **kw)):
-                    row[f"logp_ref{suffix}"] = lp
+        models = [("logp_t", self.model)] + ([("logp_ref", self.reference)] if self.reference is not None else [])
+        micro = self.config.micro_batch_size
+        order = self._minibatch_order(iteration, len(rows)) if rows else []
+        batches = [order[i : i + micro] for i in range(0, len(order), micro)]
+        batches += [list(range(i, min(i + micro, len(rows)))) for i in range(0, len(rows), micro)]  # never-trained rows
+        done: set[int] = set()
+        was_training = self.model.training
+        self.model.train()  # as in training (dropout-free models: the mode changes nothing else)
+        with torch.no_grad():
+            for members in batches:
+                if done.issuperset(members):
+                    continue
+                for key, model in models:
+                    logp = self.pair_logprobs(model, [rows[i] for i in members]).float().cpu().tolist()
+                    for j, i in enumerate(members):
+                        if i not in done:
+                            rows[i][key], rows[i][f"{key}_prime"] = logp[j], logp[len(members) + j]
+                done.update(members)
+        self.model.train(was_training)
         return rows, too_long
 
     def evaluate(self) -> list[dict]:
@@ -308,18 +441,18 @@ class RefuelTrainer:
         horizons = [H for H in range(1, self.max_turns + 1) for _ in range(cfg.eval_prompts)]
         return play_dialogues(
             env_id=cfg.env_id, env_kwargs={**self.env_kwargs, "split": "test"}, policy=self.rollout_policy(),
-            sampling=self.sampling, num_dialogues=len(horizons), seed=cfg.seed + 10_000,
+            sampling=self.collection_sampling,
+            num_dialogues=len(horizons), seed=cfg.seed + 10_000,
             horizon=horizons, prompt_indices=list(range(cfg.eval_prompts)) * self.max_turns,
         )
 
     def train_step(self, batch_rows: list[dict]) -> dict[str, float]:
         """One micro-batch: forward y and y' together, eq. 1, backward."""
         n = len(batch_rows)
-        batch = pair_batch(batch_rows, self.pad_id, self.device)
-        logp, entropy = sequence_logprobs_and_entropy(self.engine.model, batch, temperature=self.config.logprob_temperature)
+        logp, entropy, batch = self.pair_logprobs(self.engine.model, batch_rows, entropy=True)
         col = lambda key: torch.tensor([r[key] for r in batch_rows], dtype=torch.float32, device=self.device)  # noqa: E731
-        loss = refuel_loss(logp[:n], col("logp_t"), logp[n:], col("logp_t_prime"), col("reward"), col("reward_prime"),
-                           self.config.eta)
+        loss = LOSS_SCALES[self.config.loss_scale](
+            logp[:n], col("logp_t"), logp[n:], col("logp_t_prime"), col("reward"), col("reward_prime"), self.config.eta)
         self.engine.backward(loss)
         out = {
             "losses/loss": loss.item(),
@@ -331,7 +464,7 @@ class RefuelTrainer:
         }
         if self.reference is not None:
             ref = torch.cat([col("logp_ref"), col("logp_ref_prime")])
-            out["charts/kl_to_init"] = (logp.detach() - ref).mean().item()
+            out["charts/logratio_to_init"] = (logp.detach() - ref).mean().item()
         return out
 
     # -------------------------------------------------------------- the loop
@@ -349,12 +482,14 @@ class RefuelTrainer:
         summary = state.setdefault("summary", [])
         if not summary and cfg.eval_prompts > 0:
             summary.append({"iteration": 0, "eval": reward_table(self.evaluate(), "reward", self.max_turns)})
-        steps_per_iter = self._steps_per_iteration()
-        for t in range(state["iteration"], cfg.iterations):
+        for t in range(state["iteration"], self.iterations):
             rows = self._iteration_data(t, logger, state)
+            steps_per_iter = self._steps_for(len(rows))
             order = self._minibatch_order(t, len(rows)) if rows else []
+            if steps_per_iter:
+                self._plan_schedule(t, steps_per_iter, state)
             self.engine.model.train()  # collection and evaluation left it in eval mode
-            for step_in_iter in range(state["step_in_iteration"], steps_per_iter if rows else 0):
+            for step_in_iter in range(state["step_in_iteration"], steps_per_iter):
                 start_time = time.perf_counter()
                 idx = order[step_in_iter * cfg.batch_size : (step_in_iter + 1) * cfg.batch_size]
                 metrics: list[dict[str, float]] = []
@@ -380,15 +515,34 @@ class RefuelTrainer:
         logger.close()
         return self._finish(summary)
 
-    def _steps_per_iteration(self) -> int:
-        cfg = self.config
-        prompts = cfg.prompts_per_iteration or self._dataset_size()
-        return max(1, cfg.epochs * prompts // cfg.batch_size)
+    def _steps_for(self, pairs: int) -> int:
+        """Optimizer steps of an iteration that kept ``pairs`` pairs: ``epochs`` passes over them
+        (at least one step when there is a pair), so every method trains the same number of
+        epochs on whatever it kept."""
+        return max(1, self.config.epochs * pairs // self.config.batch_size) if pairs else 0
+
+    def _planned_steps(self) -> int:
+        """The schedule's length before any data exists: every configured prompt kept."""
+        return self._steps_for(self.config.prompts_per_iteration or self._dataset_size())
+
+    def _plan_schedule(self, iteration: int, steps: int, state: dict) -> None:
+        """Point the learning-rate schedule at this iteration's steps (``schedule_scope``).
+
+        'run': iteration t is the t-th of T equal parts of one warm-up + decay. 'iteration': the
+        iteration has its own warm-up + decay, and AdamW's state restarts at its first step.
+        """
+        first = state["global_step"] - state["step_in_iteration"]
+        if self.config.schedule_scope == "iteration":
+            self.engine.set_schedule(first, 0, steps)
+            if state["step_in_iteration"] == 0:
+                self.engine.reset_optimizer_state()
+        else:
+            self.engine.set_schedule(first, iteration * steps, self.iterations * steps)
 
     def _minibatch_order(self, iteration: int, n: int) -> list[int]:
         rng = np.random.default_rng([self.config.seed, iteration])
         order: list[int] = []
-        while len(order) < self._steps_per_iteration() * self.config.batch_size:
+        while len(order) < self._steps_for(n) * self.config.batch_size:
             order.extend(rng.permutation(n).tolist())  # epochs; a short last pass wraps around
         return order
 
@@ -400,7 +554,7 @@ class RefuelTrainer:
         if data_dir.exists():
             return datasets.load_from_disk(str(data_dir)).to_list()
         rows, stats = self.collect(t)
-        rows, too_long = self.prepare(rows)
+        rows, too_long = self.prepare(rows, t)
         if not rows and not getattr(stats, "dropped_ties", 0):  # (DPO: an iteration of ties just makes no update)
             raise RuntimeError(
                 f"iteration {t}: no usable tuple ({stats.dropped_truncated} truncated, {too_long} longer than "
@@ -413,17 +567,22 @@ class RefuelTrainer:
             ckpt.write_json_atomic(data_dir.parent / "collection.json", {**stats.as_dict(), "too_long": too_long})
         by_h = {h: float(np.mean([r["reward"] - r["reward_prime"] for r in rows if r["h"] == h] or [math.nan]))
                 for h in range(1, self.max_turns + 1)}
+        drop_rate = stats.as_dict().get("drop_rate_by_h", {})
+        kl = [r[f"logp_t{s}"] - r[f"logp_ref{s}"] for r in rows for s in ("", "_prime") if f"logp_ref{s}" in r]
         logger.log(state["global_step"], {"collect/tuples": len(rows), "collect/dropped": stats.dropped_truncated + too_long,
                                           "collect/reward_mean": float(np.mean([r["reward"] for r in rows] or [math.nan])),
                                           "collect/user_parse_failures": stats.user_parse_failures,
-                                          **{f"collect/reward_gap_h{h}": v for h, v in by_h.items()}})
+                                          # Monte-Carlo KL(pi_t || pi_0) per response: y ~ pi_t, scored at the sampling temperature
+                                          "collect/kl_pi_t_pi_0": float(np.mean(kl)) if kl else math.nan,
+                                          **{f"collect/reward_gap_h{h}": v for h, v in by_h.items()},
+                                          **{f"collect/drop_rate_h{h}": float(v) for h, v in drop_rate.items()}})
         return datasets.load_from_disk(str(data_dir)).to_list() if self.engine.is_main and rows else rows
 
     def _resume_or_start(self) -> dict:
         cfg = self.config
-        total_steps = cfg.iterations * self._steps_per_iteration()
+        total_steps = self.iterations * self._planned_steps()
         optim = OptimConfig(lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay,
-                            warmup_ratio=cfg.warmup_ratio, max_grad_norm=cfg.max_grad_norm,
+                            warmup_ratio=cfg.warmup_ratio, schedule=cfg.lr_schedule, max_grad_norm=cfg.max_grad_norm,
                             grad_accum_steps=cfg.batch_size // cfg.micro_batch_size)
         if cfg.resume:
             latest = ckpt.latest_checkpoint(self.run_dir)
@@ -433,6 +592,8 @@ class RefuelTrainer:
         self.engine = TrainEngine(self.model, optim, total_steps, deepspeed_config=cfg.deepspeed,
                                   gradient_checkpointing=cfg.gradient_checkpointing, last_k_layers=cfg.last_k_layers,
                                   micro_batch_size=2 * cfg.micro_batch_size, device=None if cfg.deepspeed else self.device)
+        if self.reference is not None:
+            self.reference = self.engine.match_precision(self.reference)
         if cfg.resume:
             if self.engine.is_main:
                 ckpt.remove_partial_writes(self.run_dir)
@@ -465,7 +626,7 @@ class RefuelTrainer:
                 self.tokenizer.save_pretrained(tmp)
             (self.run_dir / "summary.md").write_text(format_summary(summary, self.max_turns))
             plot = plot_run(self.run_dir / "metrics.jsonl", self.run_dir / "reward_loss.png",
-                            keys=("losses/loss", "charts/reward_mean", "charts/kl_to_init"))
+                            keys=("losses/loss", "charts/reward_mean", "charts/logratio_to_init"))
             print(f"final model: {final}\nmetrics: {self.run_dir / 'metrics.jsonl'} (TensorBoard: {self.run_dir / 'tensorboard'})"
                   + (f"\nplot: {plot}" if plot else ""), flush=True)
         return final
