@@ -87,10 +87,14 @@ class EnvConfig:
     """Reward Gamma given to a dialogue in which a response hit ``max_response_tokens``."""
     tokenizer: str | None = EMBEDDED
     """Tokenizer that counts response and dialogue tokens ('embedded', a path, or None for none)."""
-    max_response_tokens: int | None = None
-    """A response of this many tokens or more counts as having hit the generation length limit."""
+    max_response_tokens: int | dict[int, int] | None = None
+    """A response of this many tokens or more counts as having hit the generation length limit; a dict
+    {H: tokens} gives each dialogue length H its own limit (setting two, UltraInteract)."""
     max_dialogue_tokens: int | None = None
     """A dialogue longer than this ends the episode with truncated=True (the reason in info)."""
+    data_filters: dict[str, Any] | None = None
+    """Token limits applied to the dataset when it loads, counted with ``tokenizer`` (see refuel_env.data):
+    ``max_dialogue_tokens``, ``max_prompt_tokens``, ``max_response_tokens``, each a number or {turns K: number}."""
 
     def config_id(self) -> str:
         """A short digest of the configuration; model objects count by their ``name``."""
@@ -115,6 +119,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "tokenizer": "meta-llama/Meta-Llama-3-8B-Instruct",
         "max_response_tokens": 1024,
         "max_dialogue_tokens": 2048,
+        "data_filters": {"max_dialogue_tokens": 2048},
     },
     "paper-setting-two-hh": {
         "dataset": "anthropic_hh",
@@ -125,6 +130,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "kl_coef": 0.05,
         "truncation_penalty": -10.0,
         "max_response_tokens": 512,
+        "data_filters": {"max_prompt_tokens": 128, "max_response_tokens": 512},
     },
     "paper-setting-two-ultrainteract": {
         "dataset": "ultrainteract",
@@ -134,7 +140,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         "tokenizer": "meta-llama/Meta-Llama-3-8B-Instruct",
         "kl_coef": 0.0,
         "truncation_penalty": -4.0,
+        "max_response_tokens": {1: 1024, 2: 768, 3: 512, 4: 512, 5: 512},
         "max_dialogue_tokens": 3200,
+        "data_filters": {"max_prompt_tokens": {1: 1024, 2: 768, 3: 512, 4: 256, 5: 128},
+                         "max_response_tokens": {1: 1024, 2: 768, 3: 512, 4: 512, 5: 512}},
     },
 }
 
@@ -150,9 +159,18 @@ def make_config(preset: str | None = None, **kwargs: Any) -> EnvConfig:
     return replace(EnvConfig(), **{**PRESETS.get(preset or "embedded", {}), **kwargs})
 
 
+def _hashable(value: Any) -> Any:
+    return tuple(sorted((k, _hashable(v)) for k, v in value.items())) if isinstance(value, dict) else value
+
+
 @lru_cache(maxsize=8)
-def _items(dataset: str, source: str, split: str, max_turns: int) -> tuple[DialogueItem, ...]:
-    return tuple(load_items(dataset, source=source, split=split, max_turns=max_turns))
+def _items(dataset: str, source: str, split: str, max_turns: int, filters: tuple = (),
+           tokenizer: str | None = None) -> tuple[DialogueItem, ...]:
+    limits = {name: dict(v) if isinstance(v, tuple) else v for name, v in filters}
+    if limits and tokenizer is None:
+        raise ValueError(f"data_filters {sorted(limits)} count tokens: pass tokenizer= (a path or 'embedded')")
+    counter = _token_counter(tokenizer) if limits else None
+    return tuple(load_items(dataset, source=source, split=split, max_turns=max_turns, count_tokens=counter, **limits))
 
 
 def _model_path(name: str) -> str:
@@ -223,7 +241,8 @@ def _token_counter(name: str):
 
 
 def build_core(config: EnvConfig) -> DialogueCore:
-    items = _items(config.dataset, config.data_source, config.split, config.max_turns)
+    items = _items(config.dataset, config.data_source, config.split, config.max_turns,
+                   _hashable(config.data_filters or {}), config.tokenizer)
     model = config.reward_model
     reward = TrajectoryReward(
         model if isinstance(model, TrajectoryRewardModel) else _reward_model(model, config.reward_device),
@@ -236,7 +255,8 @@ def build_core(config: EnvConfig) -> DialogueCore:
         reward=reward,
         max_turns=config.max_turns,
         count_tokens=_token_counter(config.tokenizer) if config.tokenizer else None,
-        max_response_tokens=config.max_response_tokens,
+        max_response_tokens=({int(H): n for H, n in config.max_response_tokens.items()}
+                             if isinstance(config.max_response_tokens, dict) else config.max_response_tokens),
         max_dialogue_tokens=config.max_dialogue_tokens,
         config_id=config.config_id(),
     )

@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -71,7 +71,7 @@ class DialogueCore:
         reward: TrajectoryReward,
         max_turns: int,
         count_tokens: Callable[[str], int] | None,
-        max_response_tokens: int | None,
+        max_response_tokens: int | Mapping[int, int] | None,
         max_dialogue_tokens: int | None,
         config_id: str,
     ):
@@ -87,6 +87,12 @@ class DialogueCore:
         self.max_response_tokens = max_response_tokens
         self.max_dialogue_tokens = max_dialogue_tokens
         self.config_id = config_id
+
+    def response_limit(self, horizon: int) -> int | None:
+        """The response length limit of a dialogue of length ``horizon`` (one, or one per H)."""
+        if isinstance(self.max_response_tokens, Mapping):
+            return self.max_response_tokens.get(horizon)
+        return self.max_response_tokens
 
     # ------------------------------------------------------------------ reset
 
@@ -252,7 +258,8 @@ class DialogueCore:
             action_tokens.append(n)
             if n is not None:
                 ep.response_tokens.append(n)
-                if self.max_response_tokens is not None and n >= self.max_response_tokens:
+                limit = self.response_limit(ep.horizon)
+                if limit is not None and n >= limit:
                     ep.hit_length_limit = True
             if ep.pending_logprobs is not None:
                 ep.policy_logprob += ep.pending_logprobs[0]

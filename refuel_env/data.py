@@ -31,8 +31,10 @@ instruction text by the dataset, so it becomes one question and one response.
 
 trl-style Anthropic HH, conversational preference format, splits ``train`` and ``test``:
 
-* ``trl-lib/hh-rlhf-helpful-base`` (the default hub id; dataset card and trl
-  ``examples/datasets/hh-rlhf-helpful-base.py``), explicit prompt::
+* ``trl-internal-testing/hh-rlhf-trl-style`` (the default hub id: the whole of Anthropic HH,
+  helpful and harmless, which the paper's setting two uses), implicit prompt as below.
+* ``trl-lib/hh-rlhf-helpful-base`` (dataset card and trl
+  ``examples/datasets/hh-rlhf-helpful-base.py``; the helpful half only), explicit prompt::
 
       prompt    list[{"role", "content"}]  the dialogue so far, ending with a user turn
       chosen    list[{"role": "assistant", "content"}]  one message, the preferred reply
@@ -72,8 +74,11 @@ or exceed a token limit counted with ``count_tokens`` (any ``Callable[[str], int
 
 * ``max_dialogue_tokens``: all questions and responses together, with the longer of the two last
   replies (paper: setting one 2048, setting two UltraInteract 3200);
-* ``max_prompt_tokens`` (HH): every user turn (paper setting two: 128);
-* ``max_response_tokens`` (HH): every assistant turn, both last replies included (paper: 512).
+* ``max_prompt_tokens``: every user turn (paper setting two, HH: 128);
+* ``max_response_tokens``: every assistant turn, both last replies included (HH: 512).
+
+A limit is a number, or a mapping from a dialogue's number of turns K to a number (setting two's
+UltraInteract limits depend on K, paper table 5).
 
 The limits from the paper are the ``SETTING_*`` constants below. A row is counted under the first
 filter it fails, in the order split, turns, dialogue, prompt, response tokens. Nothing is dropped
@@ -105,18 +110,24 @@ logger = logging.getLogger(__name__)
 Split = Literal["train", "test", "all"]
 OnMalformed = Literal["raise", "skip"]
 TokenCounter = Callable[[str], int]
+#: A token limit: one number, or one per number of turns K of the dialogue ({K: tokens}).
+Limit = int | Mapping[int, int] | None
 
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 ULTRAINTERACT_SAMPLE = ASSETS_DIR / "ultrainteract_pair_sample.jsonl"
 ANTHROPIC_HH_SAMPLE = ASSETS_DIR / "anthropic_hh_sample.jsonl"
 ULTRAINTERACT_HUB_IDS = {"pair": "openbmb/UltraInteract_pair", "sft": "openbmb/UltraInteract_sft"}
-ANTHROPIC_HH_HUB_ID = "trl-lib/hh-rlhf-helpful-base"
+ANTHROPIC_HH_HUB_ID = "trl-internal-testing/hh-rlhf-trl-style"
 
 TEST_FRACTION = 0.1
 SETTING_ONE_MAX_DIALOGUE_TOKENS = 2048
 SETTING_TWO_ULTRAINTERACT_MAX_DIALOGUE_TOKENS = 3200
 SETTING_TWO_HH_MAX_PROMPT_TOKENS = 128
 SETTING_TWO_HH_MAX_RESPONSE_TOKENS = 512
+#: Setting two, UltraInteract (paper table 5, the original release): every user turn and every assistant
+#: turn of a dialogue of K turns at most this many tokens, so that the whole dialogue fits 3200.
+SETTING_TWO_ULTRAINTERACT_MAX_PROMPT_TOKENS = {1: 1024, 2: 768, 3: 512, 4: 256, 5: 128}
+SETTING_TWO_ULTRAINTERACT_MAX_RESPONSE_TOKENS = {1: 1024, 2: 768, 3: 512, 4: 512, 5: 512}
 
 ULTRAINTERACT_TASKS = {"coding": "coding", "math_cot": "math", "math_pot": "math", "logic": "logic"}
 _LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
@@ -195,6 +206,8 @@ def load_ultrainteract(
     split: Split = "train",
     max_turns: int | None = 5,
     max_dialogue_tokens: int | None = None,
+    max_prompt_tokens: Limit = None,
+    max_response_tokens: Limit = None,
     count_tokens: TokenCounter | None = None,
     limit: int | None = None,
     test_fraction: float = TEST_FRACTION,
@@ -213,7 +226,8 @@ def load_ultrainteract(
     _check_options(split, limit, test_fraction, on_malformed)
     filters = [
         *_turn_filter(max_turns),
-        *_token_filters(count_tokens, max_dialogue_tokens=max_dialogue_tokens),
+        *_token_filters(count_tokens, max_dialogue_tokens=max_dialogue_tokens, max_prompt_tokens=max_prompt_tokens,
+                        max_response_tokens=max_response_tokens),
     ]
     name = f"ultrainteract_{variant}"
     rows, where = _read_rows(source, ULTRAINTERACT_SAMPLE, hub_id or ULTRAINTERACT_HUB_IDS[variant], "train")
@@ -226,8 +240,8 @@ def load_anthropic_hh(
     *,
     split: Split = "train",
     max_turns: int | None = 5,
-    max_prompt_tokens: int | None = None,
-    max_response_tokens: int | None = None,
+    max_prompt_tokens: Limit = None,
+    max_response_tokens: Limit = None,
     max_dialogue_tokens: int | None = None,
     count_tokens: TokenCounter | None = None,
     limit: int | None = None,
@@ -425,7 +439,7 @@ def _turn_filter(max_turns: int | None) -> list[Filter]:
     return [("max_turns", lambda item: item.num_turns <= max_turns)]
 
 
-def _token_filters(count_tokens: TokenCounter | None, **limits: int | None) -> list[Filter]:
+def _token_filters(count_tokens: TokenCounter | None, **limits: Limit) -> list[Filter]:
     """Filters for the token limits that are set, in the order given."""
     active = {name: limit for name, limit in limits.items() if limit is not None}
     if not active:
@@ -433,8 +447,9 @@ def _token_filters(count_tokens: TokenCounter | None, **limits: int | None) -> l
     if count_tokens is None:
         raise ValueError(f"{', '.join(active)} need count_tokens, a Callable[[str], int]")
     for name, limit in active.items():
-        if limit < 1:
-            raise ValueError(f"{name} must be >= 1 or None, got {limit}")
+        values = limit.values() if isinstance(limit, Mapping) else [limit]
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in values):
+            raise ValueError(f"{name} must be an int >= 1, a mapping of turns to such ints, or None, got {limit!r}")
     measures: dict[str, Callable[[DialogueItem], int]] = {
         "max_dialogue_tokens": lambda item: _dialogue_tokens(item, count_tokens),
         "max_prompt_tokens": lambda item: max(count_tokens(q) for q in item.questions),
@@ -443,7 +458,11 @@ def _token_filters(count_tokens: TokenCounter | None, **limits: int | None) -> l
     return [(name, _at_most(measures[name], limit)) for name, limit in active.items()]
 
 
-def _at_most(measure: Callable[[DialogueItem], int], limit: int) -> Callable[[DialogueItem], bool]:
+def _at_most(measure: Callable[[DialogueItem], int], limit: int | Mapping[int, int]) -> Callable[[DialogueItem], bool]:
+    if isinstance(limit, Mapping):
+        by_turns = {int(k): v for k, v in limit.items()}
+        # A dialogue longer than the mapping covers has no limit set for it: it does not pass.
+        return lambda item: item.num_turns in by_turns and measure(item) <= by_turns[item.num_turns]
     return lambda item: measure(item) <= limit
 
 

@@ -47,27 +47,33 @@ from refuel_agents.baselines import AGENTS  # noqa: E402
 from refuel_agents.cli import add_dataclass_arguments, dataclass_from_args  # noqa: E402
 from refuel_agents.modes import BASELINE_MODES, MODE_HELP  # noqa: E402
 
-# The paper's configurations (DESIGN.md, appendix C.3). Models must be in the local HF cache.
+# The paper's configurations (appendix C; DESIGN.md). Every value's source is in the README's preset table.
+# Models must be in the local HF cache.
+_SETTING_TWO = {
+    "policy_model": "meta-llama/Meta-Llama-3-8B-Instruct", "iterations": 0, "prompts_per_iteration": 32,
+    "batch_size": 32, "micro_batch_size": 1, "epochs": 4, "eta": 1.0, "loss_scale": "paper", "lr": 3e-7,
+    "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 1e-6, "warmup_ratio": 0.0, "lr_schedule": "linear",
+    "schedule_scope": "run", "max_grad_norm": 0.0, "last_k_layers": 4, "temperature": 1.0,
+    "gradient_checkpointing": True, "eval_prompts": 0,
+}
 PRESETS: dict[str, dict] = {
     "embedded": {},
     "paper-setting-one": {
         "env_id": "UltraInteractDialogue-v0", "env_preset": "paper-setting-one", "env_kwargs": {},
         "policy_model": "meta-llama/Meta-Llama-3-8B-Instruct", "iterations": 2, "prompts_per_iteration": 0,
-        "batch_size": 128, "micro_batch_size": 1, "epochs": 1, "lr": 3e-7, "betas": (0.9, 0.95), "eps": 1e-8,
-        "weight_decay": 1e-6, "warmup_ratio": 0.1, "max_new_tokens": 1024, "temperature": 0.8,
+        "batch_size": 128, "micro_batch_size": 1, "epochs": 1, "eta": 1e3, "loss_scale": "original", "lr": 3e-7,
+        "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 1e-6, "warmup_ratio": 0.1, "lr_schedule": "cosine",
+        "schedule_scope": "iteration", "max_grad_norm": 0.0, "max_new_tokens": 1024, "temperature": 0.8,
         "max_seq_len": 2048, "gradient_checkpointing": True, "eval_prompts": 0,
     },
     "paper-setting-two-hh": {
         "env_id": "AnthropicHHPresampled-v0", "env_preset": "paper-setting-two-hh", "env_kwargs": {},
-        "policy_model": "meta-llama/Meta-Llama-3-8B-Instruct", "prompts_per_iteration": 32, "batch_size": 32,
-        "micro_batch_size": 1, "epochs": 4, "lr": 3e-7, "last_k_layers": 4, "max_new_tokens": 512,
-        "temperature": 0.8, "max_seq_len": 2048, "gradient_checkpointing": True, "eval_prompts": 0, "iterations": 100,
+        **_SETTING_TWO, "max_new_tokens": 512, "max_seq_len": 2048,
     },
     "paper-setting-two-ultrainteract": {
         "env_id": "UltraInteractPresampled-v0", "env_preset": "paper-setting-two-ultrainteract", "env_kwargs": {},
-        "policy_model": "meta-llama/Meta-Llama-3-8B-Instruct", "prompts_per_iteration": 32, "batch_size": 32,
-        "micro_batch_size": 1, "epochs": 4, "lr": 3e-7, "last_k_layers": 4, "max_new_tokens": 1024,
-        "temperature": 0.8, "max_seq_len": 3200, "gradient_checkpointing": True, "eval_prompts": 0, "iterations": 100,
+        **_SETTING_TWO, "max_new_tokens": 1024,
+        "max_new_tokens_by_h": {"1": 1024, "2": 768, "3": 512, "4": 512, "5": 512}, "max_seq_len": 3200,
     },
 }
 

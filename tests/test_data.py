@@ -449,7 +449,7 @@ def test_hub_sources_use_the_real_ids_and_splits(monkeypatch):
     calls = []
     samples = {
         "openbmb/UltraInteract_pair": ULTRAINTERACT_SAMPLE,
-        "trl-lib/hh-rlhf-helpful-base": ANTHROPIC_HH_SAMPLE,
+        "trl-internal-testing/hh-rlhf-trl-style": ANTHROPIC_HH_SAMPLE,
     }
 
     def fake_load_dataset(name, split):
@@ -462,8 +462,8 @@ def test_hub_sources_use_the_real_ids_and_splits(monkeypatch):
     hh_all = load_anthropic_hh("hub", split="all")
     assert calls == [
         ("openbmb/UltraInteract_pair", "train"),
-        ("trl-lib/hh-rlhf-helpful-base", "test"),
-        ("trl-lib/hh-rlhf-helpful-base", "train+test"),
+        ("trl-internal-testing/hh-rlhf-trl-style", "test"),
+        ("trl-internal-testing/hh-rlhf-trl-style", "train+test"),
     ]
     assert 0 < len(ui_test) < len(raw_rows(ULTRAINTERACT_SAMPLE))
     assert len(hh_test) == len(raw_rows(ANTHROPIC_HH_SAMPLE)) and hh_test.report.split == "test"

@@ -365,3 +365,58 @@ def test_schedules_linear_or_cosine_per_run_or_per_iteration(word_lm_dir):
     assert not engine._optimizer.state
     engine.set_schedule(4, 4, 8)  # the second half of a run-long schedule
     assert [step() for _ in range(2)] == [0.5, 0.375]
+
+
+# ------------------------------------------------------------------------------ presets: the environment's side
+
+
+def test_setting_two_presets_define_a_live_gamma_and_the_dataset_filters():
+    from refuel_env.components import make_config
+
+    ui = make_config("paper-setting-two-ultrainteract")
+    assert ui.truncation_penalty == -4.0 and ui.max_response_tokens == {1: 1024, 2: 768, 3: 512, 4: 512, 5: 512}
+    assert ui.data_filters["max_prompt_tokens"][5] == 128 and ui.data_filters["max_response_tokens"][1] == 1024
+    hh = make_config("paper-setting-two-hh")
+    assert hh.max_response_tokens == 512 and hh.data_filters == {"max_prompt_tokens": 128, "max_response_tokens": 512}
+    assert make_config("paper-setting-one").data_filters == {"max_dialogue_tokens": 2048}
+
+
+def test_data_filters_are_applied_when_the_environment_loads(smollm2_dir):
+    import gymnasium as gym
+
+    import refuel_env  # noqa: F401
+
+    kw = {"user": "presampled", "reward_model": WordCountReward(), "tokenizer": str(smollm2_dir)}
+    everything = gym.make("UltraInteractPresampled-v0", **kw).unwrapped.core.items
+    limited = gym.make("UltraInteractPresampled-v0", data_filters={"max_prompt_tokens": {1: 60, 2: 60, 3: 60}},
+                       **kw).unwrapped.core.items
+    assert 0 < len(limited) < len(everything)
+    with pytest.raises(ValueError, match="pass tokenizer="):
+        gym.make("UltraInteractPresampled-v0", data_filters={"max_dialogue_tokens": 100},
+                 **{**kw, "tokenizer": None})
+
+
+def test_per_turn_count_limits_filter_each_dialogue_by_its_own_length():
+    from refuel_env.data import load_ultrainteract
+
+    words = lambda text: len(text.split())  # noqa: E731
+    items = load_ultrainteract(split="all")
+    by_k = load_ultrainteract(split="all", count_tokens=words, max_prompt_tokens={1: 10_000, 2: 1, 3: 1})
+    assert len(by_k) == sum(item.num_turns == 1 for item in items)  # every multi-turn item has a question > 1 word
+    with pytest.raises(ValueError, match="mapping of turns"):
+        load_ultrainteract(count_tokens=words, max_prompt_tokens={1: 0})
+
+
+def test_a_per_h_response_limit_applies_gamma_by_dialogue_length():
+    import gymnasium as gym
+
+    import refuel_env  # noqa: F401
+
+    env = gym.make("UltraInteractDialogue-v0", user="instant", reward_model=WordCountReward(), tokenizer="embedded",
+                   truncation_penalty=-4.0, max_response_tokens={"1": 3, "2": 100})
+    four_words = "one two three four"
+    _, info = env.reset(seed=0, options={"horizon": 1})
+    assert env.step(four_words)[1] == -4.0  # H = 1: limit 3
+    env.reset(seed=0, options={"horizon": 2})
+    env.step(four_words)
+    assert env.step(four_words)[1] == 4.0  # H = 2: limit 100, the model's score
