@@ -420,3 +420,34 @@ def test_a_per_h_response_limit_applies_gamma_by_dialogue_length():
     env.reset(seed=0, options={"horizon": 2})
     env.step(four_words)
     assert env.step(four_words)[1] == 4.0  # H = 2: limit 100, the model's score
+
+
+# Each preset field and the row of the README's preset table that gives its source.
+PRESET_ROWS = {
+    "policy_model": "policy", "env_preset": "simulated user", "env_id": "simulated user", "env_kwargs": "data filters",
+    "iterations": "iterations", "prompts_per_iteration": "prompts per iteration", "batch_size": "pairs per update",
+    "micro_batch_size": "pairs per update", "epochs": "epochs per iteration", "eta": "eta", "loss_scale": "loss form",
+    "lr": "learning rate", "betas": "AdamW betas", "eps": "AdamW betas", "weight_decay": "AdamW betas",
+    "warmup_ratio": "schedule", "lr_schedule": "schedule", "schedule_scope": "schedule", "max_grad_norm": "gradient clipping",
+    "max_new_tokens": "response limit", "max_new_tokens_by_h": "response limit", "temperature": "sampling temperature",
+    "max_seq_len": "sequence limit", "last_k_layers": "trained layers",
+    "gradient_checkpointing": None, "eval_prompts": None,  # memory and monitoring, not the method
+}
+
+
+def test_every_preset_value_has_a_row_in_the_readme_table():
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("train_agent", root / "scripts" / "train_agent.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    readme = (root / "README.md").read_text()
+    table = readme[readme.index("| hyperparameter | paper | original release |"):]
+    table = table[: table.index("\n\n")]
+    for name, preset in module.PRESETS.items():
+        for key in preset:
+            assert key in PRESET_ROWS, f"preset {name} sets {key}: add its row to the README's preset table"
+            if PRESET_ROWS[key]:
+                assert f"\n| {PRESET_ROWS[key]}" in table, PRESET_ROWS[key]
