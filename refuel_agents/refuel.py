@@ -316,7 +316,9 @@ class RefuelTrainer:
         # Collection applies Gamma itself, from how each covered generation ended (collection.py);
         # the environment's token-counting Gamma is off there. Evaluation keeps the environment's.
         self.penalties = Penalties(env_config.truncation_penalty, env_config.kl_coef, config.penalty_turns)
-        self.collect_env_kwargs = {**self.env_kwargs, "truncation_penalty": None}
+        self.collect_env_kwargs = dict(self.env_kwargs)
+        if env_config.truncation_penalty is not None:
+            self.collect_env_kwargs["truncation_penalty"] = None
         self._iterations: int | None = None
 
     def _default_run_name(self) -> str:
@@ -562,8 +564,9 @@ class RefuelTrainer:
             )
         if self.engine.is_main:
             if rows:  # (an empty Dataset does not load back; an iteration without pairs is simply collected again)
+                keys = list(dict.fromkeys(k for r in rows for k in r))  # every row's keys (from_list reads the first's)
                 with ckpt.atomic_dir(data_dir) as tmp:
-                    datasets.Dataset.from_list([_storable(r) for r in rows]).save_to_disk(str(tmp))
+                    datasets.Dataset.from_list([_storable({k: r.get(k) for k in keys}) for r in rows]).save_to_disk(str(tmp))
             ckpt.write_json_atomic(data_dir.parent / "collection.json", {**stats.as_dict(), "too_long": too_long})
         by_h = {h: float(np.mean([r["reward"] - r["reward_prime"] for r in rows if r["h"] == h] or [math.nan]))
                 for h in range(1, self.max_turns + 1)}
