@@ -869,6 +869,9 @@ def evaluate_policies(
         except (TypeError, ValueError):
             configured_limit = None  # gym.make below reports the bad argument
         play_kwargs["max_dialogue_tokens"] = max_dialogue_tokens
+    elif max_dialogue_tokens is not None:
+        raise ValueError(f"max_dialogue_tokens={max_dialogue_tokens} applies to the dialogue environments "
+                         f"{sorted(refuel_env.ENV_IDS)}; {env_id} has no dialogue length limit: pass None")
     env = gym.make(env_id, **play_kwargs)
     core = env.unwrapped.core
     max_turns = core.max_turns
