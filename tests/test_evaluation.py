@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from refuel_agents.evaluation import (
-    Comparison,
     TEMPLATE_HELP,
+    Comparison,
     PairwiseJudge,
     RewardJudge,
     SpecError,
