@@ -124,7 +124,9 @@ class DpoTrainer(RebelTrainer):
         logp, entropy, batch = self.pair_logprobs(self.engine.model, batch_rows, entropy=True)
         col = lambda key: torch.tensor([r[key] for r in batch_rows], dtype=torch.float32, device=self.device)  # noqa: E731
         ref = "logp_t" if self.config.reference_policy == "iteration" else "logp_ref"
-        first = col("reward") > col("reward_prime")  # y is the chosen response
+        # y is the chosen response. Compared in Python floats (float64), the precision in which
+        # collect() drops ties: float32 copies would round r = 0.30000001 and 0.3 to one value.
+        first = torch.tensor([float(r["reward"]) > float(r["reward_prime"]) for r in batch_rows], device=self.device)
         pick = lambda a, b: (torch.where(first, a, b), torch.where(first, b, a))  # noqa: E731
         chosen, rejected = pick(logp[:n], logp[n:])
         ref_chosen, ref_rejected = pick(col(ref), col(f"{ref}_prime"))

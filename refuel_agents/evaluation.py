@@ -3,12 +3,12 @@
 The protocol of the paper's sections 4.2 and 4.3 (tables 1 and 2, appendices C.5 and E):
 
 1. The policy and the reference policy each play the environment from the same held-out prompts
-   (``split="test"``), with the same seeds, for H turns (H = 5 by default; in a pre-sampled
-   setting an item with fewer questions ends at its own length). Both use
-   :func:`refuel_agents.collection.play_dialogues`, whose seeded sampling makes the two runs
-   differ only by the policy.
-2. For every turn h = 1..H_i the two dialogues truncated after the h-th assistant message are
-   compared by a judge: :class:`PairwiseJudge` (any :class:`~refuel_env.generation.TextGenerator`
+   (``split="test"``), with the same seeds, for H turns (H = 5 by default, the paper's; in a
+   pre-sampled setting an item with fewer questions ends at its own length). Both use
+   :func:`play_for_evaluation`, whose seeded sampling makes the two runs differ only by the
+   policy. The training-data limit ``max_dialogue_tokens`` is off while playing.
+2. For every turn h = 1..H_i that both dialogues reached, the two dialogues truncated after the
+   h-th assistant message are compared by a judge: :class:`PairwiseJudge` (any :class:`~refuel_env.generation.TextGenerator`
    answering the appendix C.5 prompt: a local model, vLLM, or GPT-4 over HTTP) or
    :class:`RewardJudge` (the higher reward-model score wins; exact and cheap).
 3. :func:`win_rates` aggregates the judgements: a win rate per turn with a Wilson 95 % interval,
@@ -16,14 +16,15 @@ The protocol of the paper's sections 4.2 and 4.3 (tables 1 and 2, appendices C.5
    share of the test set's dataset dialogues of each length), and the full-dialogue win rate
    (each pair judged at its own last turn; table 2's ``Winrate``).
 4. Also reported: the reward-model score (mean environment reward of the full dialogues, KL
-   penalty off), a Monte-Carlo estimate of KL(pi || pi_ref) from the policy's own dialogues
-   (:func:`kl_estimate`), and the mean response length in words.
+   penalty off), a Monte-Carlo estimate of KL(pi || pi_ref) at temperature 1 from dialogues the
+   policy sampled at temperature 1 (:func:`kl_estimate`), and the mean response length in words.
 
 Outcomes are from the policy's side: 1 = the policy's dialogue is preferred, 0 = the
 reference's, 0.5 = a tie. A comparison that yields no outcome (the judge's answer could not be
 parsed, or the prompt does not fit the judge's context) is left out of the win rate and
-counted. A pair in which either dialogue was truncated by the environment (it outgrew a length
-limit) is not judged and is counted as ``truncated_pairs``.
+counted. A pair in which either dialogue was truncated by the environment (it outgrew a model's
+context) is judged at the turns both reached, has no full-dialogue judgement, and is counted as
+``truncated_pairs``.
 
 **Both orders** (``both_orders=True``): each comparison is judged with the policy's dialogue as
 A and again as B. Both answers parsed: the same dialogue preferred both times gives 1 or 0;
@@ -48,7 +49,7 @@ from typing import Any, Literal
 import numpy as np
 from tqdm import tqdm
 
-from refuel_agents.collection import play_dialogues
+from refuel_agents.collection import StepBatcher
 from refuel_agents.logprobs import batched_logprobs, encode_response
 from refuel_env.generation import SamplingParams, TextGenerator, TransformersGenerator
 from refuel_env.types import Message
@@ -105,15 +106,59 @@ def render_dialogue(messages: Sequence[Message]) -> str:
     return "\n\n".join(f"# {_SPEAKERS[m['role']]}:\n{m['content'].strip()}" for m in messages)
 
 
+#: The placeholders a judge template may use for the two transcripts: this project's
+#: ``{dialogue_a}`` / ``{dialogue_b}``, or appendix C.5's ``{{dialoguea}}`` / ``{{dialogueb}}``
+#: (double braces, spaces and an underscore allowed: ``{{ dialogue_a }}``).
+_PLACEHOLDER = re.compile(r"\{\{\s*dialogue_?([ab])\s*\}\}|\{dialogue_([ab])\}")
+
+TEMPLATE_HELP = (
+    "a judge template is 'ultrainteract', 'hh', or the path of a UTF-8 text file holding the prompt; the file "
+    "marks where the two transcripts go with the placeholders {dialogue_a} and {dialogue_b}, or with appendix C.5's "
+    "{{dialoguea}} and {{dialogueb}} (each exactly once)"
+)
+
+
+def _check_template_text(text: str, where: str) -> None:
+    found = [m.group(1) or m.group(2) for m in _PLACEHOLDER.finditer(text)]
+    if sorted(found) != ["a", "b"]:
+        counts = f"{found.count('a')} placeholder(s) for dialogue A and {found.count('b')} for dialogue B"
+        raise ValueError(f"judge template {where} has {counts}; {TEMPLATE_HELP}")
+
+
+def load_judge_template(value: str) -> str:
+    """A judge template from a key of :data:`JUDGE_TEMPLATES` (returned as is), a template text
+    (holding the placeholders), or the path of a text file holding one (its text is returned).
+
+    Raises ValueError naming the value when it is none of these, or when the text lacks a
+    placeholder or repeats one (see :data:`TEMPLATE_HELP`).
+    """
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"empty judge template {value!r}; {TEMPLATE_HELP}")
+    if value in JUDGE_TEMPLATES:
+        return value
+    if _PLACEHOLDER.search(value):
+        _check_template_text(value, "text")
+        return value
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise ValueError(f"judge template {value!r} is neither one of {sorted(JUDGE_TEMPLATES)} nor an existing "
+                         f"file; {TEMPLATE_HELP}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"judge template file {value!r} cannot be read as UTF-8 text ({err}); {TEMPLATE_HELP}") from None
+    _check_template_text(text, f"file {value!r}")
+    return text
+
+
 def judge_prompt(template: str, dialogue_a: Sequence[Message], dialogue_b: Sequence[Message]) -> str:
-    """Fill a judge template (a key of :data:`JUDGE_TEMPLATES` or a text with both placeholders)."""
+    """Fill a judge template: a key of :data:`JUDGE_TEMPLATES` or a text with both placeholders
+    (either spelling, see :data:`TEMPLATE_HELP`). Filled in one pass, so a transcript that itself
+    contains a placeholder is left as it is."""
     text = JUDGE_TEMPLATES.get(template, template)
-    if "{dialogue_a}" not in text or "{dialogue_b}" not in text:
-        raise ValueError(
-            f"judge template must be one of {sorted(JUDGE_TEMPLATES)} or a text holding the placeholders "
-            "{dialogue_a} and {dialogue_b}"
-        )
-    return text.replace("{dialogue_a}", render_dialogue(dialogue_a)).replace("{dialogue_b}", render_dialogue(dialogue_b))
+    _check_template_text(text, "text")
+    rendered = {"a": render_dialogue(dialogue_a), "b": render_dialogue(dialogue_b)}
+    return _PLACEHOLDER.sub(lambda m: rendered[m.group(1) or m.group(2)], text)
 
 
 def template_for_dataset(dataset: str) -> str:
@@ -210,12 +255,30 @@ class Comparison:
     """Which held-out prompt (position in the evaluation)."""
     item_id: str = ""
     full: bool = False
-    """True when ``turn`` is the pair's last turn (the whole dialogue is judged)."""
+    """True when ``turn`` is the pair's last turn and both dialogues ended there (the whole
+    dialogues are judged)."""
+    policy: str = ""
+    """The policy's name: with the seed, the prompt and the turn it decides the A/B order."""
 
 
 def _base_record(c: Comparison) -> dict[str, Any]:
-    return {"index": c.index, "item_id": c.item_id, "turn": c.turn, "full": c.full,
+    return {"index": c.index, "item_id": c.item_id, "turn": c.turn, "full": c.full, "policy": c.policy,
             "prompt_hash": prompt_hash(c.policy_dialogue)}
+
+
+def _stable_uniform(*key: Any) -> float:
+    """A number in [0, 1) that depends only on ``key`` (SHA-256 of its repr): the same in every run."""
+    digest = hashlib.sha256(repr(key).encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def comparison_order(seed: int, c: Comparison) -> bool:
+    """Whether the policy's dialogue is shown as A: drawn from (seed, prompt, policy, turn) alone,
+    so adding or removing a policy, a prompt or a turn leaves every other comparison's order as it is.
+    The prompt is the item id (the position in the evaluation when there is none) and the digest
+    of the first user message."""
+    prompt = (c.item_id or f"#{c.index}", prompt_hash(c.policy_dialogue))
+    return _stable_uniform("order", int(seed), prompt, c.policy, int(c.turn)) < 0.5
 
 
 # ------------------------------------------------------------------------------ judges
@@ -244,7 +307,9 @@ class RewardJudge(Judge):
 
     Scores within ``tie_tolerance`` of each other are a tie (0.5). Exact where the reward is
     (synthetic tasks), cheap on a CPU, and the same model that trains the policy: it measures
-    reward, not the independent preference a GPT-4 judge gives.
+    reward, not the independent preference a GPT-4 judge gives. A comparison with a transcript
+    longer than the reward model reads (``max_length``) is not scored; it is recorded with
+    ``failure="context"``. A reward has no A/B order, so there is no both-orders mode.
     """
 
     def __init__(self, reward_model: Any, *, tie_tolerance: float = 0.0, name: str = "reward"):
@@ -263,11 +328,22 @@ class RewardJudge(Judge):
     def judge(self, comparisons: Sequence[Comparison], *, progress: bool = False) -> list[dict[str, Any]]:
         if not comparisons:
             return []
-        dialogues = [c.policy_dialogue for c in comparisons] + [c.reference_dialogue for c in comparisons]
-        scores = np.asarray(self.reward_model.score(dialogues), dtype=float)
-        n = len(comparisons)
+        limit = getattr(self.reward_model, "max_length", None)
+        fits = [limit is None or max(self.reward_model.count_tokens(c.policy_dialogue),
+                                     self.reward_model.count_tokens(c.reference_dialogue)) <= limit
+                for c in comparisons]
+        scored = [c for c, ok in zip(comparisons, fits) if ok]
+        dialogues = [c.policy_dialogue for c in scored] + [c.reference_dialogue for c in scored]
+        scores = np.asarray(self.reward_model.score(dialogues), dtype=float) if scored else np.zeros(0)
+        n = len(scored)
         records = []
-        for k, c in enumerate(comparisons):
+        k = -1
+        for c, ok in zip(comparisons, fits):
+            if not ok:
+                records.append({**_base_record(c), "judge": self.name, "policy_score": None, "reference_score": None,
+                                "outcome": None, "failure": "context", "parse_failures": 0})
+                continue
+            k += 1
             ours, theirs = float(scores[k]), float(scores[n + k])
             gap = ours - theirs
             outcome = 0.5 if abs(gap) <= self.tie_tolerance else float(gap > 0)
@@ -279,11 +355,14 @@ class RewardJudge(Judge):
 class PairwiseJudge(Judge):
     """An LLM judge behind any :class:`TextGenerator` answering a pairwise prompt (appendix C.5).
 
-    The position of the policy's dialogue (A or B) is drawn per comparison from a generator
-    seeded with ``seed``, so the same seed gives the same orders. ``both_orders=True`` asks both
-    orders and combines them by the rule in the module docstring. ``template`` is a key of
-    :data:`JUDGE_TEMPLATES` or a text with both placeholders; None lets :func:`evaluate_policies`
-    pick it from the environment's dataset ('ultrainteract' when used on its own). ``sampling`` defaults to
+    The position of the policy's dialogue (A or B) is drawn per comparison from (``seed``, prompt,
+    policy, turn) by :func:`comparison_order`, and so is the judge's sampling seed of each request:
+    the same seed gives the same orders, and a comparison's order does not depend on which other
+    comparisons are judged in the run. ``both_orders=True`` asks both orders and combines them by
+    the rule in the module docstring. ``template`` is a key of :data:`JUDGE_TEMPLATES`, a text with
+    both placeholders, or a template file's path (see :func:`load_judge_template`); None lets
+    :func:`evaluate_policies` pick it from the environment's dataset ('ultrainteract' when used on
+    its own). ``sampling`` defaults to
     greedy decoding with up to 256 new tokens. A prompt longer than the judge's context minus
     ``sampling.max_new_tokens`` is not sent; it is recorded with ``failure="context"``.
     """
@@ -301,7 +380,7 @@ class PairwiseJudge(Judge):
         if not isinstance(generator, TextGenerator):
             raise TypeError(f"generator must be a TextGenerator, got {type(generator).__name__}")
         if template is not None:
-            judge_prompt(template, [], [])  # validates the template
+            template = load_judge_template(template)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.generator = generator
@@ -311,22 +390,27 @@ class PairwiseJudge(Judge):
         self.sampling = sampling or SamplingParams(max_new_tokens=256, temperature=0.0)
         self.batch_size = batch_size
         self.name = getattr(generator, "name", "judge")
-        self._rng = np.random.default_rng(self.seed)
 
     def describe(self) -> dict[str, Any]:
         template = self.template or "ultrainteract"
-        return {"name": self.name, "kind": "pairwise", "template": template if template in JUDGE_TEMPLATES
-                else "custom", "seed": self.seed, "both_orders": self.both_orders, "sampling": asdict(self.sampling)}
+        out = {"name": self.name, "kind": "pairwise", "template": template if template in JUDGE_TEMPLATES
+               else "custom", "seed": self.seed, "both_orders": self.both_orders, "sampling": asdict(self.sampling)}
+        if template not in JUDGE_TEMPLATES:
+            out["template_text"] = template
+        return out
 
     def judge(self, comparisons: Sequence[Comparison], *, progress: bool = False) -> list[dict[str, Any]]:
         # One request per (comparison, order): policy_first True puts the policy's dialogue at A.
         requests: list[tuple[int, bool, str]] = []
+        seeds: list[int] = []
         for k, c in enumerate(comparisons):
-            first = bool(self._rng.random() < 0.5)
+            first = comparison_order(self.seed, c)
             for policy_first in ([first, not first] if self.both_orders else [first]):
                 a, b = (c.policy_dialogue, c.reference_dialogue) if policy_first else (c.reference_dialogue, c.policy_dialogue)
                 requests.append((k, policy_first, judge_prompt(self.template or "ultrainteract", a, b)))
-        seeds = self._rng.integers(0, 2**31 - 1, len(requests)).tolist()
+                key = ("judge-seed", self.seed, c.item_id or f"#{c.index}", prompt_hash(c.policy_dialogue),
+                       c.policy, int(c.turn), policy_first)
+                seeds.append(int(_stable_uniform(*key) * (2**31 - 1)))
         answers: list[str | None] = [None] * len(requests)
         finished: list[str | None] = [None] * len(requests)
         room = self.generator.max_context - self.sampling.max_new_tokens
@@ -648,6 +732,70 @@ def _rm_score(rows: Sequence[Mapping[str, Any]]) -> tuple[float, int]:
     return (float(np.mean(rewards)) if rewards else math.nan, len(rewards))
 
 
+def play_for_evaluation(
+    *,
+    env_id: str,
+    env_kwargs: Mapping[str, Any],
+    policy: TextGenerator,
+    sampling: SamplingParams,
+    seed: int,
+    horizons: Sequence[int],
+    prompt_indices: Sequence[int],
+) -> list[dict[str, Any]]:
+    """Play one dialogue per held-out prompt with ``policy``, batched: one policy call and one
+    vector step per turn for all dialogues in flight.
+
+    Unlike :func:`refuel_agents.collection.play_dialogues`, a dialogue the environment truncates
+    keeps its messages up to and including the response that ended it, so the turns it reached can
+    still be judged; and the policy's sampling seed of each response comes from (``seed``, prompt,
+    turn) alone, so a dialogue's samples do not depend on when the other dialogues ended. The
+    environment is reset with ``seed`` (dialogue i gets ``seed + i``, as in the collection).
+
+    One row per prompt: ``item_id``, ``H``, ``reward`` (None when truncated, with
+    ``truncation_reason``), ``dialogue`` and ``turns_reached`` (its assistant messages).
+    """
+    n = len(prompt_indices)
+    if len(horizons) != n:
+        raise ValueError(f"play_for_evaluation: {len(horizons)} horizons for {n} prompts")
+    batcher = StepBatcher(env_id, dict(env_kwargs))
+    try:
+        _, info = batcher.env(n).reset(seed=seed, options={"horizon": [int(h) for h in horizons],
+                                                           "index": [int(i) for i in prompt_indices]})
+        rows: list[dict[str, Any]] = [{"item_id": str(info["item_id"][i]), "H": int(info["horizon"][i]),
+                                       "reward": None, "dialogue": []} for i in range(n)]
+        active = [(i, info["snapshot"][i]) for i in range(n)]
+        turn = 0
+        while active:
+            turn += 1
+            seeds = [int(_stable_uniform("policy-seed", int(seed), int(prompt_indices[i]), turn) * (2**31 - 1))
+                     for i, _ in active]
+            replies = [c.text for c in policy.chat([snap.messages for _, snap in active], sampling, seeds=seeds)]
+            obs, reward, terminated, truncated, info = batcher.step([snap for _, snap in active],
+                                                                    [None] * len(active), replies)
+            going_on = []
+            for k, (i, _) in enumerate(active):
+                if terminated[k] or truncated[k]:
+                    rows[i]["dialogue"] = list(obs[k])
+                    if terminated[k]:
+                        rows[i]["reward"] = float(reward[k])
+                    else:
+                        rows[i]["truncation_reason"] = str(info["truncation_reason"][k])
+                else:
+                    going_on.append((i, info["snapshot"][k]))
+            active = going_on
+    finally:
+        batcher.close()
+    for row in rows:
+        row["turns_reached"] = assistant_turns(row["dialogue"])
+    return rows
+
+
+def _kl_sampling(sampling: SamplingParams) -> SamplingParams:
+    """Plain sampling from the policy (T = 1, no top-p / top-k), the same length limit and stops."""
+    return SamplingParams(max_new_tokens=sampling.max_new_tokens, temperature=1.0, top_p=1.0, top_k=0,
+                          stop=sampling.stop)
+
+
 def evaluate_policies(
     policies: Mapping[str, TextGenerator | str],
     reference: TextGenerator | str = "embedded",
@@ -663,6 +811,7 @@ def evaluate_policies(
     judge_template: str | None = None,
     judge_sampling: SamplingParams | None = None,
     turn_weights: Mapping[int, float] | None = None,
+    max_dialogue_tokens: int | None = None,
     compute_kl: bool = True,
     device: str | None = None,
     progress: bool = True,
@@ -672,11 +821,21 @@ def evaluate_policies(
     ``policies`` maps a display name to a :class:`TextGenerator` or a model spec (see
     :data:`SPEC_HELP`); ``reference`` likewise. ``judge`` is 'reward', a model spec, or a ready
     :class:`Judge`. ``env_kwargs`` are the environment's keyword arguments (``preset`` included);
-    ``split`` is set to 'test' and ``kl_coef`` to 0 for playing (KL is reported on its own).
+    ``split`` is set to 'test' and ``kl_coef`` to 0 for playing (KL is reported on its own), and
+    the environment's ``max_dialogue_tokens`` (a preset's or ``env_kwargs``') to the argument
+    ``max_dialogue_tokens`` (default None, no limit): that limit filters training data, and an
+    evaluation that kept it would drop a pair at every turn when its later turns grow long. The
+    configured value is recorded as ``config.env_max_dialogue_tokens``. A pair is judged at every
+    turn both dialogues reached (a dialogue the environment still truncates, e.g. at a model's
+    context, counts up to its last response).
     ``horizon`` is H (at most the environment's ``max_turns``; None = ``max_turns``).
     ``num_prompts`` held-out items are drawn without replacement with ``seed``. ``sampling`` is
     the policies' sampling (default: 256 new tokens at temperature 0.8). ``turn_weights`` override
-    the appendix E weights (default: the test split's dataset dialogue lengths).
+    the appendix E weights (default: the test split's dataset dialogue lengths). ``both_orders``
+    needs a pairwise (LLM) judge; with the reward judge it is refused (a reward has no A/B order).
+    The KL column is KL(pi || pi_ref) of the models themselves (T = 1): with local models, each
+    policy plays the same prompts once more sampling at T = 1 (the evaluation's own dialogues are
+    used when ``sampling`` is already plain T = 1 sampling), scored at T = 1 (:func:`kl_estimate`).
 
     Returns a JSON-ready dict: ``config`` (everything needed to rerun, seeds included),
     ``turn_weights``, ``reference`` (its RM score and length), and ``policies``: per name
@@ -685,14 +844,34 @@ def evaluate_policies(
     """
     import gymnasium as gym
 
-    import refuel_env  # noqa: F401  (registers the ids)
+    import refuel_env  # (registers the ids)
 
     if not policies:
         raise ValueError("evaluate_policies needs at least one policy")
+    if both_orders and (isinstance(judge, RewardJudge) or judge == "reward"):
+        raise ValueError("both_orders=True (--both-orders) needs a pairwise LLM judge, but the judge is the reward "
+                         "model, which scores each dialogue on its own and has no A/B order; drop --both-orders "
+                         "or pass a model spec as the judge (e.g. openai:gpt-4-0613)")
     if isinstance(num_prompts, bool) or not isinstance(num_prompts, int) or num_prompts < 1:
         raise ValueError(f"num_prompts must be a positive int, got {num_prompts!r}")
+    if max_dialogue_tokens is not None and (isinstance(max_dialogue_tokens, bool)
+                                            or not isinstance(max_dialogue_tokens, int) or max_dialogue_tokens < 1):
+        raise ValueError(f"max_dialogue_tokens must be None (no limit) or a positive int, got {max_dialogue_tokens!r}")
     sampling = sampling or SamplingParams(max_new_tokens=256, temperature=0.8)
     play_kwargs = {**dict(env_kwargs or {}), "split": "test", "kl_coef": 0.0}
+    configured_limit = None
+    if env_id in refuel_env.ENV_IDS:  # (the synthetic task has no dialogue limit)
+        from refuel_env.components import make_config
+
+        given = {k: v for k, v in play_kwargs.items() if k != "preset"}
+        try:
+            configured_limit = make_config(play_kwargs.get("preset"), **given).max_dialogue_tokens
+        except (TypeError, ValueError):
+            configured_limit = None  # gym.make below reports the bad argument
+        play_kwargs["max_dialogue_tokens"] = max_dialogue_tokens
+    elif max_dialogue_tokens is not None:
+        raise ValueError(f"max_dialogue_tokens={max_dialogue_tokens} applies to the dialogue environments "
+                         f"{sorted(refuel_env.ENV_IDS)}; {env_id} has no dialogue length limit: pass None")
     env = gym.make(env_id, **play_kwargs)
     core = env.unwrapped.core
     max_turns = core.max_turns
@@ -711,11 +890,15 @@ def evaluate_policies(
     the_judge = build_judge(judge, env=env, template=template, seed=seed, both_orders=both_orders,
                             sampling=judge_sampling, device=device)
     if isinstance(the_judge, PairwiseJudge) and the_judge.template is None:
-        the_judge.template = template
+        the_judge.template = load_judge_template(template)
+    if both_orders and not getattr(the_judge, "both_orders", False):
+        raise ValueError(f"both_orders=True, but the judge {the_judge.name!r} ({type(the_judge).__name__}) judges one "
+                         "order only; build it with both_orders=True or pass both_orders=False")
+    kl_sampling = _kl_sampling(sampling)
 
-    def play(generator: TextGenerator) -> list[dict[str, Any]]:
-        return play_dialogues(env_id=env_id, env_kwargs=play_kwargs, policy=generator, sampling=sampling,
-                              num_dialogues=num_prompts, seed=seed, horizon=horizons, prompt_indices=indices)
+    def play(generator: TextGenerator, params: SamplingParams = sampling) -> list[dict[str, Any]]:
+        return play_for_evaluation(env_id=env_id, env_kwargs=play_kwargs, policy=generator, sampling=params,
+                                   seed=seed, horizons=horizons, prompt_indices=indices)
 
     loaded: dict[str, TextGenerator] = {}
 
@@ -732,14 +915,15 @@ def evaluate_policies(
     ref_rows = play(ref_gen)
     steps.update()
     ref_score, ref_n = _rm_score(ref_rows)
-    logprob_temperature = sampling.temperature if sampling.temperature > 0 else 1.0
     results: dict[str, Any] = {
         "config": {
             "env_id": env_id, "env_kwargs": _json_kwargs(play_kwargs), "num_prompts": num_prompts, "horizon": H,
             "seed": seed, "prompt_indices": indices, "item_ids": [r["item_id"] for r in ref_rows],
             "dialogue_horizons": horizons, "env_seeds": [seed + i for i in range(num_prompts)],
-            "sampling": asdict(sampling), "judge": the_judge.describe(), "both_orders": both_orders,
-            "kl_logprob_temperature": logprob_temperature, "length_unit": "words",
+            "sampling": asdict(sampling), "judge": the_judge.describe(),
+            "both_orders": bool(getattr(the_judge, "both_orders", False)),
+            "max_dialogue_tokens": max_dialogue_tokens, "env_max_dialogue_tokens": configured_limit,
+            "kl_logprob_temperature": 1.0, "kl_sampling": asdict(kl_sampling), "length_unit": "words",
             "reference": reference if isinstance(reference, str) else getattr(reference, "name", "reference"),
         },
         "turn_weights": weights,
@@ -756,14 +940,13 @@ def evaluate_policies(
         comparisons = []
         truncated_pairs = 0
         for i, (ours, theirs) in enumerate(zip(rows, ref_rows)):
-            if ours.get("reward") is None or theirs.get("reward") is None:
-                truncated_pairs += 1
-                continue
-            last = min(assistant_turns(ours["dialogue"]), assistant_turns(theirs["dialogue"]))
-            for h in range(1, last + 1):
+            complete = ours.get("reward") is not None and theirs.get("reward") is not None
+            truncated_pairs += not complete
+            last = min(ours["turns_reached"], theirs["turns_reached"])
+            for h in range(1, last + 1):  # every turn both dialogues reached
                 comparisons.append(Comparison(truncate_dialogue(ours["dialogue"], h),
                                               truncate_dialogue(theirs["dialogue"], h), h, i,
-                                              ours["item_id"], full=h == last))
+                                              ours["item_id"], full=complete and h == last, policy=name))
         steps.set_postfix_str(f"judge {name}")
         records = the_judge.judge(comparisons, progress=progress)
         steps.update()
@@ -773,14 +956,23 @@ def evaluate_policies(
         kept = [r["dialogue"] for r in rows if r.get("reward") is not None]
         kl: dict[str, Any] | None = None
         kl_note = None
+        kl_rows: list[dict[str, Any]] | None = None
         if not compute_kl:
             kl_note = "not computed (compute_kl=False)"
         elif _local_model(gen) is None or _local_model(ref_gen) is None:
             kl_note = "needs local transformers models for the policy and the reference"
-        elif not kept:
-            kl_note = "no complete policy dialogue"
         else:
-            kl = kl_estimate(gen, ref_gen, kept, temperature=logprob_temperature)
+            if sampling == kl_sampling:
+                kl_dialogues = kept
+            else:  # the evaluation's samples are not pi's: sample pi itself (T = 1)
+                steps.set_postfix_str(f"play {name} at T = 1 for KL")
+                kl_rows = play(gen, kl_sampling)
+                kl_dialogues = [r["dialogue"] for r in kl_rows if r.get("reward") is not None]
+            if kl_dialogues:
+                kl = kl_estimate(gen, ref_gen, kl_dialogues, temperature=1.0)
+                kl["samples"] = "the evaluation dialogues" if kl_rows is None else "kl_dialogues (sampled at T = 1)"
+            else:
+                kl_note = "no complete policy dialogue sampled at T = 1"
         results["policies"][name] = {
             "spec": spec if isinstance(spec, str) else getattr(spec, "name", name),
             "win_rate": win_rates(records, horizon=H, weights=weights),
@@ -789,6 +981,7 @@ def evaluate_policies(
             "length_words": _response_words(kept),
             "truncated_pairs": truncated_pairs,
             "records": records, "dialogues": rows,
+            **({"kl_dialogues": kl_rows} if kl_rows is not None else {}),
         }
     steps.close()
     env.close()
@@ -833,6 +1026,14 @@ def markdown_table(results: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _limit_sentence(cfg: Mapping[str, Any]) -> str:
+    used, configured = cfg.get("max_dialogue_tokens"), cfg.get("env_max_dialogue_tokens")
+    limit = "no dialogue length limit" if used is None else f"dialogues limited to {used} tokens"
+    if configured is not None and configured != used:
+        return f" Played with {limit} (the environment's training-data limit max_dialogue_tokens={configured} is off)."
+    return f" Played with {limit}." if used is not None else ""
+
+
 def markdown_report(results: Mapping[str, Any]) -> str:
     """The table with what it measures, the intervals and the run's configuration."""
     cfg = results["config"]
@@ -842,7 +1043,8 @@ def markdown_report(results: Mapping[str, Any]) -> str:
         f"# Win rates against the reference ({cfg['reference']})",
         "",
         f"Environment `{cfg['env_id']}` (test split), {cfg['num_prompts']} held-out prompts, H = {H}, seed {cfg['seed']}; "
-        f"judge: {judge.get('kind', '')} `{judge.get('name')}`" + (" (both orders)" if cfg["both_orders"] else "") + ".",
+        f"judge: {judge.get('kind', '')} `{judge.get('name')}`" + (" (both orders)" if cfg["both_orders"] else "") + "."
+        + _limit_sentence(cfg),
         "",
         markdown_table(results),
         "",
@@ -850,8 +1052,9 @@ def markdown_report(results: Mapping[str, Any]) -> str:
         "avg: mean over turns; weighted avg: appendix E weights "
         + ", ".join(f"h={h}: {_num(_get_turn(results['turn_weights'], h), '{:.2f}')}" for h in range(1, H + 1))
         + "; full dialogue: each pair at its last turn. RM score: mean environment reward of the full dialogues "
-        "(KL penalty off). KL: Monte-Carlo estimate from the policy's dialogues (sum over turns of "
-        f"log pi - log pi_ref, logits / {cfg['kl_logprob_temperature']}). Length: mean words per response.",
+        "(KL penalty off). KL: Monte-Carlo estimate of KL(pi || pi_ref) at temperature 1 (the models themselves), "
+        "from dialogues the policy sampled at T = 1 (sum over turns of log pi - log pi_ref). "
+        "Length: mean words per response.",
         "",
         "## 95 % Wilson intervals per turn",
         "",
@@ -865,7 +1068,8 @@ def markdown_report(results: Mapping[str, Any]) -> str:
             cells.append(f"{_pct(t['ci_low'])}–{_pct(t['ci_high'])} (n={t['n']})" if t and t["n"] else "-")
         out.append(f"| {name} | " + " | ".join(cells) + " |")
     notes = [f"- {name}: KL {p['kl_note']}" for name, p in results["policies"].items() if p.get("kl_note")]
-    notes += [f"- {name}: {p['truncated_pairs']} pair(s) not judged: the environment truncated a dialogue"
+    notes += [f"- {name}: {p['truncated_pairs']} pair(s) with a dialogue the environment truncated: judged at the "
+              "turns both reached, no full-dialogue judgement"
               for name, p in results["policies"].items() if p["truncated_pairs"]]
     notes += [f"- {name}: {p['win_rate']['failures']} comparison(s) without an outcome "
               f"({p['win_rate']['parse_failures']} unparsed judge answers)"
@@ -937,7 +1141,8 @@ def write_reports(results: Mapping[str, Any], out_dir: str | Path) -> dict[str, 
 __all__ = [
     "Comparison", "HH_JUDGE_TEMPLATE", "JUDGE_TEMPLATES", "Judge", "ModelSpec", "PairwiseJudge",
     "RewardJudge", "SPEC_HELP", "SpecError", "ULTRAINTERACT_JUDGE_TEMPLATE", "build_judge", "check_spec", "evaluate_policies",
-    "kl_estimate", "length_weights", "load_generator", "markdown_report", "markdown_table", "parse_preference",
+    "TEMPLATE_HELP", "comparison_order", "kl_estimate", "length_weights", "load_generator", "load_judge_template",
+    "play_for_evaluation", "markdown_report", "markdown_table", "parse_preference",
     "parse_spec", "plot_win_rates", "render_dialogue", "response_logprobs", "split_named_spec", "template_for_dataset", "truncate_dialogue",
     "turn_pairs", "weighted_average", "wilson_interval", "win_rates", "write_reports",
 ]

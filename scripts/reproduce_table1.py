@@ -9,9 +9,12 @@ every trained policy against the base model, per turn, on the same held-out prom
 
 Each method is trained by ``scripts/train_agent.py`` and all of them are evaluated in one run of
 ``scripts/evaluate.py`` (same prompts, same seeds, same judge), each in a subprocess whose exact
-command line is written to ``<output-dir>/commands.sh`` before it runs. A method whose
-``final_model`` exists is not trained again, and one whose run folder exists without it is
-resumed from its last checkpoint, so an interrupted reproduction continues where it stopped.
+command line is written to ``<output-dir>/commands.sh`` before it runs. Rerunning the same command
+continues an interrupted reproduction: a method whose ``final_model`` exists is not trained
+again, one with a checkpoint is resumed from its last checkpoint, and one interrupted before its
+first checkpoint is trained afresh (its folder is first renamed ``<method>.no-checkpoint-<time>``,
+nothing is deleted). Before reusing or resuming a run, its ``config.json`` is compared with the
+configuration the flags give now; any difference is an error that names the fields.
 
 Writes ``<output-dir>/``: one run folder per method, ``commands.sh``, ``eval/`` (results.md,
 results.json, winrate_by_turn.png) and ``table1.md`` (rows: methods; columns: h = 1..H and avg).
@@ -33,6 +36,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from refuel_agents.modes import BASELINE_MODES  # noqa: E402
+
+#: config.json fields that may differ between an earlier run and its continuation.
+RUN_LOCAL_FIELDS = ("output_dir", "run_name", "resume", "progress")
 
 #: Table 1's rows, in its order: (row name, agent, mode).
 METHODS: dict[str, tuple[str, str | None]] = {
@@ -78,7 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--judge", default="reward",
                         help="evaluate.py's judge: 'reward' (the environment's reward model) or a model spec such as "
                              "openai:gpt-4-0613 (the paper's judge) (default: %(default)s)")
-    parser.add_argument("--both-orders", action="store_true", help="judge every comparison in both A/B orders")
+    parser.add_argument("--both-orders", action="store_true",
+                        help="judge every comparison in both A/B orders (LLM judges only; refused with --judge reward)")
+    parser.add_argument("--judge-template", default="auto", metavar="auto|hh|ultrainteract|PATH",
+                        help="evaluate.py's judge prompt: a built-in one, or a text file with the placeholders "
+                             "{dialogue_a} and {dialogue_b} (or appendix C.5's {{dialoguea}} and {{dialogueb}}), "
+                             "e.g. appendix C.5's exact text (default: %(default)s)")
     parser.add_argument("--eval-prompts", type=int, default=4, help="held-out prompts in the evaluation (default: %(default)s)")
     parser.add_argument("--horizon", type=int, default=None, help="turns H of the evaluation (default: the preset's)")
     parser.add_argument("--benchmark", action="append", default=[], metavar="NAME=SPEC",
@@ -88,10 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def train_command(args: argparse.Namespace, setup: dict, method: str, run_dir: Path) -> list[str]:
+def train_arguments(args: argparse.Namespace, setup: dict, method: str, run_dir: Path) -> list[str]:
+    """train_agent.py's arguments for one method (without --resume)."""
     agent, mode = METHODS[method]
-    launcher = shlex.split(args.train_launcher) or [sys.executable]
-    cmd = [*launcher, str(ROOT / "scripts" / "train_agent.py"), "--agent", agent]
+    cmd = ["--agent", agent]
     if mode is not None:
         cmd += ["--mode", mode]
     if args.preset != "embedded":
@@ -100,9 +111,73 @@ def train_command(args: argparse.Namespace, setup: dict, method: str, run_dir: P
             "--run-name", run_dir.name, "--no-progress", *shlex.split(args.train_args)]
     if setup["env_kwargs"]:
         cmd += ["--env-kwargs", json.dumps(setup["env_kwargs"])]
-    if run_dir.exists() and not (run_dir / "final_model").exists():
-        cmd.append("--resume")  # interrupted earlier: continue from its last checkpoint
     return cmd
+
+
+def train_command(args: argparse.Namespace, setup: dict, method: str, run_dir: Path, *, resume: bool = False) -> list[str]:
+    launcher = shlex.split(args.train_launcher) or [sys.executable]
+    cmd = [*launcher, str(ROOT / "scripts" / "train_agent.py"), *train_arguments(args, setup, method, run_dir)]
+    if resume:
+        cmd.append("--resume")  # interrupted after a checkpoint: continue from the last one
+    return cmd
+
+
+def _train_agent_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_train_agent", ROOT / "scripts" / "train_agent.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def expected_run_config(train_argv: list[str]) -> dict:
+    """The config.json that train_agent.py would write for these arguments (parsed as it parses them)."""
+    from dataclasses import asdict
+
+    train_agent = _train_agent_module()
+    first = argparse.ArgumentParser(add_help=False)
+    first.add_argument("--agent", default="refuel")
+    first.add_argument("--preset", default="embedded")
+    known, _ = first.parse_known_args(train_argv)
+    try:
+        parsed = train_agent.build_parser(known.agent, known.preset).parse_args(train_argv)
+    except SystemExit:
+        raise SystemExit(f"error: train_agent.py refuses these arguments: {shlex.join(train_argv)}") from None
+    config_cls, _ = train_agent.AGENTS[parsed.agent]
+    config = train_agent.dataclass_from_args(config_cls, parsed)
+    return json.loads(json.dumps({"agent": parsed.agent, **asdict(config)}, default=str))
+
+
+def config_differences(earlier: dict, now: dict) -> list[str]:
+    """'field: earlier X, now Y' for every field (but the run-local ones) that differs."""
+    out = []
+    for key in sorted(set(earlier) | set(now)):
+        if key in RUN_LOCAL_FIELDS or (key not in now and key == "mode"):
+            continue
+        if key not in earlier:
+            out.append(f"{key}: not in the earlier run's config.json, now {now[key]!r}")
+        elif key not in now:
+            out.append(f"{key}: earlier {earlier[key]!r}, not a field now")
+        elif earlier[key] != now[key]:
+            out.append(f"{key}: earlier {earlier[key]!r}, now {now[key]!r}")
+    return out
+
+
+def run_state(run_dir: Path) -> str:
+    """'new' (no folder, or an empty one), 'finished' (final_model), 'resume' (a checkpoint) or
+    'restart' (a folder interrupted before its first checkpoint)."""
+    from refuel_agents.checkpoint import latest_checkpoint
+
+    if not run_dir.is_dir() or not any(run_dir.iterdir()):
+        return "new"
+    if (run_dir / "final_model").exists():
+        return "finished"
+    try:
+        latest = latest_checkpoint(run_dir)
+    except FileNotFoundError as err:
+        raise SystemExit(f"error: {run_dir.name}: {err}") from None
+    return "resume" if latest is not None else "restart"
 
 
 def eval_command(args: argparse.Namespace, setup: dict, out: Path, horizon: int) -> list[str]:
@@ -120,6 +195,9 @@ def eval_command(args: argparse.Namespace, setup: dict, out: Path, horizon: int)
         cmd += ["--env-kwargs", json.dumps(setup["env_kwargs"])]
     if args.both_orders:
         cmd.append("--both-orders")
+    if args.judge_template != "auto":
+        template = Path(args.judge_template)
+        cmd += ["--judge-template", str(template.resolve()) if template.is_file() else args.judge_template]
     return cmd
 
 
@@ -155,23 +233,68 @@ def main(argv: list[str] | None = None) -> None:
     setup = SETUPS[args.preset]
     horizon = args.horizon or setup["horizon"]
     if args.eval_prompts < 1:
-        raise SystemExit("error: --eval-prompts must be at least 1")
+        raise SystemExit(f"error: --eval-prompts must be at least 1, got {args.eval_prompts}")
+    if args.horizon is not None and args.horizon < 1:
+        raise SystemExit(f"error: --horizon must be at least 1, got {args.horizon}")
+    if args.both_orders and args.judge == "reward":
+        raise SystemExit("error: --both-orders needs an LLM judge, but --judge is 'reward': the reward model scores "
+                         "each dialogue on its own, so there is no A/B order to swap. Drop --both-orders, or pass "
+                         "a model spec to --judge (e.g. openai:gpt-4-0613).")
+    if args.judge_template != "auto":
+        from refuel_agents.evaluation import load_judge_template
+
+        try:
+            load_judge_template(args.judge_template)
+        except ValueError as err:
+            raise SystemExit(f"error: --judge-template {args.judge_template!r}: {err}") from None
     out = (args.output_dir or ROOT / "runs" / f"table1-{args.preset}-seed{args.seed}").resolve()
     out.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
     commands: list[tuple[str, list[str]]] = []
+    notes: list[str] = []
+    moves: list[tuple[Path, Path]] = []
+    mismatches: list[str] = []
     for method in args.methods:
-        if (out / method / "final_model").exists():
-            print(f"{method}: {out / method / 'final_model'} exists, not trained again", flush=True)
+        run_dir = out / method
+        state = run_state(run_dir)
+        if state in ("finished", "resume"):
+            config_file = run_dir / "config.json"
+            if config_file.is_file():
+                earlier = json.loads(config_file.read_text())
+                differences = config_differences(earlier, expected_run_config(train_arguments(args, setup, method, run_dir)))
+                if differences:
+                    mismatches.append(f"{method} ({config_file}):\n    " + "\n    ".join(differences))
+                    continue
+            else:
+                notes.append(f"{method}: {config_file} is missing, so its flags cannot be checked")
+        if state == "finished":
+            print(f"{method}: {run_dir / 'final_model'} exists, not trained again", flush=True)
             continue
-        commands.append((method, train_command(args, setup, method, out / method)))
+        if state == "restart":
+            aside = out / f"{method}.no-checkpoint-{stamp}"
+            moves.append((run_dir, aside))
+            notes.append(f"{method}: {run_dir} was interrupted before its first checkpoint; it is moved to {aside} "
+                         "and the method is trained afresh")
+        commands.append((method, train_command(args, setup, method, run_dir, resume=state == "resume")))
+    if mismatches:
+        raise SystemExit(
+            "error: the flags differ from the earlier runs in " + str(out) + ", which would be continued or reused:\n  "
+            + "\n  ".join(mismatches)
+            + "\nRerun with the earlier flags, or pass another --output-dir to start a new reproduction."
+        )
     commands.append(("eval", eval_command(args, setup, out, horizon)))
+    for note in notes:
+        print(note, flush=True)
     script = out / "commands.sh"
     with script.open("a") as f:
         f.write(f"# {time.strftime('%Y-%m-%d %H:%M:%S')} reproduce_table1.py {shlex.join(argv or sys.argv[1:])}\n")
+        f.writelines(f"# {'would move' if args.dry_run else 'moved'} {src} -> {dst} (no checkpoint)\n" for src, dst in moves)
         f.writelines(f"{shlex.join(cmd)}\n" for _, cmd in commands)
     if args.dry_run:
         print("\n".join(shlex.join(cmd) for _, cmd in commands))
         return
+    for src, dst in moves:
+        src.rename(dst)
     start = time.perf_counter()
     for step, (name, cmd) in enumerate(commands, 1):
         print(f"[{step}/{len(commands)}] {name}", flush=True)

@@ -112,6 +112,37 @@ def test_dpo_step_orders_each_pair_by_reward(word_lm_dir, tmp_path, reference_po
     assert abs(expected.item() - unordered.item()) > 1e-3
 
 
+def test_dpo_orders_near_ties_in_the_precision_that_drops_ties(word_lm_dir, tmp_path):
+    """0.30000001 and 0.3 are one float32 value but two float64 ones: the pair is kept (not a tie),
+    so its order must come from the same float64 comparison, not from float32 copies."""
+    trainer = make_trainer("dpo", "lt-mixed", beta=0.5, **small(word_lm_dir, tmp_path))
+    trainer.setup()
+    state = [{"role": "user", "content": "what is one and two"}]
+    rows = [{"state": state, "response": "one two", "response_prime": "yes no no",
+             "reward": 0.30000001, "reward_prime": 0.3},
+            {"state": state, "response": "three", "response_prime": "four five",
+             "reward": 0.3, "reward_prime": 0.30000001}]
+    assert all(r["reward"] != r["reward_prime"] for r in rows)  # DPO's tie rule keeps both
+    rows, _ = trainer.prepare(rows)
+    rng = np.random.default_rng(1)
+    for row in rows:
+        for key in ("logp_t", "logp_t_prime", "logp_ref", "logp_ref_prime"):
+            row[key] = float(rng.uniform(-30, -5))
+    kw = {"batch_size": 4, "temperature": 1.0, "device": trainer.device}
+    logp = torch.tensor(batched_logprobs(trainer.model, rows, trainer.pad_id, suffix="", **kw))
+    logp_prime = torch.tensor(batched_logprobs(trainer.model, rows, trainer.pad_id, suffix="_prime", **kw))
+    ref_y = torch.tensor([r["logp_t"] for r in rows])
+    ref_y2 = torch.tensor([r["logp_t_prime"] for r in rows])
+    # Pair 0: y has the higher reward (chosen); pair 1: y' does.
+    expected = dpo_loss(torch.stack([logp[0], logp_prime[1]]), torch.stack([logp_prime[0], logp[1]]),
+                        torch.stack([ref_y[0], ref_y2[1]]), torch.stack([ref_y2[0], ref_y[1]]), 0.5)
+    wrong_way = dpo_loss(logp_prime, logp, ref_y2, ref_y, 0.5)  # both pairs ordered as y' chosen
+    trainer.engine.model.train()
+    out = trainer.train_step(rows)
+    assert out["losses/loss"] == pytest.approx(expected.item(), rel=1e-5)
+    assert abs(expected.item() - wrong_way.item()) > 1e-3
+
+
 def test_dpo_drops_ties_and_counts_them(word_lm_dir, tmp_path):
     kw = small(word_lm_dir, tmp_path, prompts_per_iteration=16)
     rebel_rows, _ = make_trainer("rebel", "lt-online", reward_model=YesReward(), run_name="r", **kw).collect(0)

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from refuel_agents.evaluation import (
+    TEMPLATE_HELP,
     Comparison,
     PairwiseJudge,
     RewardJudge,
@@ -26,6 +27,8 @@ from refuel_agents.evaluation import (
     judge_prompt,
     kl_estimate,
     length_weights,
+    load_judge_template,
+    markdown_report,
     parse_preference,
     parse_spec,
     split_named_spec,
@@ -36,6 +39,7 @@ from refuel_agents.evaluation import (
     write_reports,
 )
 from refuel_env.generation import Completion, SamplingParams, TextGenerator, TransformersGenerator
+from refuel_env.rewards import TrajectoryRewardModel
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = str(ROOT / "scripts" / "evaluate.py")
@@ -102,6 +106,37 @@ def test_judge_prompt_carries_both_dialogues_and_the_format():
         assert text.rstrip().endswith('Preferred: <"A" or "B">')
     with pytest.raises(ValueError, match="placeholders"):
         judge_prompt("no placeholders here", a, b)
+
+
+def test_judge_template_from_a_file_with_either_placeholder_spelling(tmp_path):
+    a = [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "answer one"}]
+    b = [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "answer two {dialogue_a}"}]
+    appendix = tmp_path / "appendix_c5.txt"  # appendix C.5 writes {{dialoguea}} / {{dialogueb}}
+    appendix.write_text("Pick one.\n\nDialogue A:\n\n{{dialoguea}}\n\nDialogue B:\n\n{{ dialogueb }}\n\nPreferred: <A or B>\n")
+    text = load_judge_template(str(appendix))
+    assert text == appendix.read_text()
+    prompt = judge_prompt(text, a, b)
+    assert "{{" not in prompt and prompt.index("answer one") < prompt.index("answer two")
+    assert "# User:\nq1\n\n# Chatbot:\nanswer one" in prompt
+    assert "answer two {dialogue_a}" in prompt  # a transcript is not itself filled in
+    ours = tmp_path / "ours.txt"
+    ours.write_text("A: {dialogue_a}\nB: {dialogue_b}")
+    assert judge_prompt(load_judge_template(str(ours)), a, b).startswith("A: # User:")
+    assert load_judge_template("hh") == "hh"
+    # the judge takes the file, and records the text it used
+    scripted = ScriptedJudge("content")
+    judge = PairwiseJudge(scripted, template=str(appendix), seed=0)
+    records = judge.judge(_comparisons(4))
+    assert all(r["outcome"] == 1.0 for r in records) and all(p.startswith("Pick one.") for p in scripted.prompts)
+    assert judge.describe()["template"] == "custom" and judge.describe()["template_text"] == text
+    # bad templates: the value, what is wrong, what to pass
+    once = tmp_path / "once.txt"
+    once.write_text("only {{dialoguea}} here")
+    with pytest.raises(ValueError, match=r"1 placeholder\(s\) for dialogue A and 0 for dialogue B"):
+        load_judge_template(str(once))
+    with pytest.raises(ValueError, match=r"'missing.txt' is neither one of \['hh', 'ultrainteract'\] nor an existing file"):
+        load_judge_template("missing.txt")
+    assert "{{dialoguea}}" in TEMPLATE_HELP and "{dialogue_a}" in TEMPLATE_HELP
 
 
 def test_truncate_dialogue():
@@ -231,6 +266,24 @@ def test_pairwise_judge_randomises_the_order_with_its_seed():
     assert orders == [r["order"] for r in PairwiseJudge(ScriptedJudge("content"), seed=3).judge(comparisons)]
     assert orders != [r["order"] for r in PairwiseJudge(ScriptedJudge("content"), seed=4).judge(comparisons)]
     assert len({r["judgements"][0]["judge_prompt_hash"] for r in records}) == 2  # two orders, two prompts
+
+
+def test_a_comparisons_order_does_not_depend_on_the_other_comparisons():
+    """A/B order from (seed, prompt, policy, turn): judging another policy's comparisons first
+    (or none) leaves this policy's orders and judge seeds as they are."""
+    good = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "GOOD answer"}]
+    bad = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "poor answer"}]
+    mine = [Comparison(good, bad, turn=1 + i % 3, index=i // 3, item_id=f"item-{i // 3}", policy="mine")
+            for i in range(30)]
+    other = [Comparison(good, bad, c.turn, c.index, c.item_id, policy="other") for c in mine]
+    alone = PairwiseJudge(ScriptedJudge("content"), seed=2).judge(mine)
+    after = PairwiseJudge(ScriptedJudge("content"), seed=2).judge(other + mine)[len(other):]
+    assert [r["order"] for r in alone] == [r["order"] for r in after]
+    assert {"policy=A", "policy=B"} == {r["order"] for r in alone}
+    # the order is the policy's own: another policy's comparisons of the same prompts draw theirs
+    theirs = PairwiseJudge(ScriptedJudge("content"), seed=2).judge(other)
+    assert [r["order"] for r in theirs] != [r["order"] for r in alone]
+    assert all(r["policy"] == "mine" for r in alone)
 
 
 def test_position_biased_judge_with_and_without_both_orders():
@@ -406,6 +459,149 @@ def test_evaluate_policies_rejects_bad_arguments(word_lm_dir):
     with pytest.raises(ValueError, match="test split has only"):
         evaluate_policies({"p": str(word_lm_dir)}, str(word_lm_dir), env_kwargs=ENV_KWARGS, horizon=2,
                           num_prompts=500, progress=False)
+
+
+class WordCountRM(TrajectoryRewardModel):
+    """Scores a dialogue by its assistant words; reads at most ``max_length`` words (its context)."""
+
+    name = "assistant-words"
+
+    def __init__(self, max_length: int | None = None):
+        self.max_length = max_length
+
+    def _score(self, dialogues):
+        return [float(sum(len(m["content"].split()) for m in d if m["role"] == "assistant")) for d in dialogues]
+
+    def count_tokens(self, dialogue):
+        return sum(len(m["content"].split()) for m in dialogue)
+
+
+def test_evaluation_drops_the_training_limit_and_judges_every_turn_both_dialogues_reached(word_lm_dir):
+    """max_dialogue_tokens is a training-data filter: evaluation plays without it. A dialogue the
+    environment still ends early (here: the reward model's context at the last turn) is judged at
+    the turns it reached instead of losing its pair at every turn."""
+    spec = str(word_lm_dir)
+    common = {"judge": "reward", "num_prompts": 3, "horizon": 2, "seed": 5,
+              "sampling": SamplingParams(max_new_tokens=6), "compute_kl": False, "progress": False}
+    # A training limit of 1 token would end every dialogue after its first response.
+    free = evaluate_policies({"self": spec}, spec, env_kwargs={**ENV_KWARGS, "max_dialogue_tokens": 1}, **common)
+    wr = free["policies"]["self"]["win_rate"]
+    assert [wr["per_turn"][h]["n"] for h in (1, 2)] == [3, 3] and wr["full_dialogue"]["n"] == 3
+    assert (free["config"]["max_dialogue_tokens"], free["config"]["env_max_dialogue_tokens"]) == (None, 1)
+    assert "training-data limit max_dialogue_tokens=1 is off" in markdown_report(free)
+    # An evaluation limit set on purpose (max_dialogue_tokens=1) ends them after turn 1: h = 1 is still judged.
+    short = evaluate_policies({"self": spec}, spec, env_kwargs=ENV_KWARGS, max_dialogue_tokens=1, **common)
+    p = short["policies"]["self"]
+    assert [p["win_rate"]["per_turn"][h]["n"] for h in (1, 2)] == [3, 0]
+    assert p["truncated_pairs"] == 3 and p["win_rate"]["full_dialogue"]["n"] == 0
+    assert all(r["turns_reached"] == 1 and r["reward"] is None for r in p["dialogues"])
+    # A reward model that reads every turn-1 transcript but no full one.
+    words = WordCountRM()
+    dialogues = [r["dialogue"] for r in free["reference"]["dialogues"]]
+    first = max(words.count_tokens(truncate_dialogue(d, 1)) for d in dialogues)
+    assert min(words.count_tokens(d) for d in dialogues) > first  # the premise of this check
+    limited = evaluate_policies({"self": spec}, spec, env_kwargs={**ENV_KWARGS, "reward_model": WordCountRM(first)}, **common)
+    p = limited["policies"]["self"]
+    assert all(r["reward"] is None and "reward model" in r["truncation_reason"] for r in p["dialogues"])
+    assert [r["dialogue"] for r in p["dialogues"]] == dialogues  # the same dialogues, kept whole
+    turn1, turn2 = p["win_rate"]["per_turn"][1], p["win_rate"]["per_turn"][2]
+    assert (turn1["n"], turn1["win_rate"]) == (3, 0.5)  # judged although the pair never finished
+    assert (turn2["n"], turn2["failures"]) == (0, 3)  # too long for the reward judge: counted, not dropped
+    assert {r["failure"] for r in p["records"] if r["turn"] == 2} == {"context"}
+    assert p["truncated_pairs"] == 3 and p["win_rate"]["full_dialogue"]["n"] == 0
+
+
+def test_adding_a_policy_changes_no_other_rows_orders(word_generators):
+    base, sharp = word_generators
+    kw = {"env_kwargs": ENV_KWARGS, "num_prompts": 3, "horizon": 2, "seed": 0,
+          "sampling": SamplingParams(max_new_tokens=4), "compute_kl": False, "progress": False}
+    alone = evaluate_policies({"sharp": sharp}, base, PairwiseJudge(ScriptedJudge("content"), seed=0), **kw)
+    both = evaluate_policies({"base": base, "sharp": sharp}, base, PairwiseJudge(ScriptedJudge("content"), seed=0), **kw)
+    orders = [(r["index"], r["turn"], r["order"]) for r in alone["policies"]["sharp"]["records"]]
+    assert orders == [(r["index"], r["turn"], r["order"]) for r in both["policies"]["sharp"]["records"]]
+    assert len(orders) == 6
+
+
+def test_kl_column_is_kl_at_temperature_one_whatever_the_sampling_temperature(word_generators):
+    """KL(pi || pi_ref) of the models themselves: sampled from pi at T = 1 and scored at T = 1, so
+    it does not change with the temperature the judged dialogues were sampled at."""
+    base, sharp = word_generators
+    kw = {"env_kwargs": ENV_KWARGS, "num_prompts": 3, "horizon": 2, "seed": 0, "progress": False}
+    hot = evaluate_policies({"sharp": sharp}, base, "reward", sampling=SamplingParams(max_new_tokens=6, temperature=1.0), **kw)
+    cool = evaluate_policies({"sharp": sharp}, base, "reward", sampling=SamplingParams(max_new_tokens=6, temperature=0.5), **kw)
+    kl_hot, kl_cool = hot["policies"]["sharp"]["kl"], cool["policies"]["sharp"]["kl"]
+    assert kl_hot["temperature"] == kl_cool["temperature"] == 1.0 and cool["config"]["kl_logprob_temperature"] == 1.0
+    assert kl_cool["per_dialogue"] == pytest.approx(kl_hot["per_dialogue"], rel=1e-9, abs=1e-9) and kl_hot["mean"] > 0
+    # at T = 1 the evaluation's own dialogues are pi's samples; at T = 0.5 pi plays again at T = 1
+    assert "kl_dialogues" not in hot["policies"]["sharp"]
+    assert [r["dialogue"] for r in cool["policies"]["sharp"]["kl_dialogues"]] == \
+        [r["dialogue"] for r in hot["policies"]["sharp"]["dialogues"]]
+    assert "KL(pi || pi_ref) at temperature 1" in markdown_report(cool)
+
+
+def test_both_orders_with_the_reward_judge_is_refused(word_lm_dir):
+    spec = str(word_lm_dir)
+    with pytest.raises(ValueError, match="both_orders=True .* needs a pairwise LLM judge, but the judge is the reward"):
+        evaluate_policies({"p": spec}, spec, "reward", env_kwargs=ENV_KWARGS, num_prompts=1, horizon=1,
+                          both_orders=True, progress=False)
+    with pytest.raises(ValueError, match="judges one order only"):
+        evaluate_policies({"p": spec}, spec, PairwiseJudge(ScriptedJudge("content")), env_kwargs=ENV_KWARGS,
+                          num_prompts=1, horizon=1, both_orders=True, progress=False)
+
+
+@pytest.fixture(scope="module")
+def evaluate_script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("evaluate_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _script_error(evaluate_script, capsys, monkeypatch, *argv: str) -> str:
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    with pytest.raises(SystemExit) as err:
+        evaluate_script.main(list(argv))
+    return f"{err.value.code if isinstance(err.value.code, str) else ''}{capsys.readouterr().err}"
+
+
+def test_script_errors_name_the_flag_the_value_and_what_to_pass(evaluate_script, capsys, monkeypatch, tmp_path):
+    err = _script_error(evaluate_script, capsys, monkeypatch, "--policy", "embedded", "--judge", "gpt4")
+    assert "--judge 'gpt4'" in err and "does not exist" in err and "--judge takes 'reward'" in err
+    err = _script_error(evaluate_script, capsys, monkeypatch, "--policy", "embedded", "--reference", str(tmp_path / "nope"))
+    assert f"--reference '{tmp_path / 'nope'}'" in err and "--reference takes a model spec" in err
+    err = _script_error(evaluate_script, capsys, monkeypatch, "--policy", f"mine={tmp_path / 'nope'}")
+    assert "--policy" in err and "does not exist" in err
+    err = _script_error(evaluate_script, capsys, monkeypatch, "--policy", "embedded", "--env-kwargs", "notjson")
+    assert "argument --env-kwargs: 'notjson' is not valid JSON" in err and "pass a JSON object such as" in err
+    assert "invalid loads value" not in err
+    err = _script_error(evaluate_script, capsys, monkeypatch, "--policy", "embedded", "--env-kwargs", "[1]")
+    assert "argument --env-kwargs: '[1]' is JSON but not an object" in err
+    err = _script_error(evaluate_script, capsys, monkeypatch, "--policy", "embedded", "--num-prompts", "0")
+    assert "argument --num-prompts: '0' is below 1; pass an integer >= 1" in err
+    err = _script_error(evaluate_script, capsys, monkeypatch, "--policy", "embedded", "--horizon", "two")
+    assert "argument --horizon: 'two' is not a whole number" in err
+    err = _script_error(evaluate_script, capsys, monkeypatch, "--policy", "embedded", "--temperature", "-1")
+    assert "argument --temperature: '-1' is not a finite number >= 0" in err
+    err = _script_error(evaluate_script, capsys, monkeypatch, "--policy", "embedded", "--both-orders")
+    assert "--both-orders needs an LLM judge, but --judge is 'reward'" in err
+    err = _script_error(evaluate_script, capsys, monkeypatch, "--policy", "embedded", "--judge", "embedded",
+                        "--judge-template", str(tmp_path / "c5.txt"))
+    assert f"--judge-template '{tmp_path / 'c5.txt'}'" in err and "nor an existing file" in err
+
+
+def test_script_accepts_a_judge_template_file(evaluate_script, tmp_path, monkeypatch):
+    template = tmp_path / "c5.txt"
+    template.write_text("Dialogue A:\n{{dialoguea}}\nDialogue B:\n{{dialogueb}}\n")
+    seen = {}
+    monkeypatch.setattr(evaluate_script, "evaluate_policies", lambda *a, **kw: seen.update(kw) or (_ for _ in ()).throw(
+        ValueError("stop here")))
+    with pytest.raises(SystemExit, match="stop here"):
+        evaluate_script.main(["--policy", "embedded", "--judge", "embedded", "--judge-template", str(template),
+                              "--max-dialogue-tokens", "4096"])
+    assert seen["judge_template"] == template.read_text() and seen["max_dialogue_tokens"] == 4096
 
 
 def _run_script(*args: str) -> subprocess.CompletedProcess:

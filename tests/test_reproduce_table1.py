@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import shlex
 from pathlib import Path
 
@@ -45,15 +46,79 @@ def test_dry_run_writes_one_training_per_row_and_one_evaluation(script, tmp_path
     assert _flag(evaluation, "--seed") == "7" and _flag(evaluation, "--judge") == "reward"
 
 
-def test_finished_rows_are_reused_and_interrupted_ones_resumed(script, tmp_path):
-    (tmp_path / "refuel" / "final_model").mkdir(parents=True)
-    (tmp_path / "rebel-lt-online").mkdir()
-    script.main(["--dry-run", "--output-dir", str(tmp_path), "--methods", "refuel", "rebel-lt-online", "dpo-lt-mixed"])
-    commands = [shlex.split(line) for line in (tmp_path / "commands.sh").read_text().splitlines()
-                if not line.startswith("#")]
-    by_name = {_flag(cmd, "--run-name"): cmd for cmd in commands if _flag(cmd, "--run-name")}
-    assert set(by_name) == {"rebel-lt-online", "dpo-lt-mixed"}  # refuel's final model exists
+def _earlier_run(script, out: Path, method: str, argv: list[str], *, checkpoint: bool, **changed) -> Path:
+    """A run folder as train_agent.py leaves it: config.json for ``argv`` (with ``changed`` fields),
+    and with ``checkpoint`` a complete checkpoint named by checkpoints/latest."""
+    args = script.build_parser().parse_args(argv)
+    run_dir = out / method
+    config = script.expected_run_config(script.train_arguments(args, script.SETUPS[args.preset], method, run_dir))
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.json").write_text(json.dumps({**config, **changed}))
+    if checkpoint:
+        step = run_dir / "checkpoints" / "step_0000002"
+        step.mkdir(parents=True)
+        (step / "state.json").write_text("{}")
+        (run_dir / "checkpoints" / "latest").write_text("step_0000002")
+    return run_dir
+
+
+def _commands(out: Path) -> dict[str, list[str]]:
+    commands = [shlex.split(line) for line in (out / "commands.sh").read_text().splitlines() if not line.startswith("#")]
+    return {_flag(cmd, "--run-name") or "eval": cmd for cmd in commands}
+
+
+def test_finished_rows_are_reused_and_checkpointed_ones_resumed(script, tmp_path):
+    argv = ["--dry-run", "--output-dir", str(tmp_path), "--methods", "refuel", "rebel-lt-online", "dpo-lt-mixed"]
+    (_earlier_run(script, tmp_path, "refuel", argv, checkpoint=True) / "final_model").mkdir()
+    _earlier_run(script, tmp_path, "rebel-lt-online", argv, checkpoint=True)
+    script.main(argv)
+    by_name = _commands(tmp_path)
+    assert set(by_name) == {"rebel-lt-online", "dpo-lt-mixed", "eval"}  # refuel's final model exists
     assert "--resume" in by_name["rebel-lt-online"] and "--resume" not in by_name["dpo-lt-mixed"]
+
+
+def test_a_run_interrupted_before_its_first_checkpoint_starts_afresh(script, tmp_path, monkeypatch):
+    """Only config.json (and maybe collected tuples): --resume would fail (no checkpoint), and
+    train_agent.py refuses a non-empty folder without it; the folder is moved aside, nothing lost."""
+    argv = ["--output-dir", str(tmp_path), "--methods", "rebel-lt-online"]
+    run_dir = _earlier_run(script, tmp_path, "rebel-lt-online", argv, checkpoint=False)
+    (run_dir / "iteration_000").mkdir()
+    (run_dir / "iteration_000" / "collection.json").write_text("{}")
+    seen: list[tuple[list[str], bool]] = []
+
+    def fake_run(cmd, log):  # records the command and whether the folder was free when it ran
+        seen.append((cmd, not run_dir.exists()))
+        if cmd[1].endswith("evaluate.py"):
+            eval_dir = tmp_path / "eval"
+            eval_dir.mkdir()
+            turn = {"win_rate": 0.5, "n": 4}
+            results = {"config": {"horizon": 3}, "policies": {"rebel-lt-online": {"win_rate": {
+                "per_turn": {"1": turn, "2": turn, "3": turn}, "average": 0.5}}}}
+            (eval_dir / "results.json").write_text(json.dumps(results))
+
+    monkeypatch.setattr(script, "run", fake_run)
+    script.main(argv)
+    (train, free), (evaluation, _) = seen
+    assert _flag(train, "--run-name") == "rebel-lt-online" and "--resume" not in train and free
+    assert evaluation[1].endswith("evaluate.py")
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("rebel-lt-online.no-checkpoint-")]
+    assert len(aside) == 1 and (aside[0] / "iteration_000" / "collection.json").read_text() == "{}"
+    assert "| rebel-lt-online | 50.0 | 50.0 | 50.0 | 50.00 |" in (tmp_path / "table1.md").read_text()
+
+
+def test_flags_that_differ_from_the_earlier_run_are_an_error_naming_the_fields(script, tmp_path):
+    argv = ["--dry-run", "--output-dir", str(tmp_path), "--methods", "refuel", "rebel-lt-online"]
+    (_earlier_run(script, tmp_path, "refuel", argv, checkpoint=True, lr=1e-3) / "final_model").mkdir()
+    _earlier_run(script, tmp_path, "rebel-lt-online", argv, checkpoint=True, seed=5)
+    with pytest.raises(SystemExit) as err:
+        script.main(argv)
+    message = str(err.value)
+    assert "refuel" in message and "lr: earlier 0.001, now " in message
+    assert "rebel-lt-online" in message and "seed: earlier 5, now 1" in message
+    assert "--output-dir" in message and not (tmp_path / "commands.sh").exists()
+    # the same flags as the earlier runs: accepted (the run-local fields may differ)
+    script.main([*argv, "--seed", "1", "--train-args", "--lr 1e-3", "--methods", "refuel"])
+    assert set(_commands(tmp_path)) == {"eval"}  # refuel's final model is reused
 
 
 def test_table_has_table_1_layout(script):
@@ -77,5 +142,20 @@ def test_table_has_table_1_layout(script):
 def test_bad_arguments_are_refused(script, tmp_path):
     with pytest.raises(SystemExit):
         script.main(["--dry-run", "--output-dir", str(tmp_path), "--methods", "ppo"])
-    with pytest.raises(SystemExit, match="--eval-prompts"):
+    with pytest.raises(SystemExit, match="--eval-prompts must be at least 1, got 0"):
         script.main(["--dry-run", "--output-dir", str(tmp_path), "--eval-prompts", "0"])
+    with pytest.raises(SystemExit, match="--both-orders needs an LLM judge, but --judge is 'reward'"):
+        script.main(["--dry-run", "--output-dir", str(tmp_path), "--both-orders"])
+    with pytest.raises(SystemExit, match="--judge-template 'no-such-file.txt'"):
+        script.main(["--dry-run", "--output-dir", str(tmp_path), "--judge", "embedded",
+                     "--judge-template", "no-such-file.txt"])
+
+
+def test_judge_template_file_reaches_the_evaluation(script, tmp_path):
+    template = tmp_path / "c5.txt"
+    template.write_text("Dialogue A:\n\n{{dialoguea}}\n\nDialogue B:\n\n{{dialogueb}}\n\nPreferred: <\"A\" or \"B\">\n")
+    out = tmp_path / "out"
+    script.main(["--dry-run", "--output-dir", str(out), "--methods", "refuel", "--judge", "embedded",
+                 "--judge-template", str(template), "--both-orders"])
+    evaluation = _commands(out)["eval"]
+    assert _flag(evaluation, "--judge-template") == str(template) and "--both-orders" in evaluation
