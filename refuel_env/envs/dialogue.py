@@ -7,7 +7,7 @@ from typing import Any
 import gymnasium as gym
 
 from refuel_env.components import build_core, make_config
-from refuel_env.core import Episode, EpisodeError, render_transcript
+from refuel_env.core import Episode, EpisodeError, check_seed, copy_messages, render_transcript
 from refuel_env.snapshot import Snapshot
 from refuel_env.spaces import Conversation, Prose
 
@@ -85,13 +85,23 @@ class DialogueEnv(gym.Env[list, str]):
         self._episode: Episode | None = None
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
-        super().reset(seed=seed)
-        self._episode = self.core.new_episode(self.np_random, options, reseed=seed is not None)
-        return list(self._episode.messages), self.core.reset_info(self._episode)
+        seed = check_seed(seed)
+        # A reset that fails (a bad option) leaves the environment, its random stream included, as it was.
+        saved = (self._np_random, self._np_random_seed, self._np_random and self._np_random.bit_generator.state)
+        try:
+            super().reset(seed=seed)
+            episode = self.core.new_episode(self.np_random, options, reseed=seed is not None)
+        except BaseException:
+            self._np_random, self._np_random_seed = saved[0], saved[1]
+            if saved[0] is not None:
+                saved[0].bit_generator.state = saved[2]
+            raise
+        self._episode = episode
+        return copy_messages(episode.messages), self.core.reset_info(episode)
 
     def step(self, action: str):
         (result,) = self.core.advance([self._episode], [action])  # type: ignore[list-item]
-        return list(self._episode.messages), result.reward, result.terminated, result.truncated, result.info  # type: ignore[union-attr]
+        return copy_messages(self._episode.messages), result.reward, result.terminated, result.truncated, result.info  # type: ignore[union-attr]
 
     def snapshot(self) -> Snapshot:
         """The current state, to pass later as ``reset(options={"snapshot": ...})``."""
