@@ -107,10 +107,11 @@ def _as_scores(raw: Any, n: int, name: str) -> np.ndarray:
     scores = values.astype(np.float64)
     bad = np.flatnonzero(~np.isfinite(scores))
     if bad.size:
-        listed = ", ".join(f"{scores[i]} for dialogue {i}" for i in bad[:5])
+        listed = ", ".join(str(i) for i in bad)
+        values = ", ".join(str(scores[i]) for i in bad[:5])
         raise RewardModelError(
-            f"reward model {name!r} returned a non-finite score (NaN or inf): {listed}; check the model's weights and "
-            "dtype (fp16 overflow is a common cause)"
+            f"reward model {name!r} returned a non-finite score (NaN or inf) for dialogue(s) {listed}; the "
+            f"score(s): {values}. Check the model's weights and dtype (fp16 overflow is a common cause)"
         )
     return scores
 
