@@ -18,8 +18,8 @@ Implementations:
 dialogue with the model's own chat template, never truncate (a dialogue longer than
 ``max_length`` is an error; callers check :meth:`TrajectoryRewardModel.count_tokens` first) and
 batch with right padding, so a dialogue's score can depend on the other dialogues of its batch by
-float rounding (about 1e-6 relative in float32); construct them with ``batch_size=1`` for scores
-that do not depend on the batch at all. The embedded model's scores never depend on the batch.
+float rounding (on a tiny float32 Llama reward model: up to 1e-6 absolute, 1e-5 relative);
+construct them with ``batch_size=1`` for scores that do not depend on the batch at all. The embedded model's scores never depend on the batch.
 A score that is not a finite real number is an error that names the value and the dialogue.
 
 The reward of setting two (appendix C.1) is built from small pure parts:
