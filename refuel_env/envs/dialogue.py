@@ -24,13 +24,15 @@ class DialogueEnv(gym.Env[list, str]):
 
     ## Action Space
 
-    ``Prose``: the assistant's message, any ``str``.
+    ``Prose``: the assistant's message, any valid Unicode ``str`` of at most 100,000 characters;
+    ``step`` refuses anything else with a ``ValueError`` (``TypeError`` for a non-str).
 
     ## Observation Space
 
     ``Conversation``: the transcript as chat messages (``{"role", "content"}``), an optional
     leading ``system`` message, then ``user`` and ``assistant`` alternating, ending with the
-    user's turn.
+    user's turn. Every observation is a new list of new dicts: changing it changes nothing in the
+    environment.
 
     ## Rewards
 
@@ -42,11 +44,14 @@ class DialogueEnv(gym.Env[list, str]):
     ## Starting State
 
     A dataset item's first question (``options["index"]`` or ``options["item"]`` choose it,
-    otherwise uniformly at random), H ~ U{1..max_turns} (``options["horizon"]`` fixes it; a
-    pre-sampled user's item bounds it by its number of questions). Reset-to-prefix:
-    ``options["snapshot"]`` restores a snapshot exactly (with a ``seed``, the user's random
-    stream is reseeded from it instead of restored), ``options["prefix"]`` starts from a given
-    transcript (e.g. s_h of a dataset dialogue), then H ~ U{h..max_turns} unless given.
+    otherwise uniformly at random). H ~ U{1..max_turns}; with a pre-sampled user, H is the
+    item's number of questions, capped at max_turns (as in the original release);
+    ``options["horizon"]`` fixes it. Reset-to-prefix: ``options["snapshot"]`` restores a
+    snapshot exactly (with a ``seed``, the user's random stream is reseeded from it instead of
+    restored; no other option may come with it; a snapshot that cannot be a state of this
+    environment raises ``SnapshotError``), ``options["prefix"]`` starts from a given transcript
+    (e.g. s_h of a dataset dialogue), then H ~ U{h..max_turns} unless given. A reset that fails
+    changes nothing, the random stream included.
 
     ## Episode End
 
