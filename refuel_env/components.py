@@ -8,9 +8,14 @@ per process and shared by every environment that names the same one.
 from __future__ import annotations
 
 import hashlib
+import math
+import os
 from dataclasses import dataclass, fields, replace
 from functools import lru_cache
 from typing import Any, Literal
+
+import numpy as np
+import torch
 
 from refuel_env import embedded
 from refuel_env.backends import OpenAIChatGenerator
@@ -45,7 +50,8 @@ class EnvConfig:
     """'llm': a language model plays the user (setting one); 'presampled': the dataset's questions
     (setting two); 'instant': a fixed follow-up question, for measuring the environment itself."""
     max_turns: int = 5
-    """Longest dialogue H; without a 'horizon' reset option H ~ U{1..max_turns}."""
+    """Longest dialogue H. Without a 'horizon' reset option, H ~ U{1..max_turns}; with a pre-sampled
+    user, H is the item's number of questions, capped at max_turns."""
     user_model: str | TextGenerator = EMBEDDED
     """The simulated user's model: 'embedded' (SmolLM2-135M-Instruct), a path / hub id, or a
     ready :class:`TextGenerator` (any backend). With ``user_backend='openai'``: the served model's name."""
@@ -86,7 +92,9 @@ class EnvConfig:
     truncation_penalty: float | None = None
     """Reward Gamma given to a dialogue in which a response hit ``max_response_tokens``."""
     tokenizer: str | None = EMBEDDED
-    """Tokenizer that counts response and dialogue tokens ('embedded', a path, or None for none)."""
+    """Tokenizer that counts response and dialogue tokens ('embedded', a path, or None for none;
+    None is refused together with ``max_response_tokens``, ``max_dialogue_tokens`` or
+    ``truncation_penalty``, which need token counts)."""
     max_response_tokens: int | dict[int, int] | None = None
     """A response of this many tokens or more counts as having hit the generation length limit; a dict
     {H: tokens} gives each dialogue length H its own limit (setting two, UltraInteract)."""
@@ -154,9 +162,158 @@ def make_config(preset: str | None = None, **kwargs: Any) -> EnvConfig:
     unknown = set(kwargs) - names
     if unknown:
         raise TypeError(f"unknown environment argument(s) {sorted(unknown)}; valid: {sorted(names)}")
-    if preset is not None and preset not in PRESETS:
+    if preset is not None and (not isinstance(preset, str) or preset not in PRESETS):
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
-    return replace(EnvConfig(), **{**PRESETS.get(preset or "embedded", {}), **kwargs})
+    preset_values = PRESETS.get(preset or "embedded", {})
+    for key in ("dataset", "user"):  # an id's dataset and user come in as arguments
+        if key in preset_values and key in kwargs and kwargs[key] != preset_values[key]:
+            from refuel_env import ENV_IDS
+
+            matching = [
+                env_id
+                for env_id, spec in ENV_IDS.items()
+                if all(spec[k] == preset_values[k] for k in ("dataset", "user") if k in preset_values)
+            ]
+            raise ValueError(
+                f"preset {preset!r} is for {key}={preset_values[key]!r}, but the environment has {key}="
+                f"{kwargs[key]!r}; make the preset with an id whose dataset and user match it ({matching}), "
+                "or leave preset out"
+            )
+    config = replace(EnvConfig(), **{**preset_values, **kwargs})
+    validate_config(config)
+    return config
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int | np.integer) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float | np.integer | np.floating) and not isinstance(value, bool)
+
+
+_CHOICES: dict[str, tuple[Any, ...]] = {
+    "dataset": ("ultrainteract", "anthropic_hh"),
+    "split": ("train", "test", "all"),
+    "user": ("llm", "presampled", "instant"),
+    "user_backend": ("transformers", "openai", "vllm"),
+    "user_prompt_style": (None, "paper", "role-swap"),
+}
+
+
+def validate_config(config: EnvConfig) -> None:
+    """Raise a ``ValueError`` (``TypeError`` for a wrong type) naming the argument, its value and what
+    to pass, for any argument that is invalid or that would silently do nothing."""
+    for name, choices in _CHOICES.items():
+        if getattr(config, name) not in choices:
+            raise ValueError(f"{name} must be one of {list(choices)}, got {getattr(config, name)!r}")
+    if not isinstance(config.data_source, str | os.PathLike):
+        raise TypeError(f"data_source must be 'sample', 'hub' or a path, got {config.data_source!r:.80}")
+    for name in ("max_turns", "user_tensor_parallel_size"):
+        value = getattr(config, name)
+        if not _is_int(value) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {type(value).__name__} {value!r:.80}; e.g. {name}=3")
+    limits = config.max_response_tokens
+    if isinstance(limits, dict):
+        if not limits or not all(str(H).isdigit() and int(H) >= 1 and _is_int(n) and n >= 1 for H, n in limits.items()):
+            raise ValueError(f"max_response_tokens as a dict must map dialogue lengths H >= 1 to ints >= 1, got {limits!r:.120}; "
+                             "e.g. {1: 1024, 2: 768}")
+    _check_data_filters(config.data_filters)
+    for name, none in (
+        ("user_max_new_tokens", "the default: 64 for the embedded user, else 1024"),
+        ("max_response_tokens", "no limit"),
+        ("max_dialogue_tokens", "no limit"),
+    ):
+        value = getattr(config, name)
+        if name == "max_response_tokens" and isinstance(value, dict):
+            continue
+        if value is not None and (not _is_int(value) or value < 1):
+            raise ValueError(f"{name} must be an int >= 1 or None ({none}), got {type(value).__name__} {value!r:.80}")
+    for name in ("user_temperature", "kl_coef"):
+        value = getattr(config, name)
+        if not _is_number(value) or not math.isfinite(value) or value < 0:
+            raise ValueError(f"{name} must be a finite number >= 0, got {type(value).__name__} {value!r:.80}")
+    penalty = config.truncation_penalty
+    if penalty is not None and (not _is_number(penalty) or not math.isfinite(penalty)):
+        raise ValueError(f"truncation_penalty must be a finite number or None, got {type(penalty).__name__} {penalty!r:.80}")
+    for name in ("user_vllm_kwargs", "user_openai_kwargs"):
+        if getattr(config, name) is not None and not isinstance(getattr(config, name), dict):
+            raise TypeError(f"{name} must be a dict or None, got {getattr(config, name)!r:.80}")
+    if not isinstance(config.user_base_url, str | None):
+        raise TypeError(f"user_base_url must be a URL str or None, got {config.user_base_url!r:.80}")
+    if not isinstance(config.user_model, str | TextGenerator):
+        raise TypeError(
+            f"user_model must be 'embedded', a model path or hub id, or a TextGenerator, got "
+            f"{type(config.user_model).__name__} {config.user_model!r:.80}"
+        )
+    if not isinstance(config.reward_model, str | TrajectoryRewardModel):
+        raise TypeError(
+            f"reward_model must be 'embedded', 'armorm', 'fsfairx', a model path or hub id, or a "
+            f"TrajectoryRewardModel, got {type(config.reward_model).__name__} {config.reward_model!r:.80}"
+        )
+    if not isinstance(config.tokenizer, str | None):
+        raise TypeError(
+            f"tokenizer must be 'embedded', a tokenizer path or hub id, or None, got "
+            f"{type(config.tokenizer).__name__} {config.tokenizer!r:.80}"
+        )
+    if config.tokenizer is None:
+        needing = [
+            f"{name}={getattr(config, name)!r}"
+            for name in ("max_response_tokens", "max_dialogue_tokens", "truncation_penalty", "data_filters")
+            if getattr(config, name)
+        ]
+        if needing:
+            raise ValueError(
+                f"{' and '.join(needing)} {'needs' if len(needing) == 1 else 'need'} token counts, but "
+                "tokenizer=None counts none, so the limit would do nothing; pass tokenizer='embedded' or a "
+                "tokenizer path, or leave them unset"
+            )
+    uses_user_device = config.user == "llm" and config.user_backend == "transformers" and isinstance(config.user_model, str)
+    _check_device("user_device", config.user_device, uses_user_device)
+    _check_device("reward_device", config.reward_device, isinstance(config.reward_model, str))
+
+
+_DATA_FILTERS = ("max_dialogue_tokens", "max_prompt_tokens", "max_response_tokens")
+
+
+def _check_data_filters(filters: Any) -> None:
+    if filters is None:
+        return
+    if not isinstance(filters, dict):
+        raise TypeError(f"data_filters must be a dict or None, got {type(filters).__name__} {filters!r:.80}")
+    unknown = sorted(set(filters) - set(_DATA_FILTERS))
+    if unknown:
+        raise ValueError(f"data_filters has unknown limit(s) {unknown}; the limits are {list(_DATA_FILTERS)}")
+    for name, limit in filters.items():
+        values = limit.values() if isinstance(limit, dict) else [limit]
+        keys_ok = not isinstance(limit, dict) or all(str(k).isdigit() and int(k) >= 1 for k in limit)
+        if not (keys_ok and all(_is_int(v) and v >= 1 for v in values)) or (isinstance(limit, dict) and not limit):
+            raise ValueError(f"data_filters[{name!r}] must be an int >= 1 or a dict {{turns K: int >= 1}}, got {limit!r:.80}")
+
+
+def _check_device(name: str, value: Any, used: bool) -> None:
+    """A device name torch understands and, where it is used, one this machine has."""
+    if value is None:
+        return
+    if not isinstance(value, str | torch.device):
+        raise TypeError(f"{name} must be a device name such as 'cpu' or 'cuda:0', or None, got {value!r:.80}")
+    try:
+        device = torch.device(value)
+    except (RuntimeError, ValueError) as err:
+        raise ValueError(f"{name}={value!r} is not a device ({err}); pass 'cpu', 'cuda', 'cuda:N' or None") from None
+    if not used:
+        return
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"{name}={value!r}, but this machine has no CUDA device; pass 'cpu' or None")
+        if device.index is not None and device.index >= count:
+            raise ValueError(
+                f"{name}={value!r}, but this machine has {count} CUDA device(s), cuda:0..cuda:{count - 1}; "
+                "pass one of them, 'cpu' or None"
+            )
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"{name}={value!r}, but MPS is not available on this machine; pass 'cpu' or None")
 
 
 def _hashable(value: Any) -> Any:
@@ -210,7 +367,7 @@ def build_user(config: EnvConfig) -> UserSimulator:
         raise ValueError(f"unknown user {config.user!r}; use 'llm', 'presampled' or 'instant'")
     is_embedded = config.user_model == EMBEDDED
     style = config.user_prompt_style or ("role-swap" if is_embedded else "paper")
-    max_new = config.user_max_new_tokens or (64 if is_embedded else 1024)
+    max_new = config.user_max_new_tokens if config.user_max_new_tokens is not None else (64 if is_embedded else 1024)
     sampling = SamplingParams(max_new_tokens=max_new, temperature=config.user_temperature)
     return LLMUser(user_generator(config), style=style, sampling=sampling)
 
@@ -225,7 +382,14 @@ def _reward_model(name: str, device: str | None) -> TrajectoryRewardModel:
 def _token_counter(name: str):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(_model_path(name))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(_model_path(name))
+    except Exception as err:  # a missing path, a hub id without network, a broken folder
+        raise OSError(
+            f"tokenizer={name!r} cannot be loaded ({type(err).__name__}: {str(err)[:300]}); pass 'embedded' "
+            "(SmolLM2's tokenizer), a local tokenizer directory or a hub id in the local cache, or None to "
+            "count no tokens"
+        ) from err
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:  # a fast tokenizer: call the Rust tokenizer directly (about 2x faster)
 

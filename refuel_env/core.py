@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 
 from refuel_env.rewards import TrajectoryReward
-from refuel_env.snapshot import Snapshot, SnapshotError, rng_from_state, rng_state
-from refuel_env.spaces import conversation_problem
+from refuel_env.snapshot import Snapshot, SnapshotError, rng_from_state, rng_state, rng_state_problem
+from refuel_env.spaces import MAX_CHARS, conversation_problem, text_problem
 from refuel_env.types import DialogueItem, Message
 from refuel_env.users import UserRequest, UserSimulator
 
@@ -29,6 +29,39 @@ RESET_OPTIONS = ("index", "item", "horizon", "snapshot", "prefix")
 
 class EpisodeError(RuntimeError):
     """A call the episode's state does not allow (step before reset or after the end)."""
+
+
+def copy_messages(messages: Sequence[Message]) -> list[Message]:
+    """A new list of new message dicts: what callers get, so that changing it changes no episode."""
+    return [{"role": m["role"], "content": m["content"]} for m in messages]  # type: ignore[typeddict-item]
+
+
+def check_seed(seed: Any, name: str = "seed") -> int | None:
+    """``seed`` as an int (numpy ints accepted), or None; a clear error for anything else."""
+    if seed is None:
+        return None
+    if isinstance(seed, bool) or not isinstance(seed, int | np.integer):
+        raise TypeError(f"{name} must be a non-negative int or None, got {type(seed).__name__} {seed!r:.80}")
+    if seed < 0:
+        raise ValueError(f"{name} must be a non-negative int or None, got {seed}")
+    return int(seed)
+
+
+def check_options(options: Any) -> dict[str, Any]:
+    """The reset options as a new dict (None: no options); a clear error for a non-mapping."""
+    if options is None:
+        return {}
+    if not isinstance(options, Mapping):
+        raise TypeError(
+            f"options must be a dict of reset options (keys among {list(RESET_OPTIONS)}) or None, "
+            f"got {type(options).__name__} {options!r:.80}; e.g. options={{'horizon': 3}}"
+        )
+    return dict(options)
+
+
+def _positive_int_or_none(value: Any, name: str) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1):
+        raise ValueError(f"{name} must be an int >= 1 or None, got {value!r}")
 
 
 @dataclass
@@ -77,8 +110,26 @@ class DialogueCore:
     ):
         if not items:
             raise ValueError("the environment has no dataset items; check the dataset source and filters")
-        if max_turns < 1:
-            raise ValueError(f"max_turns must be >= 1, got {max_turns}")
+        if isinstance(max_turns, bool) or not isinstance(max_turns, int | np.integer) or max_turns < 1:
+            raise ValueError(f"max_turns must be an int >= 1, got {max_turns!r}")
+        for limit in max_response_tokens.values() if isinstance(max_response_tokens, Mapping) else [max_response_tokens]:
+            _positive_int_or_none(limit, "max_response_tokens")
+        _positive_int_or_none(max_dialogue_tokens, "max_dialogue_tokens")
+        if count_tokens is None:
+            needing = [
+                f"{name}={value!r}"
+                for name, value in (
+                    ("max_response_tokens", max_response_tokens),
+                    ("max_dialogue_tokens", max_dialogue_tokens),
+                    ("truncation_penalty", reward.truncation_penalty),
+                )
+                if value is not None
+            ]
+            if needing:
+                raise ValueError(
+                    f"{' and '.join(needing)} {'needs' if len(needing) == 1 else 'need'} token counts, but "
+                    "count_tokens is None; pass a token counter, or leave these limits unset"
+                )
         self.items = list(items)
         self.user = user
         self.reward = reward
@@ -107,13 +158,17 @@ class DialogueCore:
         A restored snapshot keeps its own random state, unless ``reseed`` (a seed was passed to
         ``reset``): then the episode's generator is drawn from ``np_random``.
         """
-        options = dict(options or {})
+        options = check_options(options)
         unknown = set(options) - set(RESET_OPTIONS)
         if unknown:
             raise ValueError(f"unknown reset option(s) {sorted(unknown)}; the options are {list(RESET_OPTIONS)}")
         if options.get("snapshot") is not None:
-            if options.get("prefix") is not None:
-                raise ValueError("pass either 'snapshot' or 'prefix' to reset, not both")
+            others = sorted(k for k, v in options.items() if k != "snapshot" and v is not None)
+            if others:
+                raise ValueError(
+                    f"pass either 'snapshot' or {others} to reset, not both: a snapshot already fixes the "
+                    "item, the transcript and the horizon"
+                )
             return self.restore(options["snapshot"], np_random if reseed else None)
 
         item = self._choose_item(np_random, options)
@@ -125,12 +180,19 @@ class DialogueCore:
         else:
             messages = item.prefix(1)
             turn = 1
+        if prefix is not None or options.get("item") is not None:
+            problem = self.user.messages_problem(messages)
+            if problem:
+                source = "prefix" if prefix is not None else "item"
+                raise ValueError(f"invalid {source!r} for reset: {problem}")
         max_h = self.max_horizon(item)
         horizon = options.get("horizon")
         if horizon is None:
             if turn > max_h:
                 raise ValueError(f"the prefix is at turn {turn}, past the longest horizon {max_h} of this item")
-            horizon = int(np_random.integers(turn, max_h + 1))
+            # A pre-sampled user asks the item's own questions: H is their number (as in the original
+            # release), capped at max_turns. Otherwise H ~ U{turn..max_turns}.
+            horizon = max_h if self.user.presampled else int(np_random.integers(turn, max_h + 1))
         elif isinstance(horizon, bool) or not isinstance(horizon, int | np.integer) or not turn <= horizon <= max_h:
             raise ValueError(
                 f"horizon must be an int in {turn}..{max_h} for this item and start turn, got {horizon!r}"
@@ -157,7 +219,7 @@ class DialogueCore:
         problem = conversation_problem(prefix, end_role="user")
         if problem is not None:
             raise ValueError(f"invalid 'prefix' for reset: {problem}")
-        messages: list[Message] = [{"role": m["role"], "content": m["content"]} for m in prefix]
+        messages = copy_messages(prefix)
         turn = sum(m["role"] == "user" for m in messages)
         return messages, turn
 
@@ -172,6 +234,12 @@ class DialogueCore:
             )
         if snapshot.done:
             raise SnapshotError("this snapshot is of a finished episode; there is nothing to continue")
+        problem = self._snapshot_problem(snapshot)
+        if problem:
+            raise SnapshotError(
+                f"this snapshot cannot be restored: {problem}; pass a snapshot taken from an environment "
+                "(env.snapshot() or info['snapshot']), unchanged"
+            )
         rng = (
             np.random.default_rng(int(reseed_from.integers(0, 2**63 - 1)))
             if reseed_from is not None
@@ -190,6 +258,43 @@ class DialogueCore:
             reference_logprob=snapshot.reference_logprob,
             logprob_turns=snapshot.logprob_turns,
         )
+
+    def _snapshot_problem(self, snap: Snapshot) -> str | None:
+        """Why a snapshot's fields cannot be a state of this environment, or None."""
+        if not isinstance(snap.item, DialogueItem):
+            return f"item is a {type(snap.item).__name__}, not a DialogueItem"
+        for name in ("turn", "horizon", "user_parse_failures", "logprob_turns"):
+            value = getattr(snap, name)
+            if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 0:
+                return f"{name} must be a non-negative int, got {value!r:.80}"
+        max_h = self.max_horizon(snap.item)
+        if not 1 <= snap.turn <= snap.horizon <= max_h:
+            return f"turn {snap.turn} and horizon {snap.horizon} must satisfy 1 <= turn <= horizon <= {max_h}"
+        pairs = snap.message_pairs
+        if not isinstance(pairs, tuple) or not all(isinstance(p, tuple) and len(p) == 2 for p in pairs):
+            return "message_pairs must be a tuple of (role, content) pairs"
+        messages = [{"role": role, "content": content} for role, content in pairs]
+        problem = conversation_problem(messages, end_role="user")
+        if problem:
+            return f"its messages are not a state: {problem}"
+        users = sum(m["role"] == "user" for m in messages)
+        if users != snap.turn:
+            return f"its messages hold {users} user turns, but turn is {snap.turn}"
+        problem = self.user.messages_problem(messages)
+        if problem:
+            return problem
+        tokens = snap.response_tokens
+        if not isinstance(tokens, tuple) or len(tokens) > snap.turn - 1 or not all(
+            isinstance(n, int | np.integer) and not isinstance(n, bool) and n >= 0 for n in tokens
+        ):
+            return f"response_tokens must be a tuple of at most {snap.turn - 1} non-negative ints, got {tokens!r:.80}"
+        for name in ("policy_logprob", "reference_logprob"):
+            value = getattr(snap, name)
+            if isinstance(value, bool) or not isinstance(value, int | float | np.floating) or not math.isfinite(value):
+                return f"{name} must be a finite number, got {value!r}"
+        if not isinstance(snap.hit_length_limit, bool | np.bool_):
+            return f"hit_length_limit must be a bool, got {snap.hit_length_limit!r:.80}"
+        return rng_state_problem(snap.rng_state)
 
     def snapshot(self, ep: Episode) -> Snapshot:
         return Snapshot(
@@ -220,16 +325,23 @@ class DialogueCore:
             raise EpisodeError(f"{where}step() called after the episode ended; call reset() to start a new one")
         if not isinstance(action, str):
             raise TypeError(f"{where}the action must be the assistant's message as a str, got {type(action).__name__}")
+        problem = text_problem(action, MAX_CHARS)
+        if problem:
+            raise ValueError(f"{where}the action is outside the action space (Prose): {problem}")
         if self.reward.kl_coef > 0 and ep.pending_logprobs is None:
             raise ValueError(
                 f"{where}this environment has a KL penalty (kl_coef={self.reward.kl_coef}); call "
                 "set_logprobs(policy=..., reference=...) with the response's log-probs before each step"
             )
 
-    def set_logprobs(self, ep: Episode, policy: float, reference: float) -> None:
+    @staticmethod
+    def check_logprobs(policy: Any, reference: Any, where: str = "") -> None:
         for name, value in (("policy", policy), ("reference", reference)):
-            if not isinstance(value, int | float | np.floating) or not math.isfinite(value):
-                raise ValueError(f"the {name} log-prob must be a finite number, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating) or not math.isfinite(value):
+                raise ValueError(f"{where}the {name} log-prob must be a finite number, got {value!r:.80}")
+
+    def set_logprobs(self, ep: Episode, policy: float, reference: float) -> None:
+        self.check_logprobs(policy, reference)
         ep.pending_logprobs = (float(policy), float(reference))
 
     def advance(self, episodes: Sequence[Episode], actions: Sequence[str]) -> list[StepResult]:
@@ -280,7 +392,7 @@ class DialogueCore:
                 scored.append(i)
         if scored:
             parts = self.reward.compute(
-                [episodes[i].messages for i in scored],
+                [copy_messages(episodes[i].messages) for i in scored],
                 policy_logprobs=[episodes[i].policy_logprob for i in scored],
                 reference_logprobs=[episodes[i].reference_logprob for i in scored],
                 hit_length_limit=[episodes[i].hit_length_limit for i in scored],
@@ -304,7 +416,7 @@ class DialogueCore:
         if asking:
             requests = [
                 UserRequest(
-                    messages=tuple(episodes[i].messages),
+                    messages=tuple(copy_messages(episodes[i].messages)),
                     item=episodes[i].item,
                     turn=episodes[i].turn,
                     seed=int(episodes[i].rng.integers(0, 2**31 - 1)),

@@ -292,7 +292,26 @@ def load_items(dataset: str, source: str | Path = "sample", **kwargs: Any) -> Lo
         loader = _LOADERS[dataset]
     except KeyError:
         raise ValueError(f"unknown dataset {dataset!r}; choose one of {sorted(_LOADERS)}") from None
-    return loader(source, **kwargs)
+    items = loader(source, **kwargs)
+    if not items and kwargs.get("limit") != 0:
+        report = items.report
+        raise DataError(
+            f"no {dataset} items in split {report.split!r} of {report.source}: {report.summary()}. "
+            + _no_items_hint(report)
+        )
+    return items
+
+
+def _no_items_hint(report: LoadReport) -> str:
+    if report.rows_read == 0:
+        return "The source holds no rows; pass a source with data."
+    if report.other_split == report.rows_read:
+        other = "'test'" if report.split == "train" else "'train'"
+        return (
+            f"All {report.rows_read} rows fall into the other split; pass split={other} or 'all', or a "
+            "source with more rows (the split is by hash, see TEST_FRACTION)."
+        )
+    return "Loosen the filters that dropped them (max_turns, token limits) or pass a source with more rows."
 
 
 def split_of(key: str, test_fraction: float = TEST_FRACTION) -> Literal["train", "test"]:
@@ -331,12 +350,28 @@ def _read_local(path: Path) -> Iterable[Mapping[str, Any]]:
             f"{path}: expected one .json/.jsonl/.parquet file or a folder of files in one of these formats, "
             f"found {[p.name for p in files]}"
         )
+    blank = [p.name for p in files if _LOCAL_FORMATS[p.suffix] == "json" and _is_blank(p)]
+    if blank:
+        raise DataError(
+            f"{path}: {blank} hold no rows (empty or only blank lines); each line of a .jsonl file must be "
+            "one JSON object in the dataset's schema"
+        )
     try:
         return datasets.load_dataset(formats.pop(), data_files=[str(p) for p in files], split="train")
-    except datasets.exceptions.DatasetGenerationError as exc:
+    except (datasets.exceptions.DatasetGenerationError, StopIteration, ValueError) as exc:
         raise DataError(
-            f"{path} could not be read ({exc.__cause__ or exc}); each JSONL line must be one JSON object"
+            f"{path} could not be read ({type(exc).__name__}: {exc.__cause__ or exc}); each JSONL line must be "
+            "one JSON object in the dataset's schema"
         ) from exc
+
+
+def _is_blank(path: Path) -> bool:
+    """True when a text file holds nothing but whitespace (read only up to its first other character)."""
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 16):
+            if chunk.strip():
+                return False
+    return True
 
 
 # ----------------------------------------------------------------------------- the shared loop

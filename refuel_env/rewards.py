@@ -17,7 +17,10 @@ Implementations:
 :func:`load_reward_model` builds any of them by name. Both transformer reward models format a
 dialogue with the model's own chat template, never truncate (a dialogue longer than
 ``max_length`` is an error; callers check :meth:`TrajectoryRewardModel.count_tokens` first) and
-batch with right padding. A non-finite score is an error that names the dialogue.
+batch with right padding, so a dialogue's score can depend on the other dialogues of its batch by
+float rounding (on a tiny float32 Llama reward model: up to 1e-6 absolute, 1e-5 relative);
+construct them with ``batch_size=1`` for scores that do not depend on the batch at all. The embedded model's scores never depend on the batch.
+A score that is not a finite real number is an error that names the value and the dialogue.
 
 The reward of setting two (appendix C.1) is built from small pure parts:
 :func:`kl_penalty` (eq. 11, r = RM - gamma * (ln pi_t - ln pi_0)) and
@@ -83,14 +86,34 @@ def validate_dialogue(dialogue: Sequence[Message], index: int) -> None:
         raise RewardModelError(f"dialogue {index} ends with a user message; it must end with the assistant's")
 
 
-def _check_finite(scores: np.ndarray, name: str) -> None:
+def _as_scores(raw: Any, n: int, name: str) -> np.ndarray:
+    """A model's raw scores as float64 of shape (n,); a :class:`RewardModelError` naming any bad value.
+
+    Every score must be a real number (a Python or numpy int or float, not a bool) and finite.
+    """
+    if isinstance(raw, torch.Tensor):
+        raw = raw.detach().cpu().numpy()
+    array = np.asarray(raw, dtype=object) if not isinstance(raw, np.ndarray) else raw
+    if array.size != n:
+        raise RewardModelError(f"reward model {name!r} returned {array.size} scores for {n} dialogues")
+    values = array.reshape(-1)
+    if values.dtype.kind not in "iuf":  # check each value's type
+        for index, value in enumerate(values):
+            if isinstance(value, bool | np.bool_) or not isinstance(value, int | float | np.integer | np.floating):
+                raise RewardModelError(
+                    f"reward model {name!r} returned {value!r:.80} ({type(value).__name__}) for dialogue {index}; "
+                    "a score must be a finite real number"
+                )
+    scores = values.astype(np.float64)
     bad = np.flatnonzero(~np.isfinite(scores))
     if bad.size:
         listed = ", ".join(str(i) for i in bad)
+        values = ", ".join(str(scores[i]) for i in bad[:5])
         raise RewardModelError(
-            f"reward model {name!r} returned a non-finite score (NaN or inf) for dialogue(s) {listed}; "
-            "check the model's weights and dtype (fp16 overflow is a common cause)"
+            f"reward model {name!r} returned a non-finite score (NaN or inf) for dialogue(s) {listed}; the "
+            f"score(s): {values}. Check the model's weights and dtype (fp16 overflow is a common cause)"
         )
+    return scores
 
 
 def _check_length(index: int, num_tokens: int, max_length: int | None, name: str) -> None:
@@ -127,13 +150,7 @@ class TrajectoryRewardModel(abc.ABC):
             raise RewardModelError(f"reward model {self.name!r} was given an empty batch of dialogues")
         for index, dialogue in enumerate(dialogues):
             validate_dialogue(dialogue, index)
-        scores = np.asarray(self._score(dialogues), dtype=np.float64).reshape(-1)
-        if scores.shape != (len(dialogues),):
-            raise RewardModelError(
-                f"reward model {self.name!r} returned {scores.shape[0]} scores for {len(dialogues)} dialogues"
-            )
-        _check_finite(scores, self.name)
-        return scores
+        return _as_scores(self._score(dialogues), len(dialogues), self.name)
 
     @abc.abstractmethod
     def count_tokens(self, dialogue: Sequence[Message]) -> int:
@@ -407,6 +424,9 @@ class EmbeddingRelevanceReward(TrajectoryRewardModel):
     answer on the right subject scores like a right one), whether the response answers the
     specific question rather than a neighbouring one on the same subject, instruction
     following, style, safety or length. Its absolute scale is not ArmoRM's.
+
+    Batch invariance. Each dialogue's texts are embedded in batches of their own, so a dialogue
+    scores exactly (bit for bit) the same alone and in any batch.
     """
 
     def __init__(
@@ -467,10 +487,16 @@ class EmbeddingRelevanceReward(TrajectoryRewardModel):
         return sums / np.maximum(np.linalg.norm(sums, axis=1, keepdims=True), 1e-12)
 
     def _score(self, dialogues: Sequence[Sequence[Message]]) -> np.ndarray:
-        turns = [_turns(dialogue) for dialogue in dialogues]
-        texts = sorted({text for dialogue in turns for turn in dialogue for text in turn[:3]})
-        vectors = dict(zip(texts, self.embed(texts)))
-        return np.array([self.scale * np.mean([self._turn_relevance(t, vectors) for t in d]) for d in turns])
+        # Each dialogue's texts are embedded in batches of their own, so a dialogue's score does not
+        # depend on the other dialogues of the batch (padding to another dialogue's longest text
+        # would change it in the last bits).
+        scores = []
+        for dialogue in dialogues:
+            turns = _turns(dialogue)
+            texts = sorted({text for turn in turns for text in turn[:3]})
+            vectors = dict(zip(texts, self.embed(texts)))
+            scores.append(self.scale * np.mean([self._turn_relevance(t, vectors) for t in turns]))
+        return np.array(scores)
 
     def _turn_relevance(self, turn: tuple[str, str, str, str], vectors: dict[str, np.ndarray]) -> float:
         context, question, response, user_text = turn
@@ -628,9 +654,17 @@ class TrajectoryReward:
             if self.truncation_penalty is None
             else apply_truncation_penalty(model_scores, hit, self.truncation_penalty)
         )
+        with np.errstate(over="ignore", invalid="ignore"):
+            rewards = base - kl
+        for i in np.flatnonzero(~np.isfinite(rewards)):
+            score = f"Gamma {self.truncation_penalty}" if hit[i] else f"model score {model_scores[i]}"
+            raise RewardModelError(
+                f"dialogue {i}'s reward is {rewards[i]} ({score} minus KL penalty {kl[i]}); the reward must be "
+                "finite: check the reward model's scores and the log-probs passed to set_logprobs"
+            )
         return [
             RewardParts(
-                reward=float(base[i] - kl[i]),
+                reward=float(rewards[i]),
                 model_score=None if hit[i] else float(model_scores[i]),
                 kl_penalty=float(kl[i]),
                 truncation_penalty=self.truncation_penalty if hit[i] else None,
@@ -647,7 +681,24 @@ class TrajectoryReward:
             return np.zeros(n)
         if policy is None or reference is None:
             raise ValueError("give both policy_logprobs and reference_logprobs, or neither")
-        penalty = kl_penalty(policy, reference, self.kl_coef)
+        for label, values in (("policy", policy), ("reference", reference)):
+            array = np.asarray(values, dtype=np.float64)
+            bad = np.flatnonzero(~np.isfinite(array.reshape(-1)))
+            if bad.size:
+                raise RewardModelError(
+                    f"the {label} log-prob of dialogue {bad[0]} is {array.reshape(-1)[bad[0]]}; log-probs must be "
+                    "finite (a sum of per-turn log-probs can overflow when they are huge)"
+                )
+        with np.errstate(over="ignore", invalid="ignore"):
+            penalty = kl_penalty(policy, reference, self.kl_coef)
+        bad = np.flatnonzero(~np.isfinite(penalty.reshape(-1)))
+        if bad.size:
+            i = bad[0]
+            raise RewardModelError(
+                f"the KL penalty of dialogue {i} is {penalty.reshape(-1)[i]} (kl_coef {self.kl_coef} times policy "
+                f"log-prob {np.asarray(policy, dtype=np.float64).reshape(-1)[i]} minus reference log-prob "
+                f"{np.asarray(reference, dtype=np.float64).reshape(-1)[i]}); it must be finite"
+            )
         if penalty.shape != (n,):
             raise ValueError(
                 f"got log-probs of shape {penalty.shape} for {n} dialogues; need one per dialogue"

@@ -22,7 +22,22 @@ def rng_state(rng: np.random.Generator) -> tuple:
     return (inner["state"], inner["inc"], state["has_uint32"], state["uinteger"])
 
 
+def rng_state_problem(state: object) -> str | None:
+    """Why ``state`` is not a PCG64 state as :func:`rng_state` writes it, or None when it is one."""
+    if not isinstance(state, tuple) or len(state) != 4:
+        return f"rng_state must be a tuple (state, inc, has_uint32, uinteger), got {state!r:.80}"
+    names = ("state", "inc", "has_uint32", "uinteger")
+    limits = (2**128, 2**128, 2, 2**32)
+    for name, value, limit in zip(names, state, limits):
+        if isinstance(value, bool) or not isinstance(value, int | np.integer) or not 0 <= value < limit:
+            return f"rng_state's {name} must be an int in 0..{limit - 1}, got {value!r:.80}"
+    return None
+
+
 def rng_from_state(state: tuple) -> np.random.Generator:
+    problem = rng_state_problem(state)
+    if problem:
+        raise SnapshotError(f"this snapshot's random state cannot be restored: {problem}")
     rng = np.random.Generator(np.random.PCG64())
     rng.bit_generator.state = {
         "bit_generator": "PCG64",

@@ -2,18 +2,51 @@
 
 ``gymnasium.spaces.Text`` checks every character against a fixed charset (alphanumerics by
 default), so ordinary prose with punctuation, newlines or non-ASCII letters is not "contained".
-These spaces hold what the environment really exchanges: any ``str`` up to a length, and a chat
-transcript whose roles alternate and which ends with the user's turn.
+These spaces hold what the environment really exchanges: any valid Unicode ``str`` up to a length
+(a lone surrogate such as ``"\ud800"`` is not text: it cannot be encoded, so no tokenizer reads
+it), and a chat transcript whose roles alternate and which ends with the user's turn.
+
+Both spaces support ``AsyncVectorEnv``'s shared memory: each sub-environment gets a buffer as large
+as the space's largest element (about 4.4 MB for a conversation of 5 turns of 100,000 characters)
+and the observation is pickled into it (see :class:`SharedObservations`).
 """
 
 from __future__ import annotations
 
+import multiprocessing
+import pickle
 from collections.abc import Sequence
+from types import ModuleType
 from typing import Any
 
 import numpy as np
 from gymnasium import spaces
-from gymnasium.vector.utils import batch_space
+from gymnasium.vector.utils import (
+    batch_space,
+    create_shared_memory,
+    read_from_shared_memory,
+    write_to_shared_memory,
+)
+
+MAX_CHARS = 100_000
+"""Longest message, in characters, that the spaces contain (and the environments accept)."""
+
+
+def text_problem(text: Any, max_chars: int = MAX_CHARS) -> str | None:
+    """Why ``text`` is not a message the spaces contain, or None when it is one."""
+    if not isinstance(text, str):
+        return f"expected a str, got {type(text).__name__}"
+    if len(text) > max_chars:
+        return f"it has {len(text):,} characters, more than the {max_chars:,} the space allows"
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as err:
+            return (
+                f"it is not valid Unicode: {text[err.start:err.end]!r} at position {err.start} is a lone "
+                "surrogate, which no tokenizer can read; pass text that encodes as UTF-8"
+            )
+    return None
 
 _WORDS = (
     "the a of to and is in that it for you can how what why which number function proof list value "
@@ -33,9 +66,9 @@ def _random_prose(rng: np.random.Generator, max_chars: int) -> str:
 
 
 class Prose(spaces.Space[str]):
-    """Any Python ``str`` of at most ``max_chars`` characters (empty allowed)."""
+    """Any valid Unicode ``str`` of at most ``max_chars`` characters (empty allowed)."""
 
-    def __init__(self, max_chars: int = 100_000, seed: int | np.random.Generator | None = None):
+    def __init__(self, max_chars: int = MAX_CHARS, seed: int | np.random.Generator | None = None):
         self.max_chars = int(max_chars)
         super().__init__(shape=None, dtype=None, seed=seed)
 
@@ -44,7 +77,12 @@ class Prose(spaces.Space[str]):
         return False
 
     def contains(self, x: Any) -> bool:
-        return isinstance(x, str) and len(x) <= self.max_chars
+        return text_problem(x, self.max_chars) is None
+
+    @property
+    def max_pickled_bytes(self) -> int:
+        """An upper bound on the pickled size of an element (UTF-8 uses at most 4 bytes a character)."""
+        return _with_margin(4 * self.max_chars)
 
     def sample(self, mask: Any = None, probability: Any = None) -> str:
         return _random_prose(self.np_random, self.max_chars)
@@ -56,16 +94,30 @@ class Prose(spaces.Space[str]):
         return isinstance(other, Prose) and other.max_chars == self.max_chars
 
 
-def conversation_problem(messages: Any, *, end_role: str | None = "user") -> str | None:
+def _with_margin(payload_bytes: int) -> int:
+    """Room for pickle's opcodes and frame headers around ``payload_bytes`` of UTF-8 text."""
+    return payload_bytes + payload_bytes // 100 + 4096
+
+
+def conversation_problem(
+    messages: Any, *, end_role: str | None = "user", max_chars: int | None = MAX_CHARS
+) -> str | None:
     """Why ``messages`` is not a valid transcript, or None when it is.
 
     Valid: a list of ``{"role", "content"}`` dicts with str content, an optional leading system
     message, then user and assistant turns alternating from the user, ending with ``end_role``.
+    Each content must be valid Unicode of at most ``max_chars`` characters (None: any length).
     """
     if not isinstance(messages, Sequence) or isinstance(messages, str):
         return f"expected a list of messages, got {type(messages).__name__}"
     turns = list(messages)
     if turns and isinstance(turns[0], dict) and turns[0].get("role") == "system":
+        system = turns[0]
+        if set(system) != {"role", "content"} or not isinstance(system["content"], str):
+            return f"the system message is not a dict with exactly the keys 'role' and 'content' and str content: {system!r:.100}"
+        problem = text_problem(system["content"], max_chars if max_chars is not None else len(system["content"]))
+        if problem:
+            return f"the system message's content: {problem}"
         turns = turns[1:]
     if not turns:
         return "it has no user message"
@@ -74,6 +126,9 @@ def conversation_problem(messages: Any, *, end_role: str | None = "user") -> str
             return f"turn {i} is not a dict with exactly the keys 'role' and 'content': {m!r:.100}"
         if not isinstance(m["content"], str):
             return f"turn {i} has {type(m['content']).__name__} content, not str"
+        problem = text_problem(m["content"], max_chars if max_chars is not None else len(m["content"]))
+        if problem:
+            return f"turn {i}'s content: {problem}"
         expected = "user" if i % 2 == 0 else "assistant"
         if m["role"] != expected:
             return f"roles must alternate user/assistant from the first turn; turn {i} is {m['role']!r}, expected {expected!r}"
@@ -89,7 +144,7 @@ class Conversation(spaces.Space[list]):
     with the assistant's final response, so both endings are contained.
     """
 
-    def __init__(self, max_turns: int = 5, max_chars: int = 100_000, seed: int | np.random.Generator | None = None):
+    def __init__(self, max_turns: int = 5, max_chars: int = MAX_CHARS, seed: int | np.random.Generator | None = None):
         self.max_turns = int(max_turns)
         self.max_chars = int(max_chars)
         super().__init__(shape=None, dtype=None, seed=seed)
@@ -99,10 +154,15 @@ class Conversation(spaces.Space[list]):
         return False
 
     def contains(self, x: Any) -> bool:
-        if conversation_problem(x, end_role=None) is not None:
+        if conversation_problem(x, end_role=None, max_chars=self.max_chars) is not None:
             return False
         turns = [m for m in x if m["role"] != "system"]
-        return (len(turns) + 1) // 2 <= self.max_turns and all(len(m["content"]) <= self.max_chars for m in x)
+        return (len(turns) + 1) // 2 <= self.max_turns
+
+    @property
+    def max_pickled_bytes(self) -> int:
+        """An upper bound on the pickled size of an element: 2 * max_turns + 1 messages (a system one)."""
+        return _with_margin((2 * self.max_turns + 1) * (4 * self.max_chars + 128))
 
     def sample(self, mask: Any = None, probability: Any = None) -> list[dict[str, str]]:
         h = int(self.np_random.integers(1, self.max_turns + 1))
@@ -125,3 +185,72 @@ class Conversation(spaces.Space[list]):
 @batch_space.register(Conversation)
 def _batch_prose(space: spaces.Space, n: int = 1) -> spaces.Tuple:
     return spaces.Tuple([space] * n)
+
+
+# ------------------------------------------------------------------ AsyncVectorEnv shared memory
+
+_LENGTH_BYTES = 8
+
+
+@create_shared_memory.register(Prose)
+@create_shared_memory.register(Conversation)
+def _create_prose_shared_memory(space: Prose | Conversation, n: int = 1, ctx: ModuleType = multiprocessing) -> Any:
+    return ctx.Array("B", n * (_LENGTH_BYTES + space.max_pickled_bytes))
+
+
+class SharedObservations(Sequence):
+    """The observations of every sub-environment, read from their shared buffers when indexed.
+
+    ``AsyncVectorEnv`` reads its shared memory once and returns this object (a deep copy of it,
+    unless ``copy=False``); a deep copy is a plain tuple of the current observations.
+    """
+
+    def __init__(self, space: Prose | Conversation, shared_memory: Any, n: int):
+        self.space, self.shared_memory, self.n = space, shared_memory, n
+        self.slot = _LENGTH_BYTES + space.max_pickled_bytes
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, slice):
+            return tuple(self[i] for i in range(*index.indices(self.n)))
+        if not -self.n <= index < self.n:
+            raise IndexError(f"index {index} is out of range for {self.n} sub-environments")
+        buffer = memoryview(self.shared_memory.get_obj()).cast("B")
+        start = (index % self.n) * self.slot
+        size = int.from_bytes(buffer[start : start + _LENGTH_BYTES], "little")
+        if size == 0:
+            return None  # nothing written yet (before the first reset)
+        return pickle.loads(buffer[start + _LENGTH_BYTES : start + _LENGTH_BYTES + size])
+
+    def __deepcopy__(self, memo: dict) -> tuple:
+        return tuple(self)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Sequence) and tuple(self) == tuple(other)
+
+    def __repr__(self) -> str:
+        return f"SharedObservations({tuple(self)!r})"
+
+
+@read_from_shared_memory.register(Prose)
+@read_from_shared_memory.register(Conversation)
+def _read_prose_from_shared_memory(space: Prose | Conversation, shared_memory: Any, n: int = 1) -> SharedObservations:
+    return SharedObservations(space, shared_memory, n)
+
+
+@write_to_shared_memory.register(Prose)
+@write_to_shared_memory.register(Conversation)
+def _write_prose_to_shared_memory(space: Prose | Conversation, index: int, value: Any, shared_memory: Any) -> None:
+    data = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+    if len(data) > space.max_pickled_bytes:
+        raise ValueError(
+            f"the observation of sub-environment {index} takes {len(data):,} bytes pickled, more than "
+            f"{space!r} allows ({space.max_pickled_bytes:,}); it is not an element of the space"
+        )
+    slot = _LENGTH_BYTES + space.max_pickled_bytes
+    buffer = memoryview(shared_memory.get_obj()).cast("B")
+    start = index * slot
+    buffer[start + _LENGTH_BYTES : start + _LENGTH_BYTES + len(data)] = data
+    buffer[start : start + _LENGTH_BYTES] = len(data).to_bytes(_LENGTH_BYTES, "little")

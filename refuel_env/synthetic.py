@@ -130,6 +130,15 @@ def dialogue_reward(messages: Sequence[Message]) -> float:
 class SyntheticUser(UserSimulator):
     """The user of the synthetic task: x_{h+1} ~ TRANSITIONS[x_h][move(y_h)], drawn with the request's seed."""
 
+    def messages_problem(self, messages: Sequence[Message]) -> str | None:
+        for m in messages:
+            if m["role"] == "user" and m["content"].strip() not in STATES:
+                return (
+                    f"the synthetic task's user messages are one of {list(STATES)}, got {m['content'][:40]!r}; "
+                    "start SyntheticDialogue-v0 episodes from its own items or from prefixes written in its words"
+                )
+        return None
+
     def respond(self, requests: Sequence[UserRequest]) -> list[UserTurn]:
         turns = []
         for r in requests:

@@ -128,6 +128,14 @@ class UserSimulator(abc.ABC):
         """Tokens the simulator must read to answer ``messages`` (0 when it reads none)."""
         return 0
 
+    def messages_problem(self, messages: Sequence[Message]) -> str | None:
+        """Why this user cannot continue from ``messages`` (a reset's prefix or item), or None.
+
+        Checked at reset, so that a transcript the user cannot read fails there and not at a
+        later step. Every message the language users read is fine.
+        """
+        return None
+
     @property
     def max_prompt_tokens(self) -> int | None:
         """Longest prompt the simulator can take, or None when unlimited."""

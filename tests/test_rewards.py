@@ -479,3 +479,18 @@ def test_embedded_reward_reads_long_texts_whole(embedded):
     assert len(embedded.tokenizer(first, add_special_tokens=False)["input_ids"]) > embedded.window
     whole, head = embedded.embed([first + second, first])
     assert float(whole @ head) < 0.95, "the second half of a long text must change its embedding"
+
+
+def test_embedded_reward_does_not_depend_on_the_batch(embedded):
+    """A dialogue scores bit for bit the same alone and in any batch (the vector env relies on it)."""
+    singles = np.array([embedded.score([d])[0] for d in DIALOGUES])
+    assert np.array_equal(embedded.score(DIALOGUES), singles)
+    assert np.array_equal(embedded.score(DIALOGUES[::-1]), singles[::-1])
+    assert np.array_equal(embedded.score([DIALOGUES[3], DIALOGUES[0]]), singles[[3, 0]])
+
+
+def test_sequence_classification_with_batch_size_one_does_not_depend_on_the_batch(tiny_cls_dir):
+    """Padded batches agree with single dialogues only to float rounding; batch_size=1 agrees exactly."""
+    reward = SequenceClassificationReward(tiny_cls_dir, batch_size=1)
+    singles = np.array([reward.score([d])[0] for d in DIALOGUES])
+    assert np.array_equal(reward.score(DIALOGUES), singles)

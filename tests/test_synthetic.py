@@ -34,6 +34,7 @@ from refuel_env.synthetic import (
     STATES,
     TRANSITIONS,
     UTILITY,
+    SyntheticReward,
     SyntheticUser,
     build_synthetic_policy,
     make_items,
@@ -174,12 +175,11 @@ def test_bad_arguments_and_foreign_prefixes_fail_clearly():
     with pytest.raises(ValueError, match="split"):
         make(split="validation")
     env = make()
-    env.reset(seed=0, options={"prefix": [{"role": "user", "content": "hello there"}], "horizon": 2})
-    with pytest.raises(ValueError, match="user messages are one of"):
-        env.step("ask")
-    env.reset(seed=0, options={"prefix": [{"role": "user", "content": "hello there"}], "horizon": 1})
+    for horizon in (1, 2):  # refused at reset, not at a later step
+        with pytest.raises(ValueError, match="invalid 'prefix' for reset: the synthetic task's user messages are one of"):
+            env.reset(seed=0, options={"prefix": [{"role": "user", "content": "hello there"}], "horizon": horizon})
     with pytest.raises(RewardModelError, match="user messages are one of"):
-        env.step("ask")
+        SyntheticReward().score([[{"role": "user", "content": "hello"}, {"role": "assistant", "content": "ask"}]])
 
 
 def test_offline_items_come_from_the_behaviour_policy():

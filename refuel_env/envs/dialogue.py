@@ -7,7 +7,7 @@ from typing import Any
 import gymnasium as gym
 
 from refuel_env.components import build_core, make_config
-from refuel_env.core import Episode, EpisodeError, render_transcript
+from refuel_env.core import Episode, EpisodeError, check_seed, copy_messages, render_transcript
 from refuel_env.snapshot import Snapshot
 from refuel_env.spaces import Conversation, Prose
 
@@ -24,13 +24,15 @@ class DialogueEnv(gym.Env[list, str]):
 
     ## Action Space
 
-    ``Prose``: the assistant's message, any ``str``.
+    ``Prose``: the assistant's message, any valid Unicode ``str`` of at most 100,000 characters;
+    ``step`` refuses anything else with a ``ValueError`` (``TypeError`` for a non-str).
 
     ## Observation Space
 
     ``Conversation``: the transcript as chat messages (``{"role", "content"}``), an optional
     leading ``system`` message, then ``user`` and ``assistant`` alternating, ending with the
-    user's turn.
+    user's turn. Every observation is a new list of new dicts: changing it changes nothing in the
+    environment.
 
     ## Rewards
 
@@ -42,11 +44,14 @@ class DialogueEnv(gym.Env[list, str]):
     ## Starting State
 
     A dataset item's first question (``options["index"]`` or ``options["item"]`` choose it,
-    otherwise uniformly at random), H ~ U{1..max_turns} (``options["horizon"]`` fixes it; a
-    pre-sampled user's item bounds it by its number of questions). Reset-to-prefix:
-    ``options["snapshot"]`` restores a snapshot exactly (with a ``seed``, the user's random
-    stream is reseeded from it instead of restored), ``options["prefix"]`` starts from a given
-    transcript (e.g. s_h of a dataset dialogue), then H ~ U{h..max_turns} unless given.
+    otherwise uniformly at random). H ~ U{1..max_turns}; with a pre-sampled user, H is the
+    item's number of questions, capped at max_turns (as in the original release);
+    ``options["horizon"]`` fixes it. Reset-to-prefix: ``options["snapshot"]`` restores a
+    snapshot exactly (with a ``seed``, the user's random stream is reseeded from it instead of
+    restored; no other option may come with it; a snapshot that cannot be a state of this
+    environment raises ``SnapshotError``), ``options["prefix"]`` starts from a given transcript
+    (e.g. s_h of a dataset dialogue), then H ~ U{h..max_turns} unless given. A reset that fails
+    changes nothing, the random stream included.
 
     ## Episode End
 
@@ -85,13 +90,23 @@ class DialogueEnv(gym.Env[list, str]):
         self._episode: Episode | None = None
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
-        super().reset(seed=seed)
-        self._episode = self.core.new_episode(self.np_random, options, reseed=seed is not None)
-        return list(self._episode.messages), self.core.reset_info(self._episode)
+        seed = check_seed(seed)
+        # A reset that fails (a bad option) leaves the environment, its random stream included, as it was.
+        saved = (self._np_random, self._np_random_seed, self._np_random and self._np_random.bit_generator.state)
+        try:
+            super().reset(seed=seed)
+            episode = self.core.new_episode(self.np_random, options, reseed=seed is not None)
+        except BaseException:
+            self._np_random, self._np_random_seed = saved[0], saved[1]
+            if saved[0] is not None:
+                saved[0].bit_generator.state = saved[2]
+            raise
+        self._episode = episode
+        return copy_messages(episode.messages), self.core.reset_info(episode)
 
     def step(self, action: str):
         (result,) = self.core.advance([self._episode], [action])  # type: ignore[list-item]
-        return list(self._episode.messages), result.reward, result.terminated, result.truncated, result.info  # type: ignore[union-attr]
+        return copy_messages(self._episode.messages), result.reward, result.terminated, result.truncated, result.info  # type: ignore[union-attr]
 
     def snapshot(self) -> Snapshot:
         """The current state, to pass later as ``reset(options={"snapshot": ...})``."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from typing import Any
 
@@ -10,7 +11,16 @@ from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
 from refuel_env.components import build_core, make_config
-from refuel_env.core import RESET_OPTIONS, Episode, EpisodeError, StepResult, render_transcript
+from refuel_env.core import (
+    RESET_OPTIONS,
+    Episode,
+    EpisodeError,
+    StepResult,
+    check_options,
+    check_seed,
+    copy_messages,
+    render_transcript,
+)
 from refuel_env.snapshot import Snapshot
 from refuel_env.spaces import Conversation, Prose
 
@@ -54,65 +64,95 @@ class DialogueVectorEnv(VectorEnv):
     # ------------------------------------------------------------------ reset
 
     def reset(self, *, seed: int | Sequence[int | None] | None = None, options: dict[str, Any] | None = None):
-        seeds = self._per_env(seed, "seed")
-        options = dict(options or {})
-        mask = options.pop("reset_mask", None)
-        mask = np.ones(self.num_envs, dtype=bool) if mask is None else np.asarray(mask, dtype=bool)
-        if mask.shape != (self.num_envs,):
-            raise ValueError(f"reset_mask must have shape ({self.num_envs},), got {mask.shape}")
-        per_env = {k: self._per_env(v, k) for k, v in options.items()}
-        unknown = set(per_env) - set(RESET_OPTIONS)
+        seeds = self._seeds(seed)
+        options = check_options(options)
+        mask = self._reset_mask(options.pop("reset_mask", None))
+        unknown = set(options) - set(RESET_OPTIONS)
         if unknown:
             raise ValueError(f"unknown reset option(s) {sorted(unknown)}; the options are {list(RESET_OPTIONS)} and reset_mask")
-        # Build every new episode before replacing any, so a bad option loses nothing.
-        new: dict[int, Episode] = {}
-        rngs = dict(enumerate(self._rngs))
+        per_env = {k: self._per_env(v, k) for k, v in options.items()}
+        # Build every new episode, from copies of the random streams, before replacing any, so
+        # that a bad option loses nothing.
+        new: dict[int, tuple[np.random.Generator, Episode]] = {}
         for i in np.flatnonzero(mask):
-            if seeds[i] is not None:
-                rngs[i] = np.random.default_rng(seeds[i])
+            rng = np.random.default_rng(seeds[i]) if seeds[i] is not None else copy.deepcopy(self._rngs[i])
             env_options = {k: v[i] for k, v in per_env.items() if v[i] is not None}
             try:
-                new[i] = self.core.new_episode(rngs[i], env_options, reseed=seeds[i] is not None)
+                new[i] = (rng, self.core.new_episode(rng, env_options, reseed=seeds[i] is not None))
             except (ValueError, TypeError) as err:
                 raise type(err)(f"env {i}: {err}") from err
         infos: dict[str, Any] = {}
-        for i, ep in new.items():
-            self._rngs[i] = rngs[i]
+        for i, (rng, ep) in new.items():
+            self._rngs[i] = rng
             self._episodes[i] = ep
             self._autoreset[i] = False
             infos = self._add_info(infos, self.core.reset_info(ep), i)
         return self._observations(), infos
 
+    def _seeds(self, seed: Any) -> list[int | None]:
+        if isinstance(seed, list | tuple | np.ndarray):
+            if len(seed) != self.num_envs:
+                raise ValueError(
+                    f"seed: got {len(seed)} seeds for {self.num_envs} sub-environments; pass one int (sub-env i "
+                    f"gets seed + i), a list of {self.num_envs} ints or None, or None"
+                )
+            return [check_seed(s, f"seed[{i}]") for i, s in enumerate(seed)]
+        first = check_seed(seed)
+        return [None if first is None else first + i for i in range(self.num_envs)]
+
+    def _reset_mask(self, mask: Any) -> np.ndarray:
+        if mask is None:
+            return np.ones(self.num_envs, dtype=bool)
+        array = np.asarray(mask)
+        if array.dtype != np.bool_ or array.shape != (self.num_envs,):
+            raise ValueError(
+                f"reset_mask must be {self.num_envs} bools (a bool array of shape ({self.num_envs},)), got "
+                f"{mask!r:.80} (dtype {array.dtype}, shape {array.shape})"
+            )
+        return array
+
     def _per_env(self, value: Any, name: str) -> list[Any]:
-        if isinstance(value, list | tuple) and not (name == "prefix" and value and isinstance(value[0], dict)):
+        """One value per sub-environment: a sequence is per sub-env, anything else is for all.
+
+        A prefix is itself a list of messages: a list that is empty or starts with a message dict is
+        one prefix for every sub-environment.
+        """
+        one_prefix = name == "prefix" and isinstance(value, list | tuple) and (not value or isinstance(value[0], dict))
+        if isinstance(value, list | tuple | np.ndarray) and not one_prefix:
             if len(value) != self.num_envs:
-                raise ValueError(f"{name}: got {len(value)} values for {self.num_envs} environments")
-            return list(value)
-        if name == "seed" and value is not None:
-            if isinstance(value, bool) or not isinstance(value, int | np.integer):
-                raise TypeError(f"seed must be an int, a list of ints, or None; got {value!r}")
-            return [int(value) + i for i in range(self.num_envs)]
+                raise ValueError(
+                    f"options[{name!r}]: got {len(value)} values for {self.num_envs} sub-environments; pass one "
+                    f"value for all, or a list of {self.num_envs} with None where not given"
+                )
+            return [v.item() if isinstance(v, np.generic) else v for v in value]
         return [value] * self.num_envs
 
     # ------------------------------------------------------------------ step
 
     def step(self, actions: Sequence[str]):
-        if isinstance(actions, str) or len(actions) != self.num_envs:
-            raise ValueError(f"step() takes a sequence of {self.num_envs} actions (one str per environment)")
+        if isinstance(actions, str) or not isinstance(actions, Sequence | np.ndarray) or len(actions) != self.num_envs:
+            raise ValueError(f"step() takes a sequence of {self.num_envs} actions (one str per environment), got {actions!r:.80}")
         if any(ep is None for ep in self._episodes):
             raise EpisodeError("step() called before reset(); call reset() first")
         stepping = [i for i in range(self.num_envs) if not self._autoreset[i]]
         for i in stepping:
             self.core.check_action(self._episodes[i], actions[i], where=f"env {i}: ")
 
+        # Sub-environments that ended last step start a new episode (next-step autoreset). It is
+        # built from a copy of the random stream and kept only if the whole step succeeds, so a
+        # step that fails leaves every sub-environment, autoreset flags included, as it was.
         results: dict[int, StepResult] = {}
+        restarted: dict[int, tuple[np.random.Generator, Episode]] = {}
         for i in np.flatnonzero(self._autoreset):
-            ep = self.core.new_episode(self._rngs[i], None)
-            self._episodes[i] = ep
+            rng = copy.deepcopy(self._rngs[i])
+            ep = self.core.new_episode(rng, None)
+            restarted[i] = (rng, ep)
             results[i] = StepResult(0.0, False, False, self.core.reset_info(ep))
         if stepping:
             stepped = self.core.advance([self._episodes[i] for i in stepping], [actions[i] for i in stepping])
             results.update(zip(stepping, stepped))
+        for i, (rng, ep) in restarted.items():
+            self._rngs[i], self._episodes[i] = rng, ep
 
         rewards = np.zeros(self.num_envs, dtype=np.float64)
         terminated = np.zeros(self.num_envs, dtype=bool)
@@ -128,8 +168,10 @@ class DialogueVectorEnv(VectorEnv):
     # ------------------------------------------------------------------ extras
 
     def snapshot(self, index: int) -> Snapshot:
-        """The current state of sub-environment ``index``."""
-        ep = self._episodes[index]
+        """The current state of sub-environment ``index`` (0..num_envs - 1)."""
+        if isinstance(index, bool) or not isinstance(index, int | np.integer) or not 0 <= index < self.num_envs:
+            raise IndexError(f"snapshot(index): index must be an int in 0..{self.num_envs - 1}, got {index!r:.80}")
+        ep = self._episodes[int(index)]
         if ep is None:
             raise EpisodeError("snapshot() called before reset(); call reset() first")
         return self.core.snapshot(ep)
@@ -138,15 +180,16 @@ class DialogueVectorEnv(VectorEnv):
         """Log-probs of the next actions under the policy and the reference (for the KL penalty)."""
         if len(policy) != self.num_envs or len(reference) != self.num_envs:
             raise ValueError(f"set_logprobs takes {self.num_envs} policy and {self.num_envs} reference values")
+        if any(ep is None for ep in self._episodes):
+            raise EpisodeError("set_logprobs() called before reset(); call reset() first")
+        for i, (p, r) in enumerate(zip(policy, reference)):  # check all before setting any
+            self.core.check_logprobs(p, r, where=f"env {i}: ")
         for i, (p, r) in enumerate(zip(policy, reference)):
-            ep = self._episodes[i]
-            if ep is None:
-                raise EpisodeError("set_logprobs() called before reset(); call reset() first")
             if not self._autoreset[i]:
-                self.core.set_logprobs(ep, p, r)
+                self.core.set_logprobs(self._episodes[i], p, r)
 
     def _observations(self) -> tuple[list, ...]:
-        return tuple(list(ep.messages) if ep is not None else [] for ep in self._episodes)
+        return tuple(copy_messages(ep.messages) if ep is not None else [] for ep in self._episodes)
 
     def render(self) -> tuple[str, ...] | None:
         if self.render_mode != "ansi":
