@@ -123,6 +123,9 @@ def test_to_completion_counts_tokens_without_the_end_of_turn():
     assert to_completion(fake_output([5, 6, 2], "stop", stop_reason=2), "b").completion_tokens == 2
     assert to_completion(fake_output([5, 6], "stop", stop_reason="\n"), "b").completion_tokens == 2
     assert to_completion(fake_output([5, 6], "length"), "b").completion_tokens == 2
+    # The sampled tokens, the end-of-turn token last when it was sampled; none for a stop string.
+    assert eos.token_ids == (5, 6, 2) and to_completion(fake_output([5, 6], "length"), "b").token_ids == (5, 6)
+    assert to_completion(fake_output([5, 6], "stop", stop_reason="\n"), "b").token_ids is None
     with pytest.raises(GenerationError, match="ended with 'abort'"):
         to_completion(fake_output([5], "abort"), "b")
 
@@ -243,7 +246,7 @@ def test_engine_seeds_reproduce_per_request(engine):
 @engine_test
 def test_engine_greedy_matches_transformers(engine, transformers_smollm2):
     expected = transformers_smollm2.chat(CONVS, GREEDY)
-    assert engine.chat(CONVS, GREEDY) == expected  # text, token counts and finish reasons
+    assert engine.chat(CONVS, GREEDY) == expected  # text, token counts, finish reasons and sampled token ids
 
 
 @engine_test
