@@ -1,7 +1,7 @@
 """Reproduce table 1: train REFUEL and the eight baselines on one configuration, then evaluate
 every trained policy against the base model, per turn, on the same held-out prompts.
 
-    python scripts/reproduce_table1.py                                   # embedded default, CPU (see README for the time)
+    python scripts/reproduce_table1.py                                   # embedded default, CPU (see docs/evaluation.md for the time)
     python scripts/reproduce_table1.py --methods refuel rebel-lt-online  # a subset of the rows
     python scripts/reproduce_table1.py --preset paper-setting-one --judge openai:gpt-4-0613 --both-orders \\
         --eval-prompts 500 --benchmark llama-3.1-8b-it=hf:meta-llama/Llama-3.1-8B-Instruct \\

@@ -47,7 +47,7 @@ from refuel_agents.baselines import AGENTS  # noqa: E402
 from refuel_agents.cli import add_dataclass_arguments, dataclass_from_args  # noqa: E402
 from refuel_agents.modes import BASELINE_MODES, MODE_HELP  # noqa: E402
 
-# The paper's configurations (appendix C; DESIGN.md). Every value's source is in the README's preset table.
+# The paper's configurations (appendix C; DESIGN.md). Every value's source is in the preset table of docs/training.md.
 # Models must be in the local HF cache.
 _SETTING_TWO = {
     "policy_model": "meta-llama/Meta-Llama-3-8B-Instruct", "iterations": 0, "prompts_per_iteration": 32,

@@ -422,7 +422,7 @@ def test_a_per_h_response_limit_applies_gamma_by_dialogue_length():
     assert env.step(four_words)[1] == 4.0  # H = 2: limit 100, the model's score
 
 
-# Each preset field and the row of the README's preset table that gives its source.
+# Each preset field and the row of the preset table (docs/training.md) that gives its source.
 PRESET_ROWS = {
     "policy_model": "policy", "env_preset": "simulated user", "env_id": "simulated user", "env_kwargs": "data filters",
     "iterations": "iterations", "prompts_per_iteration": "prompts per iteration", "batch_size": "pairs per update",
@@ -435,7 +435,7 @@ PRESET_ROWS = {
 }
 
 
-def test_every_preset_value_has_a_row_in_the_readme_table():
+def test_every_preset_value_has_a_row_in_the_preset_table_of_the_training_docs():
     import importlib.util
     from pathlib import Path
 
@@ -443,11 +443,11 @@ def test_every_preset_value_has_a_row_in_the_readme_table():
     spec = importlib.util.spec_from_file_location("train_agent", root / "scripts" / "train_agent.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    readme = (root / "README.md").read_text()
-    table = readme[readme.index("| hyperparameter | paper | original release |"):]
+    docs = (root / "docs" / "training.md").read_text()
+    table = docs[docs.index("| hyperparameter | paper | original release |"):]
     table = table[: table.index("\n\n")]
     for name, preset in module.PRESETS.items():
         for key in preset:
-            assert key in PRESET_ROWS, f"preset {name} sets {key}: add its row to the README's preset table"
+            assert key in PRESET_ROWS, f"preset {name} sets {key}: add its row to the preset table of docs/training.md"
             if PRESET_ROWS[key]:
                 assert f"\n| {PRESET_ROWS[key]}" in table, PRESET_ROWS[key]

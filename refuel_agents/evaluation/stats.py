@@ -1,0 +1,92 @@
+"""Statistics of judgements: Wilson intervals, the appendix E turn weights, win rates."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+# ------------------------------------------------------------------------------ aggregation
+
+
+def wilson_interval(successes: float, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """Wilson score interval of a proportion (95 % by default); ties count 0.5 toward ``successes``."""
+    if n <= 0:
+        return (math.nan, math.nan)
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def length_weights(lengths: Iterable[int], horizon: int) -> dict[int, float]:
+    """Appendix E weights: the share of dataset dialogues of each length 1..horizon.
+
+    Dialogues longer than ``horizon`` count at ``horizon`` (an evaluation at horizon H truncates
+    them there).
+    """
+    if horizon < 1:
+        raise ValueError(f"horizon must be >= 1, got {horizon}")
+    counts = {h: 0 for h in range(1, horizon + 1)}
+    total = 0
+    for length in lengths:
+        if length < 1:
+            raise ValueError(f"a dialogue length must be >= 1, got {length}")
+        counts[min(int(length), horizon)] += 1
+        total += 1
+    if total == 0:
+        raise ValueError("length_weights needs at least one dialogue length")
+    return {h: c / total for h, c in counts.items()}
+
+
+def weighted_average(per_turn: Mapping[int, float], weights: Mapping[int, float]) -> float:
+    """sum_h w_h * winrate_h / sum_h w_h over the turns that have a win rate (appendix E)."""
+    pairs = [(float(weights.get(h, 0.0)), rate) for h, rate in per_turn.items() if rate is not None and not math.isnan(rate)]
+    total = sum(w for w, _ in pairs)
+    if total <= 0:
+        return math.nan
+    return sum(w * rate for w, rate in pairs) / total
+
+
+def win_rates(records: Sequence[Mapping[str, Any]], *, horizon: int | None = None,
+              weights: Mapping[int, float] | None = None) -> dict[str, Any]:
+    """Aggregate judgement records into table 1's layout.
+
+    Returns ``per_turn`` ({h: {win_rate, n, wins, ties, losses, ci_low, ci_high, failures,
+    parse_failures}}; win rates are fractions in [0, 1], ties count one half), ``average`` (the
+    mean of the per-turn win rates over the turns with judgements), ``weighted_average`` (with
+    ``weights``, see :func:`weighted_average`; None without), ``full_dialogue`` (records with
+    ``full``: each pair at its own last turn), ``n``, ``failures`` and ``parse_failures``.
+    """
+    turns = sorted({int(r["turn"]) for r in records})
+    horizon = horizon or (max(turns) if turns else 0)
+    per_turn: dict[int, dict[str, Any]] = {}
+    for h in range(1, horizon + 1):
+        per_turn[h] = _summarise([r for r in records if int(r["turn"]) == h])
+    rates = {h: s["win_rate"] for h, s in per_turn.items() if s["n"] > 0}
+    return {
+        "per_turn": per_turn,
+        "average": float(np.mean(list(rates.values()))) if rates else math.nan,
+        "turns_in_average": sorted(rates),
+        "weighted_average": weighted_average(rates, weights) if weights is not None else None,
+        "full_dialogue": _summarise([r for r in records if r.get("full")]),
+        "n": sum(s["n"] for s in per_turn.values()),
+        "failures": sum(s["failures"] for s in per_turn.values()),
+        "parse_failures": sum(s["parse_failures"] for s in per_turn.values()),
+    }
+
+
+def _summarise(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    outcomes = [float(r["outcome"]) for r in records if r.get("outcome") is not None]
+    n = len(outcomes)
+    wins = sum(1 for o in outcomes if o == 1.0)
+    ties = sum(1 for o in outcomes if o == 0.5)
+    score = sum(outcomes)
+    low, high = wilson_interval(score, n)
+    return {"win_rate": score / n if n else math.nan, "n": n, "wins": wins, "ties": ties,
+            "losses": n - wins - ties, "ci_low": low, "ci_high": high,
+            "failures": sum(1 for r in records if r.get("outcome") is None),
+            "parse_failures": sum(int(r.get("parse_failures", 0)) for r in records)}
