@@ -105,7 +105,9 @@ def test_two_half_batches_accumulate_to_one_full_batch():
         assert info_halves["grad_norm"] == pytest.approx(info_full["grad_norm"], rel=1e-5)
         assert info_halves["lr"] == info_full["lr"]
     a, b = params_of(full.model), params_of(halves.model)
-    assert all(torch.allclose(a[n], b[n], atol=1e-6) for n in a)
+    # Summing two half-batch gradients rounds differently from one full batch; Adam at lr 1e-2 turns
+    # that into weight differences of about 1e-6 (1.4e-6 on one of 2048 elements, measured).
+    assert all(torch.allclose(a[n], b[n], atol=1e-5) for n in a)
     assert any(not torch.equal(a[n], p) for n, p in tiny_llama().named_parameters())
     assert halves.optimizer_steps == full.optimizer_steps == 2
 
