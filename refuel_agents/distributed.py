@@ -138,6 +138,39 @@ def full_weights(engine: Any, enabled: bool = True) -> Iterator[None]:
             offload._register_deepspeed_module(offload.module)
 
 
+def push_weights(engine: Any, generator: Any, group_bytes: int = 2**30) -> int:
+    """Copy the trained weights into this rank's vLLM engine; returns the most elements gathered at once.
+
+    The parameters go in groups of whole decoder layers of about ``group_bytes`` (vLLM fuses a
+    layer's projections and reloads them together: ``VLLMGenerator.update_weights``). Under
+    ZeRO-3 each group is gathered from the shards (``deepspeed.zero.GatheredParameters``, every
+    rank taking part), loaded, and released before the next, so no rank ever holds the whole
+    model twice. The engine's prefix cache is reset after each group. Tied weights (an
+    ``lm_head`` sharing the embedding) are pushed once.
+    """
+    from refuel_env.backends.vllm_backend import layer_chunks
+
+    module = engine.unwrapped
+    zero3 = getattr(engine, "zero_stage", 0) == 3
+    named = list(module.named_parameters())
+    size = {id(p): int(getattr(p, "ds_numel", p.numel())) * p.element_size() for _, p in named}
+    # layer_chunks sizes groups by numel * element size of the tensors it is given: hand it stand-ins of the full size
+    stand_ins = [(n, torch.empty((), dtype=p.dtype).expand(size[id(p)] // p.element_size())) for n, p in named]
+    by_name = dict(named)
+    peak = 0
+    for chunk in layer_chunks(stand_ins, group_bytes):
+        params = [by_name[n] for n, _ in chunk]
+        if zero3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(params):
+                generator.update_weights([(n, p.data) for (n, _), p in zip(chunk, params)])
+        else:
+            generator.update_weights([(n, p.data) for (n, _), p in zip(chunk, params)])
+        peak = max(peak, sum(int(getattr(p, "ds_numel", p.numel())) for p in params))
+    return peak
+
+
 # ------------------------------------------------------------------------------ storage
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -134,7 +133,14 @@ class RefuelConfig:
     'vllm' (an in-process vLLM engine started from policy_model; the trained weights are pushed into it, without a
     restart, before each collection and evaluation; needs vllm)."""
     policy_vllm_kwargs: dict[str, Any] = field(default_factory=dict)
-    """'vllm' policy backend: further vllm.LLM options, e.g. {"gpu_memory_utilization": 0.3, "tensor_parallel_size": 2}."""
+    """'vllm' policy backend: further vllm.LLM options, e.g. {"gpu_memory_utilization": 0.3, "tensor_parallel_size": 2}.
+    With several ranks each rank starts its own engine (distributed_executor_backend='external_launcher')."""
+    policy_vllm_push_bytes: int = 2**30
+    """'vllm' policy backend: the trained weights go to the engine in groups of whole decoder layers of about this many
+    bytes, each gathered from the ZeRO-3 shards and released before the next (the whole model is never gathered)."""
+    policy_vllm_sleep: bool = False
+    """'vllm' policy backend: put the engine to sleep (vLLM sleep mode, level 1: weights offloaded to CPU memory, KV
+    cache freed) while DeepSpeed trains, and wake it before the next push. CUDA only; refused on a CPU."""
     deepspeed: str | None = None
     """DeepSpeed config file (ZeRO-2/3); None = plain PyTorch."""
     device: str | None = None
@@ -298,15 +304,15 @@ class RefuelTrainer:
         self.model = self.generator.model
         self.rollout_generator: TextGenerator = self.generator
         self.weight_pushes = 0  # vLLM backend: how often the trained weights were pushed into the engine
+        self.pushed_group_numel = 0  # vLLM backend: the most parameter elements gathered at once by the last push
         self._pushed_step = 0  # the optimizer step whose weights the rollout generator holds
-        if config.policy_backend == "vllm":
-            from refuel_env.backends.vllm_backend import VLLMGenerator
-
-            if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-                raise ValueError("policy_backend='vllm' runs in a single training process; with several ranks use "
-                                 "'transformers' (or give the engine several GPUs with policy_vllm_kwargs tensor_parallel_size)")
-
-            self.rollout_generator = VLLMGenerator(path, name=path, **config.policy_vllm_kwargs)
+        self._policy_path = path
+        self._asleep = False  # the vLLM policy engine sleeps while DeepSpeed trains (policy_vllm_sleep)
+        if config.policy_vllm_sleep and not torch.cuda.is_available():
+            raise ValueError("policy_vllm_sleep: vLLM's sleep mode exists on CUDA (and ROCm, XPU) only; this machine has "
+                             "no CUDA device, and vLLM refuses it on CPU. Drop --policy-vllm-sleep here")
+        if config.policy_backend == "vllm" and self.world == 1:
+            self.rollout_generator = self._start_policy_engine()
         # pi_0, frozen; put in the trained model's precision once the engine exists (match_precision).
         self.reference = copy.deepcopy(self.model).eval().requires_grad_(False) if config.reference_kl else None
         self.pad_id = self.tokenizer.pad_token_id
@@ -374,21 +380,44 @@ class RefuelTrainer:
         )
         return rows, stats
 
+    def _start_policy_engine(self) -> TextGenerator:
+        """The vLLM policy engine of this rank. With several ranks each has its own replica, started
+        through vLLM's external launcher (it joins the launcher's process group instead of spawning
+        workers); unseeded requests draw from a seed of the rank's own."""
+        from refuel_env.backends.vllm_backend import VLLMGenerator
+
+        kwargs = dict(self.config.policy_vllm_kwargs)
+        if self.world > 1:
+            kwargs.setdefault("distributed_executor_backend", "external_launcher")
+            kwargs.setdefault("seed", self.rank)
+        if self.config.policy_vllm_sleep:
+            kwargs["enable_sleep_mode"] = True
+        return VLLMGenerator(self._policy_path, name=self._policy_path, **kwargs)
+
     def rollout_policy(self) -> TextGenerator:
         """The generator that plays the policy, holding the current weights.
 
-        With the transformers backend it is the trained module itself. With vLLM the engine gets
-        the trained weights when they changed since the last push (every rank takes part: under
-        ZeRO-3 the full weights are gathered from the shards).
+        With the transformers backend it is the trained module itself. With vLLM the engine (woken
+        up first if it sleeps) gets the trained weights when they changed since the last push:
+        every rank pushes into its own engine, one group of whole decoder layers at a time, gathered
+        from the ZeRO-3 shards and released before the next (:func:`distributed.push_weights`).
         """
         step = self._state["global_step"] if self._state else 0
-        if self.rollout_generator is not self.generator and step != self._pushed_step:
-            weights = self.engine.unwrapped_model_state()
-            # Tied weights (lm_head sharing the embedding) appear twice in a state dict; push each tensor once.
-            own = {name for name, _ in self.model.named_parameters()}
-            self.rollout_generator.load_state_dict({k: v for k, v in weights.items() if k in own})
-            self._pushed_step, self.weight_pushes = step, self.weight_pushes + 1
+        if self.rollout_generator is not self.generator:
+            if self._asleep:
+                self.rollout_generator.llm.wake_up()
+                self._asleep = False
+            if step != self._pushed_step:
+                self.pushed_group_numel = dist.push_weights(self.engine, self.rollout_generator,
+                                                            self.config.policy_vllm_push_bytes)
+                self._pushed_step, self.weight_pushes = step, self.weight_pushes + 1
         return self.rollout_generator
+
+    def _sleep_rollout(self) -> None:
+        """Free the vLLM engine's GPU memory (weights offloaded, KV cache dropped) while DeepSpeed trains."""
+        if self.config.policy_vllm_sleep and self.rollout_generator is not self.generator and not self._asleep:
+            self.rollout_generator.llm.sleep(level=1)
+            self._asleep = True
 
     def _env_config(self) -> Any:
         from refuel_env.components import make_config
@@ -536,6 +565,7 @@ class RefuelTrainer:
         for t in range(state["iteration"], self.iterations):
             self._collected = None
             rows = self._iteration_data(t, logger, state)
+            self._sleep_rollout()
             steps_per_iter = self._steps_for(self._global_pairs(len(rows), t))
             order = self._minibatch_order(t, len(rows), steps_per_iter) if rows else []
             if steps_per_iter:
@@ -670,6 +700,9 @@ class RefuelTrainer:
                                   micro_batch_size=2 * cfg.micro_batch_size, device=None if cfg.deepspeed else self.device)
         if self.reference is not None:
             self.reference = self.engine.match_precision(self.reference)
+        if cfg.policy_backend == "vllm" and self.world > 1:
+            # after DeepSpeed has set up the process group that the external launcher joins
+            self.rollout_generator = self._start_policy_engine()
         if cfg.resume:
             if self.engine.is_main:
                 ckpt.remove_partial_writes(self.run_dir)
