@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from refuel_agents.losses import dpo_loss, log_ratio_gap
-from refuel_agents.modes import BASELINE_MODES, MODE_HELP, ModeStats, collect_pairs
+from refuel_agents.modes import BASELINE_MODES, MODE_HELP, ModeStats, collect_pairs, draw_prompt_indices
 from refuel_agents.refuel import RefuelConfig, RefuelTrainer, _iteration_seed
 
 REFERENCE_POLICIES = ("iteration", "initial")
@@ -92,13 +92,20 @@ class RebelTrainer(RefuelTrainer):
     def collect(self, iteration: int) -> tuple[list[dict], ModeStats]:
         cfg = self.config
         self.model.eval()
-        # The on-policy modes walk the split as REFUEL does; the offline roll-ins draw usable items themselves.
-        indices = self.prompt_indices(iteration) if self.mode == "lt-online" else None
+        # The on-policy modes walk the split as REFUEL does; the offline roll-ins draw usable items themselves
+        # (with several ranks, the draw of the whole iteration is made on every rank and each takes its shard).
+        indices, seed = None, _iteration_seed(cfg.seed, iteration)
+        if self.mode == "lt-online":
+            indices, seed = self.rank_prompts(self.prompt_indices(iteration), iteration)
+        elif self.world > 1:
+            drawn = draw_prompt_indices(self.mode, cfg.env_id, self.collect_env_kwargs, cfg.prompts_per_iteration or None, seed)
+            indices, seed = self.rank_prompts(drawn, iteration)
         return collect_pairs(
             mode=self.mode, env_id=cfg.env_id, env_kwargs=self.collect_env_kwargs, policy=self.rollout_policy(),
-            sampling=self.collection_sampling, num_prompts=len(indices) if indices else cfg.prompts_per_iteration or None,
-            seed=_iteration_seed(cfg.seed, iteration), prompt_indices=indices,
-            kl_logprobs=self._kl_logprobs if self._env_has_kl() else None, progress=cfg.progress,
+            sampling=self.collection_sampling,
+            num_prompts=len(indices) if indices is not None else cfg.prompts_per_iteration or None,
+            seed=seed, prompt_indices=indices,
+            kl_logprobs=self._kl_logprobs if self._env_has_kl() else None, progress=cfg.progress and self.rank == 0,
             penalties=self.penalties,
         )
 

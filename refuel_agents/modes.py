@@ -203,6 +203,14 @@ def draw_items(mode: str, items: Sequence[DialogueItem], horizons: Sequence[int]
     return chosen[:n], len(usable), unusable
 
 
+def draw_prompt_indices(mode: str, env_id: str, env_kwargs: dict[str, Any], num_prompts: int | None,
+                        seed: int) -> list[int]:
+    """The items an offline-roll-in collection with ``seed`` and no ``prompt_indices`` would start from
+    (the same draw, from a generator seeded with ``seed``): what several ranks split between them."""
+    items, max_horizons = dataset_items(env_id, env_kwargs)
+    return draw_items(mode, items, max_horizons, num_prompts, None, np.random.default_rng(seed), env_id)[0]
+
+
 # ------------------------------------------------------------------------------ offline roll-in
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -28,6 +27,7 @@ import numpy as np
 import torch
 
 from refuel_agents import checkpoint as ckpt
+from refuel_agents import distributed as dist
 from refuel_agents.collection import (
     PENALTY_TURNS,
     CollectionStats,
@@ -83,9 +83,9 @@ class RefuelConfig:
     epochs: int = 1
     """Passes over each iteration's tuples."""
     batch_size: int = 4
-    """Pairs per optimizer update."""
+    """Pairs per optimizer update, over all ranks: each of W ranks trains on batch_size / W of its own pairs."""
     micro_batch_size: int = 2
-    """Pairs per forward/backward; batch_size / micro_batch_size is the gradient accumulation."""
+    """Pairs per forward/backward on one rank; batch_size / (W * micro_batch_size) is the gradient accumulation."""
     lr: float = 1e-6
     """Peak learning rate (AdamW)."""
     betas: tuple[float, float] = (0.9, 0.95)
@@ -133,7 +133,14 @@ class RefuelConfig:
     'vllm' (an in-process vLLM engine started from policy_model; the trained weights are pushed into it, without a
     restart, before each collection and evaluation; needs vllm)."""
     policy_vllm_kwargs: dict[str, Any] = field(default_factory=dict)
-    """'vllm' policy backend: further vllm.LLM options, e.g. {"gpu_memory_utilization": 0.3, "tensor_parallel_size": 2}."""
+    """'vllm' policy backend: further vllm.LLM options, e.g. {"gpu_memory_utilization": 0.3, "tensor_parallel_size": 2}.
+    With several ranks each rank starts its own engine (distributed_executor_backend='external_launcher')."""
+    policy_vllm_push_bytes: int = 2**30
+    """'vllm' policy backend: the trained weights go to the engine in groups of whole decoder layers of about this many
+    bytes, each gathered from the ZeRO-3 shards and released before the next (the whole model is never gathered)."""
+    policy_vllm_sleep: bool = False
+    """'vllm' policy backend: put the engine to sleep (vLLM sleep mode, level 1: weights offloaded to CPU memory, KV
+    cache freed) while DeepSpeed trains, and wake it before the next push. CUDA only; refused on a CPU."""
     deepspeed: str | None = None
     """DeepSpeed config file (ZeRO-2/3); None = plain PyTorch."""
     device: str | None = None
@@ -271,6 +278,13 @@ class RefuelTrainer:
     def __init__(self, config: RefuelConfig, *, reward_model: Any = None):
         config.validate()
         self.config = config
+        self.rank, self.world = dist.rank_and_world()
+        if config.batch_size % (self.world * config.micro_batch_size):
+            raise ValueError(
+                f"batch_size={config.batch_size} is the global batch over {self.world} ranks: it must be a multiple of "
+                f"world size x micro_batch_size = {self.world} x {config.micro_batch_size}; pass e.g. --batch-size "
+                f"{self.world * config.micro_batch_size * max(1, round(config.batch_size / (self.world * config.micro_batch_size)))}")
+        self.rank_batch_size = config.batch_size // self.world
         self.device = torch.device(config.device or default_device())
         torch.manual_seed(config.seed)
         self.env_kwargs = dict(config.env_kwargs)
@@ -290,15 +304,15 @@ class RefuelTrainer:
         self.model = self.generator.model
         self.rollout_generator: TextGenerator = self.generator
         self.weight_pushes = 0  # vLLM backend: how often the trained weights were pushed into the engine
+        self.pushed_group_numel = 0  # vLLM backend: the most parameter elements gathered at once by the last push
         self._pushed_step = 0  # the optimizer step whose weights the rollout generator holds
-        if config.policy_backend == "vllm":
-            from refuel_env.backends.vllm_backend import VLLMGenerator
-
-            if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-                raise ValueError("policy_backend='vllm' runs in a single training process; with several ranks use "
-                                 "'transformers' (or give the engine several GPUs with policy_vllm_kwargs tensor_parallel_size)")
-
-            self.rollout_generator = VLLMGenerator(path, name=path, **config.policy_vllm_kwargs)
+        self._policy_path = path
+        self._asleep = False  # the vLLM policy engine sleeps while DeepSpeed trains (policy_vllm_sleep)
+        if config.policy_vllm_sleep and not torch.cuda.is_available():
+            raise ValueError("policy_vllm_sleep: vLLM's sleep mode exists on CUDA (and ROCm, XPU) only; this machine has "
+                             "no CUDA device, and vLLM refuses it on CPU. Drop --policy-vllm-sleep here")
+        if config.policy_backend == "vllm" and self.world == 1:
+            self.rollout_generator = self._start_policy_engine()
         # pi_0, frozen; put in the trained model's precision once the engine exists (match_precision).
         self.reference = copy.deepcopy(self.model).eval().requires_grad_(False) if config.reference_kl else None
         self.pad_id = self.tokenizer.pad_token_id
@@ -320,6 +334,7 @@ class RefuelTrainer:
         if env_config.truncation_penalty is not None:
             self.collect_env_kwargs["truncation_penalty"] = None
         self._iterations: int | None = None
+        self._collected: list[dict] | None = None  # every rank's tuples of the current iteration (metrics only)
 
     def _default_run_name(self) -> str:
         return f"{self.config.env_id}__{self.label}__{self.config.seed}__{int(time.time())}"
@@ -338,33 +353,71 @@ class RefuelTrainer:
         """The dataset items iteration ``iteration`` collects from (:func:`iteration_prompts`)."""
         return iteration_prompts(self.config.seed, self._dataset_size(), iteration, self.config.prompts_per_iteration)
 
+    def rank_prompts(self, indices: list[int], iteration: int) -> tuple[list[int], int]:
+        """This rank's shard of an iteration's prompts and its collection seed.
+
+        With W ranks the prompts are cut into W contiguous blocks. A rank's seed is the
+        iteration's seed plus the position of its block, so the environment seeds each prompt's
+        sub-environment (seed + i) as a one-rank run does; the collector's own draws (h, branch
+        and sampling seeds) follow the rank's seed. One rank: all prompts, the iteration's seed.
+        """
+        if len(indices) < self.world:
+            raise ValueError(f"iteration {iteration} has {len(indices)} prompts for {self.world} ranks: every rank needs at "
+                             f"least one; raise --prompts-per-iteration to {self.world} or more")
+        start, mine = dist.shard(indices, self.rank, self.world)
+        return mine, _iteration_seed(self.config.seed, iteration) + start
+
     def collect(self, iteration: int) -> tuple[list[dict], CollectionStats]:
+        """This rank's tuples of iteration ``iteration`` (its shard of :meth:`prompt_indices`)."""
         cfg = self.config
         self.model.eval()
-        indices = self.prompt_indices(iteration)
+        indices, seed = self.rank_prompts(self.prompt_indices(iteration), iteration)
         rows, stats = collect_refuel_tuples(
             env_id=cfg.env_id, env_kwargs=self.collect_env_kwargs, policy=self.rollout_policy(),
             sampling=self.collection_sampling, num_prompts=len(indices), prompt_indices=indices,
-            seed=_iteration_seed(cfg.seed, iteration), kl_logprobs=self._kl_logprobs if self._env_has_kl() else None,
-            progress=cfg.progress, penalties=self.penalties,
+            seed=seed, kl_logprobs=self._kl_logprobs if self._env_has_kl() else None,
+            progress=cfg.progress and self.rank == 0, penalties=self.penalties,
         )
         return rows, stats
+
+    def _start_policy_engine(self) -> TextGenerator:
+        """The vLLM policy engine of this rank. With several ranks each has its own replica, started
+        through vLLM's external launcher (it joins the launcher's process group instead of spawning
+        workers); unseeded requests draw from a seed of the rank's own."""
+        from refuel_env.backends.vllm_backend import VLLMGenerator
+
+        kwargs = dict(self.config.policy_vllm_kwargs)
+        if self.world > 1:
+            kwargs.setdefault("distributed_executor_backend", "external_launcher")
+            kwargs.setdefault("seed", self.rank)
+        if self.config.policy_vllm_sleep:
+            kwargs["enable_sleep_mode"] = True
+        return VLLMGenerator(self._policy_path, name=self._policy_path, **kwargs)
 
     def rollout_policy(self) -> TextGenerator:
         """The generator that plays the policy, holding the current weights.
 
-        With the transformers backend it is the trained module itself. With vLLM the engine gets
-        the trained weights when they changed since the last push (every rank takes part: under
-        ZeRO-3 the full weights are gathered from the shards).
+        With the transformers backend it is the trained module itself. With vLLM the engine (woken
+        up first if it sleeps) gets the trained weights when they changed since the last push:
+        every rank pushes into its own engine, one group of whole decoder layers at a time, gathered
+        from the ZeRO-3 shards and released before the next (:func:`distributed.push_weights`).
         """
         step = self._state["global_step"] if self._state else 0
-        if self.rollout_generator is not self.generator and step != self._pushed_step:
-            weights = self.engine.unwrapped_model_state()
-            # Tied weights (lm_head sharing the embedding) appear twice in a state dict; push each tensor once.
-            own = {name for name, _ in self.model.named_parameters()}
-            self.rollout_generator.load_state_dict({k: v for k, v in weights.items() if k in own})
-            self._pushed_step, self.weight_pushes = step, self.weight_pushes + 1
+        if self.rollout_generator is not self.generator:
+            if self._asleep:
+                self.rollout_generator.llm.wake_up()
+                self._asleep = False
+            if step != self._pushed_step:
+                self.pushed_group_numel = dist.push_weights(self.engine, self.rollout_generator,
+                                                            self.config.policy_vllm_push_bytes)
+                self._pushed_step, self.weight_pushes = step, self.weight_pushes + 1
         return self.rollout_generator
+
+    def _sleep_rollout(self) -> None:
+        """Free the vLLM engine's GPU memory (weights offloaded, KV cache dropped) while DeepSpeed trains."""
+        if self.config.policy_vllm_sleep and self.rollout_generator is not self.generator and not self._asleep:
+            self.rollout_generator.llm.sleep(level=1)
+            self._asleep = True
 
     def _env_config(self) -> Any:
         from refuel_env.components import make_config
@@ -413,9 +466,14 @@ class RefuelTrainer:
         mini-batch order is a function of the seed, the iteration and the number of rows).
         """
         rows, too_long = encode_tuples(rows, self.train_tokenizer, self.config.max_seq_len)
+        self.score(rows, iteration, self._global_pairs(len(rows), iteration))
+        return rows, too_long
+
+    def score(self, rows: list[dict], iteration: int, global_pairs: int) -> None:
+        """Add log pi_t (and log pi_0) of both responses to encoded rows, in training's micro-batches."""
         models = [("logp_t", self.model)] + ([("logp_ref", self.reference)] if self.reference is not None else [])
         micro = self.config.micro_batch_size
-        order = self._minibatch_order(iteration, len(rows)) if rows else []
+        order = self._minibatch_order(iteration, len(rows), self._steps_for(global_pairs)) if rows else []
         batches = [order[i : i + micro] for i in range(0, len(order), micro)]
         batches += [list(range(i, min(i + micro, len(rows)))) for i in range(0, len(rows), micro)]  # never-trained rows
         done: set[int] = set()
@@ -432,7 +490,21 @@ class RefuelTrainer:
                             rows[i][key], rows[i][f"{key}_prime"] = logp[j], logp[len(members) + j]
                 done.update(members)
         self.model.train(was_training)
-        return rows, too_long
+
+    def _global_pairs(self, pairs: int, iteration: int) -> int:
+        """The pairs kept by all ranks together (each rank trains on its own). A rank without a pair
+        while others have some could not take part in the updates: that is an error on every rank."""
+        total = int(dist.all_sum(pairs, self._collective_device))
+        if total and not dist.all_min(pairs, self._collective_device):
+            raise RuntimeError(
+                f"iteration {iteration}: a rank kept no pair while the {self.world} ranks kept {total} in all, so it "
+                "cannot take part in the updates; collect more prompts per iteration (--prompts-per-iteration) or run "
+                "on fewer ranks")
+        return total
+
+    @property
+    def _collective_device(self) -> torch.device:
+        return self.engine.device if self.engine is not None else self.device
 
     def evaluate(self) -> list[dict]:
         """Play ``eval_prompts`` held-out prompts at every H in 1..max_turns (the same prompts for each H)."""
@@ -441,12 +513,18 @@ class RefuelTrainer:
             return []
         self.model.eval()
         horizons = [H for H in range(1, self.max_turns + 1) for _ in range(cfg.eval_prompts)]
-        return play_dialogues(
-            env_id=cfg.env_id, env_kwargs={**self.env_kwargs, "split": "test"}, policy=self.rollout_policy(),
-            sampling=self.collection_sampling,
-            num_dialogues=len(horizons), seed=cfg.seed + 10_000,
-            horizon=horizons, prompt_indices=list(range(cfg.eval_prompts)) * self.max_turns,
-        )
+        prompts = list(range(cfg.eval_prompts)) * self.max_turns
+        start, end = dist.shard_bounds(len(horizons), self.rank, self.world)  # each rank plays its block
+        policy = self.rollout_policy()
+        rows: list[dict] = []
+        with dist.full_weights(self.engine, enabled=self.rollout_generator is self.generator):
+            if end > start:
+                rows = play_dialogues(
+                    env_id=cfg.env_id, env_kwargs={**self.env_kwargs, "split": "test"}, policy=policy,
+                    sampling=self.collection_sampling, num_dialogues=end - start, seed=cfg.seed + 10_000 + start,
+                    horizon=horizons[start:end], prompt_indices=prompts[start:end],
+                )
+        return [row for part in dist.all_gather_objects(rows) for row in part]
 
     def train_step(self, batch_rows: list[dict]) -> dict[str, float]:
         """One micro-batch: forward y and y' together, eq. 1, backward."""
@@ -485,15 +563,18 @@ class RefuelTrainer:
         if not summary and cfg.eval_prompts > 0:
             summary.append({"iteration": 0, "eval": reward_table(self.evaluate(), "reward", self.max_turns)})
         for t in range(state["iteration"], self.iterations):
+            self._collected = None
             rows = self._iteration_data(t, logger, state)
-            steps_per_iter = self._steps_for(len(rows))
-            order = self._minibatch_order(t, len(rows)) if rows else []
+            self._sleep_rollout()
+            steps_per_iter = self._steps_for(self._global_pairs(len(rows), t))
+            order = self._minibatch_order(t, len(rows), steps_per_iter) if rows else []
             if steps_per_iter:
                 self._plan_schedule(t, steps_per_iter, state)
             self.engine.model.train()  # collection and evaluation left it in eval mode
             for step_in_iter in range(state["step_in_iteration"], steps_per_iter):
                 start_time = time.perf_counter()
-                idx = order[step_in_iter * cfg.batch_size : (step_in_iter + 1) * cfg.batch_size]
+                per = self.rank_batch_size
+                idx = order[step_in_iter * per : (step_in_iter + 1) * per]
                 metrics: list[dict[str, float]] = []
                 info: dict[str, float] = {}
                 for m in range(0, len(idx), cfg.micro_batch_size):
@@ -509,7 +590,7 @@ class RefuelTrainer:
                 if cfg.save_every and state["global_step"] % cfg.save_every == 0 and state["step_in_iteration"] < steps_per_iter:
                     self._checkpoint(state)
             state["iteration"], state["step_in_iteration"] = t + 1, 0
-            summary.append({"iteration": t + 1, "collected": reward_table(rows, "reward", self.max_turns),
+            summary.append({"iteration": t + 1, "collected": reward_table(self._collected or rows, "reward", self.max_turns),
                             "eval": reward_table(self.evaluate(), "reward", self.max_turns) if cfg.eval_prompts else {}})
             self._checkpoint(state)
             if self.engine.is_main:
@@ -518,9 +599,9 @@ class RefuelTrainer:
         return self._finish(summary)
 
     def _steps_for(self, pairs: int) -> int:
-        """Optimizer steps of an iteration that kept ``pairs`` pairs: ``epochs`` passes over them
-        (at least one step when there is a pair), so every method trains the same number of
-        epochs on whatever it kept."""
+        """Optimizer steps of an iteration that kept ``pairs`` pairs on all ranks together: ``epochs``
+        passes over them (at least one step when there is a pair), so every method trains the same
+        number of epochs on whatever it kept, and every rank makes the same number of steps."""
         return max(1, self.config.epochs * pairs // self.config.batch_size) if pairs else 0
 
     def _planned_steps(self) -> int:
@@ -541,52 +622,74 @@ class RefuelTrainer:
         else:
             self.engine.set_schedule(first, iteration * steps, self.iterations * steps)
 
-    def _minibatch_order(self, iteration: int, n: int) -> list[int]:
+    def _minibatch_order(self, iteration: int, n: int, steps: int | None = None) -> list[int]:
+        """This rank's row order for the iteration's ``steps`` updates (default: as one rank with ``n``
+        rows would make), ``batch_size / W`` rows per update."""
+        steps = self._steps_for(n) if steps is None else steps
         rng = np.random.default_rng([self.config.seed, iteration])
         order: list[int] = []
-        while len(order) < self._steps_for(n) * self.config.batch_size:
+        while len(order) < steps * self.rank_batch_size:
             order.extend(rng.permutation(n).tolist())  # epochs; a short last pass wraps around
         return order
 
     def _iteration_data(self, t: int, logger: MetricsLogger, state: dict) -> list[dict]:
-        """The tuples of iteration t: from disk when a resumed run collected them already."""
-        import datasets
+        """This rank's tuples of iteration t: from disk when a resumed run collected them already.
 
-        data_dir = self.run_dir / f"iteration_{t:03d}" / "tuples"
-        if data_dir.exists():
-            return datasets.load_from_disk(str(data_dir)).to_list()
-        rows, stats = self.collect(t)
-        rows, too_long = self.prepare(rows, t)
-        if not rows and not getattr(stats, "dropped_ties", 0):  # (DPO: an iteration of ties just makes no update)
+        With W ranks each rank collects, scores and stores its own shard
+        (``iteration_<t>/tuples/rank_<r>-of-<W>``); a shard missing on any rank (a kill between
+        two ranks' writes) makes every rank collect its shard again, before any update used them.
+        """
+        folder = self.run_dir / f"iteration_{t:03d}"
+        mine = dist.shard_dir(folder / "tuples", self.rank, self.world)
+        if not dist.all_max(0 if mine.exists() else 1, self._collective_device):
+            rows = dist.load_tuples(mine).to_list()
+            self._collected = [r for part in dist.all_gather_objects([_light(r) for r in rows]) for r in part]
+            return rows
+        self.rollout_policy()  # (vLLM: push the weights before the ZeRO-3 gather below)
+        with dist.full_weights(self.engine):
+            rows, stats = self.collect(t)
+            rows, too_long = self.prepare(rows, t)
+        rows = [{**r, "rank": self.rank} for r in rows]
+        parts = dist.all_gather_objects((stats, too_long, [_light(r) for r in rows], sorted({k for r in rows for k in r})))
+        stats, too_long = dist.merge_stats([p[0] for p in parts]), sum(p[1] for p in parts)
+        light = [r for p in parts for r in p[2]]
+        if not light and not getattr(stats, "dropped_ties", 0):  # (DPO: an iteration of ties just makes no update)
             raise RuntimeError(
                 f"iteration {t}: no usable tuple ({stats.dropped_truncated} truncated, {too_long} longer than "
                 f"max_seq_len={self.config.max_seq_len}); raise the limits or shorten the responses"
             )
+        if rows:  # (an empty Dataset does not load back; an iteration without pairs is simply collected again)
+            import datasets
+
+            # every rank's keys (from_list reads the first row's), so that the shards concatenate
+            keys = list(dict.fromkeys(k for p in parts for k in p[3]))
+            with ckpt.atomic_dir(mine) as tmp:
+                datasets.Dataset.from_list([_storable({k: r.get(k) for k in keys}) for r in rows]).save_to_disk(str(tmp))
         if self.engine.is_main:
-            if rows:  # (an empty Dataset does not load back; an iteration without pairs is simply collected again)
-                keys = list(dict.fromkeys(k for r in rows for k in r))  # every row's keys (from_list reads the first's)
-                with ckpt.atomic_dir(data_dir) as tmp:
-                    datasets.Dataset.from_list([_storable({k: r.get(k) for k in keys}) for r in rows]).save_to_disk(str(tmp))
-            ckpt.write_json_atomic(data_dir.parent / "collection.json", {**stats.as_dict(), "too_long": too_long})
-        by_h = {h: float(np.mean([r["reward"] - r["reward_prime"] for r in rows if r["h"] == h] or [math.nan]))
+            record = {**stats.as_dict(), "too_long": too_long}
+            if self.world > 1:
+                record["ranks"] = [{**p[0].as_dict(), "too_long": p[1]} for p in parts]
+            ckpt.write_json_atomic(folder / "collection.json", record)
+        by_h = {h: float(np.mean([r["reward"] - r["reward_prime"] for r in light if r["h"] == h] or [math.nan]))
                 for h in range(1, self.max_turns + 1)}
         drop_rate = stats.as_dict().get("drop_rate_by_h", {})
-        kl = [r[f"logp_t{s}"] - r[f"logp_ref{s}"] for r in rows for s in ("", "_prime") if f"logp_ref{s}" in r]
-        logger.log(state["global_step"], {"collect/tuples": len(rows), "collect/dropped": stats.dropped_truncated + too_long,
-                                          "collect/reward_mean": float(np.mean([r["reward"] for r in rows] or [math.nan])),
+        kl = [x for r in light for x in r["kl"]]
+        logger.log(state["global_step"], {"collect/tuples": len(light), "collect/dropped": stats.dropped_truncated + too_long,
+                                          "collect/reward_mean": float(np.mean([r["reward"] for r in light] or [math.nan])),
                                           "collect/user_parse_failures": stats.user_parse_failures,
                                           # Monte-Carlo KL(pi_t || pi_0) per response: y ~ pi_t, scored at the sampling temperature
                                           "collect/kl_pi_t_pi_0": float(np.mean(kl)) if kl else math.nan,
                                           **{f"collect/reward_gap_h{h}": v for h, v in by_h.items()},
                                           **{f"collect/drop_rate_h{h}": float(v) for h, v in drop_rate.items()}})
-        return datasets.load_from_disk(str(data_dir)).to_list() if self.engine.is_main and rows else rows
+        self._collected = light  # the summary's "collected" table covers every rank's tuples
+        return dist.load_tuples(mine).to_list() if rows else rows
 
     def _resume_or_start(self) -> dict:
         cfg = self.config
         total_steps = self.iterations * self._planned_steps()
         optim = OptimConfig(lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay,
                             warmup_ratio=cfg.warmup_ratio, schedule=cfg.lr_schedule, max_grad_norm=cfg.max_grad_norm,
-                            grad_accum_steps=cfg.batch_size // cfg.micro_batch_size)
+                            grad_accum_steps=self.rank_batch_size // cfg.micro_batch_size)
         if cfg.resume:
             latest = ckpt.latest_checkpoint(self.run_dir)
             if latest is None:
@@ -597,6 +700,9 @@ class RefuelTrainer:
                                   micro_batch_size=2 * cfg.micro_batch_size, device=None if cfg.deepspeed else self.device)
         if self.reference is not None:
             self.reference = self.engine.match_precision(self.reference)
+        if cfg.policy_backend == "vllm" and self.world > 1:
+            # after DeepSpeed has set up the process group that the external launcher joins
+            self.rollout_generator = self._start_policy_engine()
         if cfg.resume:
             if self.engine.is_main:
                 ckpt.remove_partial_writes(self.run_dir)
@@ -639,6 +745,12 @@ def _iteration_seed(seed: int, iteration: int) -> int:
     """The collection seed of an iteration. Sub-environment i is seeded with this + i, so
     iterations' seeds must be far apart, or consecutive iterations would draw the same prompts."""
     return int(np.random.SeedSequence([seed, iteration]).generate_state(1)[0] % 2**31)
+
+
+def _light(row: dict) -> dict:
+    """What the iteration's metrics read from a row: gathered from every rank (no token ids or texts)."""
+    return {"h": row["h"], "H": row["H"], "reward": row["reward"], "reward_prime": row["reward_prime"],
+            "kl": [row[f"logp_t{s}"] - row[f"logp_ref{s}"] for s in ("", "_prime") if f"logp_ref{s}" in row]}
 
 
 def _storable(row: dict) -> dict:

@@ -33,6 +33,8 @@ from refuel_env.types import DialogueItem
 from refuel_env.users import InstantUser, LLMUser, PresampledUser, UserSimulator
 
 EMBEDDED = "embedded"
+#: Base URL of a served simulated user ('openai' backend) when ``user_base_url`` is not given.
+USER_BASE_URL_ENV = "REFUEL_USER_BASE_URL"
 
 
 @dataclass(frozen=True)
@@ -69,7 +71,7 @@ class EnvConfig:
     "max_model_len": 8192}``; on the CPU build ``{"kv_cache_memory_bytes": 2**30}`` sizes the KV cache."""
     user_base_url: str | None = None
     """Base URL of the 'openai' user backend, API prefix included (e.g. http://localhost:8000/v1);
-    default: $OPENAI_BASE_URL, else https://api.openai.com/v1."""
+    default: $REFUEL_USER_BASE_URL, else $OPENAI_BASE_URL, else https://api.openai.com/v1."""
     user_openai_kwargs: dict[str, Any] | None = None
     """'openai' user backend: further :class:`refuel_env.backends.OpenAIChatGenerator` options, e.g.
     ``{"tokenizer": "/path/to/the/served/model", "max_context": 131072, "max_concurrency": 64}``
@@ -117,9 +119,13 @@ PRESETS: dict[str, dict[str, Any]] = {
         "dataset": "ultrainteract",
         "data_source": "hub",
         "user": "llm",
+        # The 70 B user is served once (`vllm serve`, tensor parallel 4, its own GPUs) and every
+        # rank calls it: scripts/launch_paper_setting_one.py starts both. URL: user_base_url or
+        # $REFUEL_USER_BASE_URL. The local tokenizer makes its token counts exact.
         "user_model": "meta-llama/Llama-3.1-70B-Instruct",
-        "user_backend": "vllm",
-        "user_tensor_parallel_size": 4,
+        "user_backend": "openai",
+        "user_openai_kwargs": {"tokenizer": "meta-llama/Llama-3.1-70B-Instruct", "max_context": 8192,
+                               "max_concurrency": 64},
         "user_prompt_style": "paper",
         "user_temperature": 0.8,
         "user_max_new_tokens": 1024,
@@ -348,8 +354,16 @@ def user_generator(config: EnvConfig) -> TextGenerator:
     if config.user_backend == "openai":
         if config.user_model == EMBEDDED:
             raise ValueError("user_backend='openai' needs user_model set to the served model's name")
-        return OpenAIChatGenerator(config.user_model, base_url=config.user_base_url, **(config.user_openai_kwargs or {}))
+        base_url = config.user_base_url or os.environ.get(USER_BASE_URL_ENV)
+        return OpenAIChatGenerator(config.user_model, base_url=base_url, **(config.user_openai_kwargs or {}))
     if config.user_backend == "vllm":
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world > 1:
+            raise ValueError(
+                f"user_backend='vllm' would start one in-process engine of {config.user_model} in each of the {world} "
+                "training ranks. Serve the user once instead (`vllm serve MODEL --tensor-parallel-size N` on GPUs of its "
+                "own; scripts/launch_paper_setting_one.py does it) and pass user_backend='openai', user_model='<served "
+                f"name>' and user_base_url='http://HOST:PORT/v1' (or set ${USER_BASE_URL_ENV})")
         options = tuple(sorted((config.user_vllm_kwargs or {}).items()))
         return _vllm_engine(_model_path(config.user_model), config.user_tensor_parallel_size, options)
     if config.user_backend != "transformers":

