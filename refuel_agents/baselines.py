@@ -27,9 +27,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from refuel_agents.collection import iteration_seed
 from refuel_agents.losses import dpo_loss, log_ratio_gap
 from refuel_agents.modes import BASELINE_MODES, MODE_HELP, ModeStats, collect_pairs, draw_prompt_indices
-from refuel_agents.refuel import RefuelConfig, RefuelTrainer, _iteration_seed
+from refuel_agents.refuel import RefuelConfig, RefuelTrainer
 
 REFERENCE_POLICIES = ("iteration", "initial")
 
@@ -94,7 +95,7 @@ class RebelTrainer(RefuelTrainer):
         self.model.eval()
         # The on-policy modes walk the split as REFUEL does; the offline roll-ins draw usable items themselves
         # (with several ranks, the draw of the whole iteration is made on every rank and each takes its shard).
-        indices, seed = None, _iteration_seed(cfg.seed, iteration)
+        indices, seed = None, iteration_seed(cfg.seed, iteration)
         if self.mode == "lt-online":
             indices, seed = self.rank_prompts(self.prompt_indices(iteration), iteration)
         elif self.world > 1:

@@ -131,3 +131,22 @@ def remove_partial_writes(run_dir: Path) -> list[Path]:
 
 def load_state(checkpoint: Path) -> dict[str, Any]:
     return json.loads((checkpoint / "state.json").read_text())
+
+
+def load_weights(model: torch.nn.Module, model_dir: Path) -> None:
+    """Load a checkpoint's safetensors weights in place; only tied weights may be absent."""
+    from safetensors.torch import load_file
+
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{model_dir} holds no safetensors weights; the checkpoint is incomplete")
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = set(getattr(model, "_tied_weights_keys", None) or ())
+    if unexpected or set(missing) - tied:
+        raise RuntimeError(
+            f"checkpoint {model_dir} does not match the policy model: missing {sorted(set(missing) - tied)[:5]}, "
+            f"unexpected {sorted(unexpected)[:5]}; resume with the same --policy-model"
+        )

@@ -34,7 +34,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import gymnasium as gym
@@ -380,3 +380,41 @@ def play_dialogues(
          **({"truncation_reason": r["truncation_reason"]} if "truncation_reason" in r else {})}
         for r in rows
     ]
+
+
+def iteration_prompts(seed: int, num_items: int, iteration: int, per_iteration: int) -> list[int]:
+    """The dataset indices of iteration ``iteration``'s prompts, without replacement.
+
+    The prompts of successive iterations are consecutive stretches of one endless walk through
+    the split: pass k is the permutation drawn from (seed, k). With ``per_iteration = 0`` (the
+    whole split) iteration t is exactly pass t; with fewer, iterations walk on through the same
+    pass, and no prompt comes back before every other prompt of the split has been used.
+    """
+    if num_items < 1:
+        raise ValueError("the dataset split has no items to draw prompts from")
+    per = per_iteration or num_items
+    out: list[int] = []
+    position = iteration * per
+    while len(out) < per:
+        walk, offset = divmod(position, num_items)
+        take = min(per - len(out), num_items - offset)
+        out.extend(np.random.default_rng([seed, walk]).permutation(num_items)[offset : offset + take].tolist())
+        position += take
+    return out
+
+
+def iteration_seed(seed: int, iteration: int) -> int:
+    """The collection seed of an iteration. Sub-environment i is seeded with this + i, so
+    iterations' seeds must be far apart, or consecutive iterations would draw the same prompts."""
+    return int(np.random.SeedSequence([seed, iteration]).generate_state(1)[0] % 2**31)
+
+
+def sampling_by_h(sampling: SamplingParams, max_new_tokens_by_h: dict[str, int] | None,
+                  max_turns: int) -> SamplingParams | dict[int, SamplingParams]:
+    """``sampling``, or one copy per dialogue length H with that H's response limit (the others keep
+    ``sampling.max_new_tokens``), as :func:`collect_refuel_tuples` takes it."""
+    if not max_new_tokens_by_h:
+        return sampling
+    limits = {H: sampling.max_new_tokens for H in range(1, max_turns + 1)}
+    limits.update({int(H): n for H, n in max_new_tokens_by_h.items()})
+    return {H: replace(sampling, max_new_tokens=n) for H, n in limits.items()}

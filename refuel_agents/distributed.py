@@ -195,3 +195,40 @@ def load_tuples(tuples_dir: str | os.PathLike) -> Any:
         have = [p.name for p in shards]
         raise FileNotFoundError(f"{path} holds {len(shards)} of {world} rank shards ({have}); a rank has not written yet")
     return datasets.concatenate_datasets([datasets.load_from_disk(str(p)) for p in shards])
+
+
+def rank_batch_size(batch_size: int, micro_batch_size: int, world: int) -> int:
+    """Each rank's share of the global batch; an error naming a batch size that works when W does not divide it."""
+    if batch_size % (world * micro_batch_size):
+        fit = world * micro_batch_size * max(1, round(batch_size / (world * micro_batch_size)))
+        raise ValueError(
+            f"batch_size={batch_size} is the global batch over {world} ranks: it must be a multiple of world size x "
+            f"micro_batch_size = {world} x {micro_batch_size}; pass e.g. --batch-size {fit}")
+    return batch_size // world
+
+
+def start_policy_replica(path: str, vllm_kwargs: dict[str, Any], rank: int, world: int, *, sleep: bool) -> Any:
+    """The vLLM policy engine of this rank. With several ranks each has its own replica, started
+    through vLLM's external launcher (it joins the launcher's process group instead of spawning
+    workers); unseeded requests draw from a seed of the rank's own."""
+    from refuel_env.backends.vllm_backend import VLLMGenerator
+
+    kwargs = dict(vllm_kwargs)
+    if world > 1:
+        kwargs.setdefault("distributed_executor_backend", "external_launcher")
+        kwargs.setdefault("seed", rank)
+    if sleep:
+        kwargs["enable_sleep_mode"] = True
+    return VLLMGenerator(path, name=path, **kwargs)
+
+
+def global_pairs(pairs: int, iteration: int, world: int, device: torch.device) -> int:
+    """The pairs kept by all ranks together (each rank trains on its own). A rank without a pair
+    while others have some could not take part in the updates: that is an error on every rank."""
+    total = int(all_sum(pairs, device))
+    if total and not all_min(pairs, device):
+        raise RuntimeError(
+            f"iteration {iteration}: a rank kept no pair while the {world} ranks kept {total} in all, so it "
+            "cannot take part in the updates; collect more prompts per iteration (--prompts-per-iteration) or run "
+            "on fewer ranks")
+    return total

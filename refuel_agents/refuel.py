@@ -16,10 +16,9 @@ trained, so collection at t + 1 sees the new weights with no save and reload.
 from __future__ import annotations
 
 import copy
-import json
 import math
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -29,25 +28,25 @@ import torch
 from refuel_agents import checkpoint as ckpt
 from refuel_agents import distributed as dist
 from refuel_agents.collection import (
-    PENALTY_TURNS,
     CollectionStats,
     Penalties,
     collect_refuel_tuples,
+    iteration_prompts,
+    iteration_seed,
     play_dialogues,
+    sampling_by_h,
 )
-from refuel_agents.engine import LR_SCHEDULES, OptimConfig, TrainEngine
+from refuel_agents.engine import OptimConfig, TrainEngine
 from refuel_agents.logprobs import (
-    EncodedResponse,
-    SequenceTooLongError,
     batched_logprobs,
-    collate,
     encode_response,
-    encode_sampled_response,
     sequence_logprobs,
     sequence_logprobs_and_entropy,
 )
 from refuel_agents.losses import LOSS_SCALES, regression_sign_agreement
-from refuel_agents.tracking import MetricsLogger, plot_run
+from refuel_agents.refuel_config import RefuelConfig
+from refuel_agents.tracking import MetricsLogger, format_summary, plot_run, reward_table
+from refuel_agents.tuples import collection_metrics, encode_tuples, light_row, pair_batch, store_rows
 from refuel_env import embedded
 from refuel_env.generation import (
     SamplingParams,
@@ -56,206 +55,6 @@ from refuel_env.generation import (
     default_device,
     load_causal_lm,
 )
-
-
-@dataclass
-class RefuelConfig:
-    """REFUEL's settings. Defaults: the embedded model on a CPU, a run of a few minutes."""
-
-    env_id: str = "UltraInteractDialogue-v0"
-    """Environment id (see refuel_env.ENV_IDS)."""
-    env_preset: str | None = None
-    """Environment preset (refuel_env.components.PRESETS); env_kwargs override it."""
-    env_kwargs: dict[str, Any] = field(default_factory=lambda: {"max_turns": 3, "user_max_new_tokens": 24})
-    """Extra environment arguments (EnvConfig fields)."""
-    policy_model: str = "embedded"
-    """Policy to train: 'embedded' (SmolLM2-135M-Instruct) or a local path / hub id."""
-    iterations: int = 2
-    """T: collect-then-train iterations; 0 = one pass over the split's prompts (ceil(split size / prompts_per_iteration))."""
-    prompts_per_iteration: int = 8
-    """Prompts (= tuples) collected per iteration; 0 = the whole dataset split. Iterations walk seeded permutations of
-    the split without replacement: a permutation drawn from (seed, pass) each pass, iteration after iteration."""
-    eta: float = 1.0
-    """eta of eq. 1: the log-ratio difference is divided by it."""
-    loss_scale: str = "paper"
-    """'paper': eq. 1, ((1/eta) * log-ratio gap - reward gap)^2. 'original': the original release's (log-ratio gap -
-    eta * reward gap)^2, eta^2 times larger, for learning rates copied from it (see refuel_agents.losses)."""
-    epochs: int = 1
-    """Passes over each iteration's tuples."""
-    batch_size: int = 4
-    """Pairs per optimizer update, over all ranks: each of W ranks trains on batch_size / W of its own pairs."""
-    micro_batch_size: int = 2
-    """Pairs per forward/backward on one rank; batch_size / (W * micro_batch_size) is the gradient accumulation."""
-    lr: float = 1e-6
-    """Peak learning rate (AdamW)."""
-    betas: tuple[float, float] = (0.9, 0.95)
-    """AdamW betas."""
-    eps: float = 1e-8
-    """AdamW epsilon."""
-    weight_decay: float = 1e-6
-    """AdamW weight decay."""
-    warmup_ratio: float = 0.1
-    """Fraction of the updates spent warming up linearly before the decay."""
-    lr_schedule: str = "cosine"
-    """Decay after the warm-up: 'cosine' (to 0) or 'linear' (to 0)."""
-    schedule_scope: str = "run"
-    """'run': one warm-up + decay over all iterations. 'iteration': every iteration restarts AdamW's state and its
-    own warm-up + decay (setting one of the original release, which ran each iteration as a new job)."""
-    max_grad_norm: float = 1.0
-    """Gradient clipping norm (0 = no clipping, as in the original release)."""
-    gradient_checkpointing: bool = False
-    """Recompute activations in the backward pass to save memory."""
-    last_k_layers: int | None = None
-    """Train only the last k decoder layers (plus final norm and lm_head); None = all."""
-    max_new_tokens: int = 32
-    """Longest policy response during collection, in tokens."""
-    max_new_tokens_by_h: dict[str, int] | None = None
-    """Per-H response limits, JSON {"H": tokens}, e.g. {"1": 1024, "2": 768, "3": 512}: a dialogue of length H gets
-    this budget at every turn (the original release's setting two); H not listed use max_new_tokens."""
-    temperature: float = 0.8
-    """Policy sampling temperature during collection."""
-    logprob_temperature: float | None = None
-    """Divide logits by this before log-softmax for log pi, log pi_t and log pi_0 (eq. 1 and the KL penalty).
-    None = the sampling temperature (1.0 when sampling is greedy), so pi_t is the distribution y was drawn from."""
-    penalty_turns: str = "rollout"
-    """Which policy responses of a branch the KL penalty and Gamma cover: 'rollout' (y_h and the later turns to H, the
-    generations Q(s_h, y_h) is the return of) or 'turn-h' (y_h only, the original release). Never the shared roll-in."""
-    max_seq_len: int = 2048
-    """Longest (state + response) in tokens for training; longer tuples are dropped and counted."""
-    eval_prompts: int = 2
-    """Held-out prompts played before training and after each iteration (0 = no evaluation)."""
-    reference_kl: bool = True
-    """Keep a frozen copy of the initial policy to log KL(pi || pi_0) and use it for the env's KL penalty."""
-    save_every: int = 0
-    """Also checkpoint every N optimizer steps (0 = only after each iteration)."""
-    policy_backend: str = "transformers"
-    """How the policy generates in collection and evaluation: 'transformers' (the very module being trained) or
-    'vllm' (an in-process vLLM engine started from policy_model; the trained weights are pushed into it, without a
-    restart, before each collection and evaluation; needs vllm)."""
-    policy_vllm_kwargs: dict[str, Any] = field(default_factory=dict)
-    """'vllm' policy backend: further vllm.LLM options, e.g. {"gpu_memory_utilization": 0.3, "tensor_parallel_size": 2}.
-    With several ranks each rank starts its own engine (distributed_executor_backend='external_launcher')."""
-    policy_vllm_push_bytes: int = 2**30
-    """'vllm' policy backend: the trained weights go to the engine in groups of whole decoder layers of about this many
-    bytes, each gathered from the ZeRO-3 shards and released before the next (the whole model is never gathered)."""
-    policy_vllm_sleep: bool = False
-    """'vllm' policy backend: put the engine to sleep (vLLM sleep mode, level 1: weights offloaded to CPU memory, KV
-    cache freed) while DeepSpeed trains, and wake it before the next push. CUDA only; refused on a CPU."""
-    deepspeed: str | None = None
-    """DeepSpeed config file (ZeRO-2/3); None = plain PyTorch."""
-    device: str | None = None
-    """Device (default: cuda if available, else cpu)."""
-    seed: int = 1
-    """Seed of collection, mini-batch order and initialisation."""
-    output_dir: str = "runs"
-    """Where runs are written: <output_dir>/<run_name>/."""
-    run_name: str | None = None
-    """Run folder name (default: {env_id}__{agent}__{seed}__{time}; the baselines add their mode, {agent}-{mode})."""
-    resume: bool = False
-    """Continue the run in <output_dir>/<run_name> from its latest checkpoint."""
-    progress: bool = True
-    """Show progress bars."""
-
-    def validate(self) -> None:
-        problems = []
-        if self.iterations < 0:
-            problems.append(f"iterations must be >= 1, or 0 for one pass over the split, got {self.iterations}")
-        if self.loss_scale not in LOSS_SCALES:
-            problems.append(f"loss_scale must be one of {list(LOSS_SCALES)}, got {self.loss_scale!r}")
-        if self.lr_schedule not in LR_SCHEDULES:
-            problems.append(f"lr_schedule must be one of {list(LR_SCHEDULES)}, got {self.lr_schedule!r}")
-        if self.schedule_scope not in ("run", "iteration"):
-            problems.append(f"schedule_scope must be 'run' or 'iteration', got {self.schedule_scope!r}")
-        if self.penalty_turns not in PENALTY_TURNS:
-            problems.append(f"penalty_turns must be one of {list(PENALTY_TURNS)}, got {self.penalty_turns!r}")
-        if self.logprob_temperature is not None and not self.logprob_temperature > 0:
-            problems.append(f"logprob_temperature must be > 0 (or None for the sampling temperature), got {self.logprob_temperature}")
-        for key, value in (self.max_new_tokens_by_h or {}).items():
-            if not (str(key).isdigit() and int(key) >= 1 and isinstance(value, int) and value >= 1):
-                problems.append(f"max_new_tokens_by_h needs entries H >= 1 -> tokens >= 1, got {key!r}: {value!r}")
-        if self.eta <= 0:
-            problems.append(f"eta must be > 0, got {self.eta}")
-        if self.micro_batch_size < 1 or self.batch_size % self.micro_batch_size:
-            problems.append(f"batch_size ({self.batch_size}) must be a positive multiple of micro_batch_size ({self.micro_batch_size})")
-        if self.prompts_per_iteration < 0:
-            problems.append("prompts_per_iteration must be >= 0")
-        if self.policy_backend not in ("transformers", "vllm"):
-            problems.append(f"policy_backend must be 'transformers' or 'vllm', got {self.policy_backend!r}")
-        if self.resume and not self.run_name:
-            problems.append("--resume needs --run-name (the run folder to continue)")
-        if problems:
-            raise ValueError("invalid REFUEL configuration: " + "; ".join(problems))
-
-
-# ------------------------------------------------------------------------------ data
-
-
-def encode_pair_response(tokenizer: Any, row: dict, suffix: str, max_seq_len: int | None) -> EncodedResponse:
-    """s_h and one of the row's responses as token ids with its response mask.
-
-    A sampled response is scored on exactly its sampled tokens (``response{suffix}_token_ids``:
-    the end-of-turn token only when it was sampled; nothing re-tokenised). A response without
-    them (a dataset reply, a backend that reports no tokens) is tokenised through the template,
-    end-of-turn token included.
-    """
-    ids = row.get(f"response{suffix}_token_ids")
-    if ids is not None:
-        return encode_sampled_response(tokenizer, row["state"], ids, row[f"response{suffix}_finish_reason"],
-                                       max_length=max_seq_len)
-    return encode_response(tokenizer, row["state"], row[f"response{suffix}"], max_length=max_seq_len)
-
-
-def encode_tuples(rows: list[dict], tokenizer: Any, max_seq_len: int) -> tuple[list[dict], int]:
-    """Add token ids and turn-h response masks for y and y'; drop (and count) tuples too long."""
-    kept, too_long = [], 0
-    for row in rows:
-        try:
-            a = encode_pair_response(tokenizer, row, "", max_seq_len)
-            b = encode_pair_response(tokenizer, row, "_prime", max_seq_len)
-        except SequenceTooLongError:
-            too_long += 1
-            continue
-        kept.append({**row, "input_ids": a.input_ids, "response_mask": a.response_mask,
-                     "input_ids_prime": b.input_ids, "response_mask_prime": b.response_mask})
-    return kept, too_long
-
-
-def pair_batch(rows: list[dict], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """One forward batch holding every y first and then every y' of the rows."""
-    encoded = [EncodedResponse(r["input_ids"], r["response_mask"]) for r in rows]
-    encoded += [EncodedResponse(r["input_ids_prime"], r["response_mask_prime"]) for r in rows]
-    return {k: v.to(device) for k, v in collate(encoded, pad_id).items()}
-
-
-def iteration_prompts(seed: int, num_items: int, iteration: int, per_iteration: int) -> list[int]:
-    """The dataset indices of iteration ``iteration``'s prompts, without replacement.
-
-    The prompts of successive iterations are consecutive stretches of one endless walk through
-    the split: pass k is the permutation drawn from (seed, k). With ``per_iteration = 0`` (the
-    whole split) iteration t is exactly pass t; with fewer, iterations walk on through the same
-    pass, and no prompt comes back before every other prompt of the split has been used.
-    """
-    if num_items < 1:
-        raise ValueError("the dataset split has no items to draw prompts from")
-    per = per_iteration or num_items
-    out: list[int] = []
-    position = iteration * per
-    while len(out) < per:
-        walk, offset = divmod(position, num_items)
-        take = min(per - len(out), num_items - offset)
-        out.extend(np.random.default_rng([seed, walk]).permutation(num_items)[offset : offset + take].tolist())
-        position += take
-    return out
-
-
-def reward_table(rows: list[dict], key: str, max_turns: int) -> dict[int, tuple[int, float]]:
-    """Mean of ``key`` (a reward) grouped by the dialogue length H: {H: (count, mean)}."""
-    table = {}
-    for H in range(1, max_turns + 1):
-        values = [r[key] for r in rows if r["H"] == H and r.get(key) is not None]
-        table[H] = (len(values), float(np.mean(values)) if values else math.nan)
-    return table
-
 
 # ------------------------------------------------------------------------------ trainer
 
@@ -279,12 +78,7 @@ class RefuelTrainer:
         config.validate()
         self.config = config
         self.rank, self.world = dist.rank_and_world()
-        if config.batch_size % (self.world * config.micro_batch_size):
-            raise ValueError(
-                f"batch_size={config.batch_size} is the global batch over {self.world} ranks: it must be a multiple of "
-                f"world size x micro_batch_size = {self.world} x {config.micro_batch_size}; pass e.g. --batch-size "
-                f"{self.world * config.micro_batch_size * max(1, round(config.batch_size / (self.world * config.micro_batch_size)))}")
-        self.rank_batch_size = config.batch_size // self.world
+        self.rank_batch_size = dist.rank_batch_size(config.batch_size, config.micro_batch_size, self.world)
         self.device = torch.device(config.device or default_device())
         torch.manual_seed(config.seed)
         self.env_kwargs = dict(config.env_kwargs)
@@ -322,11 +116,7 @@ class RefuelTrainer:
         self._state: dict | None = None
         env_config = self._env_config()
         self.max_turns = env_config.max_turns
-        self.collection_sampling: SamplingParams | dict[int, SamplingParams] = self.sampling
-        if config.max_new_tokens_by_h:
-            limits = {H: config.max_new_tokens for H in range(1, self.max_turns + 1)}
-            limits.update({int(H): n for H, n in config.max_new_tokens_by_h.items()})
-            self.collection_sampling = {H: replace(self.sampling, max_new_tokens=n) for H, n in limits.items()}
+        self.collection_sampling = sampling_by_h(self.sampling, config.max_new_tokens_by_h, self.max_turns)
         # Collection applies Gamma itself, from how each covered generation ended (collection.py);
         # the environment's token-counting Gamma is off there. Evaluation keeps the environment's.
         self.penalties = Penalties(env_config.truncation_penalty, env_config.kl_coef, config.penalty_turns)
@@ -365,7 +155,7 @@ class RefuelTrainer:
             raise ValueError(f"iteration {iteration} has {len(indices)} prompts for {self.world} ranks: every rank needs at "
                              f"least one; raise --prompts-per-iteration to {self.world} or more")
         start, mine = dist.shard(indices, self.rank, self.world)
-        return mine, _iteration_seed(self.config.seed, iteration) + start
+        return mine, iteration_seed(self.config.seed, iteration) + start
 
     def collect(self, iteration: int) -> tuple[list[dict], CollectionStats]:
         """This rank's tuples of iteration ``iteration`` (its shard of :meth:`prompt_indices`)."""
@@ -381,18 +171,8 @@ class RefuelTrainer:
         return rows, stats
 
     def _start_policy_engine(self) -> TextGenerator:
-        """The vLLM policy engine of this rank. With several ranks each has its own replica, started
-        through vLLM's external launcher (it joins the launcher's process group instead of spawning
-        workers); unseeded requests draw from a seed of the rank's own."""
-        from refuel_env.backends.vllm_backend import VLLMGenerator
-
-        kwargs = dict(self.config.policy_vllm_kwargs)
-        if self.world > 1:
-            kwargs.setdefault("distributed_executor_backend", "external_launcher")
-            kwargs.setdefault("seed", self.rank)
-        if self.config.policy_vllm_sleep:
-            kwargs["enable_sleep_mode"] = True
-        return VLLMGenerator(self._policy_path, name=self._policy_path, **kwargs)
+        return dist.start_policy_replica(self._policy_path, self.config.policy_vllm_kwargs, self.rank, self.world,
+                                         sleep=self.config.policy_vllm_sleep)
 
     def rollout_policy(self) -> TextGenerator:
         """The generator that plays the policy, holding the current weights.
@@ -492,15 +272,7 @@ class RefuelTrainer:
         self.model.train(was_training)
 
     def _global_pairs(self, pairs: int, iteration: int) -> int:
-        """The pairs kept by all ranks together (each rank trains on its own). A rank without a pair
-        while others have some could not take part in the updates: that is an error on every rank."""
-        total = int(dist.all_sum(pairs, self._collective_device))
-        if total and not dist.all_min(pairs, self._collective_device):
-            raise RuntimeError(
-                f"iteration {iteration}: a rank kept no pair while the {self.world} ranks kept {total} in all, so it "
-                "cannot take part in the updates; collect more prompts per iteration (--prompts-per-iteration) or run "
-                "on fewer ranks")
-        return total
+        return dist.global_pairs(pairs, iteration, self.world, self._collective_device)
 
     @property
     def _collective_device(self) -> torch.device:
@@ -643,14 +415,14 @@ class RefuelTrainer:
         mine = dist.shard_dir(folder / "tuples", self.rank, self.world)
         if not dist.all_max(0 if mine.exists() else 1, self._collective_device):
             rows = dist.load_tuples(mine).to_list()
-            self._collected = [r for part in dist.all_gather_objects([_light(r) for r in rows]) for r in part]
+            self._collected = [r for part in dist.all_gather_objects([light_row(r) for r in rows]) for r in part]
             return rows
         self.rollout_policy()  # (vLLM: push the weights before the ZeRO-3 gather below)
         with dist.full_weights(self.engine):
             rows, stats = self.collect(t)
             rows, too_long = self.prepare(rows, t)
         rows = [{**r, "rank": self.rank} for r in rows]
-        parts = dist.all_gather_objects((stats, too_long, [_light(r) for r in rows], sorted({k for r in rows for k in r})))
+        parts = dist.all_gather_objects((stats, too_long, [light_row(r) for r in rows], sorted({k for r in rows for k in r})))
         stats, too_long = dist.merge_stats([p[0] for p in parts]), sum(p[1] for p in parts)
         light = [r for p in parts for r in p[2]]
         if not light and not getattr(stats, "dropped_ties", 0):  # (DPO: an iteration of ties just makes no update)
@@ -659,28 +431,13 @@ class RefuelTrainer:
                 f"max_seq_len={self.config.max_seq_len}); raise the limits or shorten the responses"
             )
         if rows:  # (an empty Dataset does not load back; an iteration without pairs is simply collected again)
-            import datasets
-
-            # every rank's keys (from_list reads the first row's), so that the shards concatenate
-            keys = list(dict.fromkeys(k for p in parts for k in p[3]))
-            with ckpt.atomic_dir(mine) as tmp:
-                datasets.Dataset.from_list([_storable({k: r.get(k) for k in keys}) for r in rows]).save_to_disk(str(tmp))
+            store_rows(rows, [k for p in parts for k in p[3]], mine)
         if self.engine.is_main:
             record = {**stats.as_dict(), "too_long": too_long}
             if self.world > 1:
                 record["ranks"] = [{**p[0].as_dict(), "too_long": p[1]} for p in parts]
             ckpt.write_json_atomic(folder / "collection.json", record)
-        by_h = {h: float(np.mean([r["reward"] - r["reward_prime"] for r in light if r["h"] == h] or [math.nan]))
-                for h in range(1, self.max_turns + 1)}
-        drop_rate = stats.as_dict().get("drop_rate_by_h", {})
-        kl = [x for r in light for x in r["kl"]]
-        logger.log(state["global_step"], {"collect/tuples": len(light), "collect/dropped": stats.dropped_truncated + too_long,
-                                          "collect/reward_mean": float(np.mean([r["reward"] for r in light] or [math.nan])),
-                                          "collect/user_parse_failures": stats.user_parse_failures,
-                                          # Monte-Carlo KL(pi_t || pi_0) per response: y ~ pi_t, scored at the sampling temperature
-                                          "collect/kl_pi_t_pi_0": float(np.mean(kl)) if kl else math.nan,
-                                          **{f"collect/reward_gap_h{h}": v for h, v in by_h.items()},
-                                          **{f"collect/drop_rate_h{h}": float(v) for h, v in drop_rate.items()}})
+        logger.log(state["global_step"], collection_metrics(light, stats, too_long, self.max_turns))
         self._collected = light  # the summary's "collected" table covers every rank's tuples
         return dist.load_tuples(mine).to_list() if rows else rows
 
@@ -694,7 +451,7 @@ class RefuelTrainer:
             latest = ckpt.latest_checkpoint(self.run_dir)
             if latest is None:
                 raise FileNotFoundError(f"--resume: {self.run_dir} has no complete checkpoint to continue from")
-            _load_weights(self.model, latest / "model")
+            ckpt.load_weights(self.model, latest / "model")
         self.engine = TrainEngine(self.model, optim, total_steps, deepspeed_config=cfg.deepspeed,
                                   gradient_checkpointing=cfg.gradient_checkpointing, last_k_layers=cfg.last_k_layers,
                                   micro_batch_size=2 * cfg.micro_batch_size, device=None if cfg.deepspeed else self.device)
@@ -739,65 +496,3 @@ class RefuelTrainer:
             print(f"final model: {final}\nmetrics: {self.run_dir / 'metrics.jsonl'} (TensorBoard: {self.run_dir / 'tensorboard'})"
                   + (f"\nplot: {plot}" if plot else ""), flush=True)
         return final
-
-
-def _iteration_seed(seed: int, iteration: int) -> int:
-    """The collection seed of an iteration. Sub-environment i is seeded with this + i, so
-    iterations' seeds must be far apart, or consecutive iterations would draw the same prompts."""
-    return int(np.random.SeedSequence([seed, iteration]).generate_state(1)[0] % 2**31)
-
-
-def _light(row: dict) -> dict:
-    """What the iteration's metrics read from a row: gathered from every rank (no token ids or texts)."""
-    return {"h": row["h"], "H": row["H"], "reward": row["reward"], "reward_prime": row["reward_prime"],
-            "kl": [row[f"logp_t{s}"] - row[f"logp_ref{s}"] for s in ("", "_prime") if f"logp_ref{s}" in row]}
-
-
-def _storable(row: dict) -> dict:
-    """A row as ``datasets`` stores it: nested reward parts as JSON text (their keys vary)."""
-    return {k: json.dumps(v) if k.startswith("reward_parts") else v for k, v in row.items()}
-
-
-def _load_weights(model: torch.nn.Module, model_dir: Path) -> None:
-    """Load a checkpoint's safetensors weights in place; only tied weights may be absent."""
-    from safetensors.torch import load_file
-
-    files = sorted(model_dir.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{model_dir} holds no safetensors weights; the checkpoint is incomplete")
-    state: dict[str, torch.Tensor] = {}
-    for f in files:
-        state.update(load_file(str(f)))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = set(getattr(model, "_tied_weights_keys", None) or ())
-    if unexpected or set(missing) - tied:
-        raise RuntimeError(
-            f"checkpoint {model_dir} does not match the policy model: missing {sorted(set(missing) - tied)[:5]}, "
-            f"unexpected {sorted(unexpected)[:5]}; resume with the same --policy-model"
-        )
-
-
-def format_summary(summary: list[dict], max_turns: int) -> str:
-    """A Markdown table: mean reward by dialogue length H, before training and after each iteration."""
-    header = "| H | " + " | ".join(
-        f"iter {s['iteration']} eval" + ("" if s["iteration"] == 0 else f" / iter {s['iteration']} collected")
-        for s in summary) + " |"
-    lines = [header, "|---" * (len(summary) + 1) + "|"]
-    for H in range(1, max_turns + 1):
-        cells = []
-        for s in summary:
-            ev = s.get("eval", {}).get(H) or s.get("eval", {}).get(str(H))
-            cell = _cell(ev)
-            if s["iteration"] > 0:
-                co = s.get("collected", {}).get(H) or s.get("collected", {}).get(str(H))
-                cell += " / " + _cell(co)
-            cells.append(cell)
-        lines.append(f"| {H} | " + " | ".join(cells) + " |")
-    return "Mean reward by dialogue length H (eval: held-out prompts at fixed H; collected: tuples of that H)\n" + "\n".join(lines)
-
-
-def _cell(entry: Any) -> str:
-    if not entry or not entry[0]:
-        return "-"
-    n, mean = entry
-    return f"{mean:+.3f} (n={n})"

@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 
 class MetricsLogger:
     def __init__(self, run_dir: Path, *, enabled: bool = True, resume_step: int | None = None):
@@ -87,3 +89,38 @@ def plot_run(metrics_path: Path, out_path: Path, *, keys: tuple[str, ...] = ("lo
     fig.savefig(out_path, dpi=120)
     plt.close(fig)
     return out_path
+
+
+def reward_table(rows: list[dict], key: str, max_turns: int) -> dict[int, tuple[int, float]]:
+    """Mean of ``key`` (a reward) grouped by the dialogue length H: {H: (count, mean)}."""
+    table = {}
+    for H in range(1, max_turns + 1):
+        values = [r[key] for r in rows if r["H"] == H and r.get(key) is not None]
+        table[H] = (len(values), float(np.mean(values)) if values else math.nan)
+    return table
+
+
+def format_summary(summary: list[dict], max_turns: int) -> str:
+    """A Markdown table: mean reward by dialogue length H, before training and after each iteration."""
+    header = "| H | " + " | ".join(
+        f"iter {s['iteration']} eval" + ("" if s["iteration"] == 0 else f" / iter {s['iteration']} collected")
+        for s in summary) + " |"
+    lines = [header, "|---" * (len(summary) + 1) + "|"]
+    for H in range(1, max_turns + 1):
+        cells = []
+        for s in summary:
+            ev = s.get("eval", {}).get(H) or s.get("eval", {}).get(str(H))
+            cell = _cell(ev)
+            if s["iteration"] > 0:
+                co = s.get("collected", {}).get(H) or s.get("collected", {}).get(str(H))
+                cell += " / " + _cell(co)
+            cells.append(cell)
+        lines.append(f"| {H} | " + " | ".join(cells) + " |")
+    return "Mean reward by dialogue length H (eval: held-out prompts at fixed H; collected: tuples of that H)\n" + "\n".join(lines)
+
+
+def _cell(entry: Any) -> str:
+    if not entry or not entry[0]:
+        return "-"
+    n, mean = entry
+    return f"{mean:+.3f} (n={n})"

@@ -1,0 +1,144 @@
+"""REFUEL's settings: one dataclass with a docstring under every field (the CLI's help comes from it).
+
+:class:`~refuel_agents.refuel.RefuelTrainer` runs them; the baselines' configs extend it
+(:mod:`refuel_agents.baselines`). The defaults are the embedded model on a CPU; the paper's
+settings are presets of ``scripts/train_agent.py`` (their sources: ``docs/training.md``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from refuel_agents.collection import PENALTY_TURNS
+from refuel_agents.engine import LR_SCHEDULES
+from refuel_agents.losses import LOSS_SCALES
+
+
+@dataclass
+class RefuelConfig:
+    """REFUEL's settings. Defaults: the embedded model on a CPU, a run of a few minutes."""
+
+    env_id: str = "UltraInteractDialogue-v0"
+    """Environment id (see refuel_env.ENV_IDS)."""
+    env_preset: str | None = None
+    """Environment preset (refuel_env.components.PRESETS); env_kwargs override it."""
+    env_kwargs: dict[str, Any] = field(default_factory=lambda: {"max_turns": 3, "user_max_new_tokens": 24})
+    """Extra environment arguments (EnvConfig fields)."""
+    policy_model: str = "embedded"
+    """Policy to train: 'embedded' (SmolLM2-135M-Instruct) or a local path / hub id."""
+    iterations: int = 2
+    """T: collect-then-train iterations; 0 = one pass over the split's prompts (ceil(split size / prompts_per_iteration))."""
+    prompts_per_iteration: int = 8
+    """Prompts (= tuples) collected per iteration; 0 = the whole dataset split. Iterations walk seeded permutations of
+    the split without replacement: a permutation drawn from (seed, pass) each pass, iteration after iteration."""
+    eta: float = 1.0
+    """eta of eq. 1: the log-ratio difference is divided by it."""
+    loss_scale: str = "paper"
+    """'paper': eq. 1, ((1/eta) * log-ratio gap - reward gap)^2. 'original': the original release's (log-ratio gap -
+    eta * reward gap)^2, eta^2 times larger, for learning rates copied from it (see refuel_agents.losses)."""
+    epochs: int = 1
+    """Passes over each iteration's tuples."""
+    batch_size: int = 4
+    """Pairs per optimizer update, over all ranks: each of W ranks trains on batch_size / W of its own pairs."""
+    micro_batch_size: int = 2
+    """Pairs per forward/backward on one rank; batch_size / (W * micro_batch_size) is the gradient accumulation."""
+    lr: float = 1e-6
+    """Peak learning rate (AdamW)."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    weight_decay: float = 1e-6
+    """AdamW weight decay."""
+    warmup_ratio: float = 0.1
+    """Fraction of the updates spent warming up linearly before the decay."""
+    lr_schedule: str = "cosine"
+    """Decay after the warm-up: 'cosine' (to 0) or 'linear' (to 0)."""
+    schedule_scope: str = "run"
+    """'run': one warm-up + decay over all iterations. 'iteration': every iteration restarts AdamW's state and its
+    own warm-up + decay (setting one of the original release, which ran each iteration as a new job)."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm (0 = no clipping, as in the original release)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass to save memory."""
+    last_k_layers: int | None = None
+    """Train only the last k decoder layers (plus final norm and lm_head); None = all."""
+    max_new_tokens: int = 32
+    """Longest policy response during collection, in tokens."""
+    max_new_tokens_by_h: dict[str, int] | None = None
+    """Per-H response limits, JSON {"H": tokens}, e.g. {"1": 1024, "2": 768, "3": 512}: a dialogue of length H gets
+    this budget at every turn (the original release's setting two); H not listed use max_new_tokens."""
+    temperature: float = 0.8
+    """Policy sampling temperature during collection."""
+    logprob_temperature: float | None = None
+    """Divide logits by this before log-softmax for log pi, log pi_t and log pi_0 (eq. 1 and the KL penalty).
+    None = the sampling temperature (1.0 when sampling is greedy), so pi_t is the distribution y was drawn from."""
+    penalty_turns: str = "rollout"
+    """Which policy responses of a branch the KL penalty and Gamma cover: 'rollout' (y_h and the later turns to H, the
+    generations Q(s_h, y_h) is the return of) or 'turn-h' (y_h only, the original release). Never the shared roll-in."""
+    max_seq_len: int = 2048
+    """Longest (state + response) in tokens for training; longer tuples are dropped and counted."""
+    eval_prompts: int = 2
+    """Held-out prompts played before training and after each iteration (0 = no evaluation)."""
+    reference_kl: bool = True
+    """Keep a frozen copy of the initial policy to log KL(pi || pi_0) and use it for the env's KL penalty."""
+    save_every: int = 0
+    """Also checkpoint every N optimizer steps (0 = only after each iteration)."""
+    policy_backend: str = "transformers"
+    """How the policy generates in collection and evaluation: 'transformers' (the very module being trained) or
+    'vllm' (an in-process vLLM engine started from policy_model; the trained weights are pushed into it, without a
+    restart, before each collection and evaluation; needs vllm)."""
+    policy_vllm_kwargs: dict[str, Any] = field(default_factory=dict)
+    """'vllm' policy backend: further vllm.LLM options, e.g. {"gpu_memory_utilization": 0.3, "tensor_parallel_size": 2}.
+    With several ranks each rank starts its own engine (distributed_executor_backend='external_launcher')."""
+    policy_vllm_push_bytes: int = 2**30
+    """'vllm' policy backend: the trained weights go to the engine in groups of whole decoder layers of about this many
+    bytes, each gathered from the ZeRO-3 shards and released before the next (the whole model is never gathered)."""
+    policy_vllm_sleep: bool = False
+    """'vllm' policy backend: put the engine to sleep (vLLM sleep mode, level 1: weights offloaded to CPU memory, KV
+    cache freed) while DeepSpeed trains, and wake it before the next push. CUDA only; refused on a CPU."""
+    deepspeed: str | None = None
+    """DeepSpeed config file (ZeRO-2/3); None = plain PyTorch."""
+    device: str | None = None
+    """Device (default: cuda if available, else cpu)."""
+    seed: int = 1
+    """Seed of collection, mini-batch order and initialisation."""
+    output_dir: str = "runs"
+    """Where runs are written: <output_dir>/<run_name>/."""
+    run_name: str | None = None
+    """Run folder name (default: {env_id}__{agent}__{seed}__{time}; the baselines add their mode, {agent}-{mode})."""
+    resume: bool = False
+    """Continue the run in <output_dir>/<run_name> from its latest checkpoint."""
+    progress: bool = True
+    """Show progress bars."""
+
+    def validate(self) -> None:
+        problems = []
+        if self.iterations < 0:
+            problems.append(f"iterations must be >= 1, or 0 for one pass over the split, got {self.iterations}")
+        if self.loss_scale not in LOSS_SCALES:
+            problems.append(f"loss_scale must be one of {list(LOSS_SCALES)}, got {self.loss_scale!r}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            problems.append(f"lr_schedule must be one of {list(LR_SCHEDULES)}, got {self.lr_schedule!r}")
+        if self.schedule_scope not in ("run", "iteration"):
+            problems.append(f"schedule_scope must be 'run' or 'iteration', got {self.schedule_scope!r}")
+        if self.penalty_turns not in PENALTY_TURNS:
+            problems.append(f"penalty_turns must be one of {list(PENALTY_TURNS)}, got {self.penalty_turns!r}")
+        if self.logprob_temperature is not None and not self.logprob_temperature > 0:
+            problems.append(f"logprob_temperature must be > 0 (or None for the sampling temperature), got {self.logprob_temperature}")
+        for key, value in (self.max_new_tokens_by_h or {}).items():
+            if not (str(key).isdigit() and int(key) >= 1 and isinstance(value, int) and value >= 1):
+                problems.append(f"max_new_tokens_by_h needs entries H >= 1 -> tokens >= 1, got {key!r}: {value!r}")
+        if self.eta <= 0:
+            problems.append(f"eta must be > 0, got {self.eta}")
+        if self.micro_batch_size < 1 or self.batch_size % self.micro_batch_size:
+            problems.append(f"batch_size ({self.batch_size}) must be a positive multiple of micro_batch_size ({self.micro_batch_size})")
+        if self.prompts_per_iteration < 0:
+            problems.append("prompts_per_iteration must be >= 0")
+        if self.policy_backend not in ("transformers", "vllm"):
+            problems.append(f"policy_backend must be 'transformers' or 'vllm', got {self.policy_backend!r}")
+        if self.resume and not self.run_name:
+            problems.append("--resume needs --run-name (the run folder to continue)")
+        if problems:
+            raise ValueError("invalid REFUEL configuration: " + "; ".join(problems))
