@@ -73,6 +73,15 @@ def test_refuel_raises_the_reward(word_lm_dir, tmp_path, seed):
     assert after >= before + MARGIN, f"seed {seed}: {before:.3f} -> {after:.3f}, below the margin {MARGIN}"
 
 
+class CharCountReward(YesReward):
+    """Characters of the last response: the two branches of a pair almost never tie."""
+
+    name = "char-count"
+
+    def _score(self, dialogues):
+        return np.asarray([float(len(d[-1]["content"])) for d in dialogues])
+
+
 def test_training_leaves_the_simulated_user_alone(word_lm_dir, tmp_path):
     """The policy and the user may be the same checkpoint; training must change only the policy."""
     from refuel_env.generation import load_causal_lm
@@ -86,7 +95,8 @@ def test_training_leaves_the_simulated_user_alone(word_lm_dir, tmp_path):
         lr=1e-2, max_new_tokens=4, eval_prompts=0, output_dir=str(tmp_path), run_name="shared", progress=False,
         device="cpu",
     )
-    trainer = RefuelTrainer(config, reward_model=YesReward())
+    # Pairs with a reward gap: with none, eq. 1's gradient is exactly 0 at pi = pi_t and nothing moves.
+    trainer = RefuelTrainer(config, reward_model=CharCountReward())
     trainer.train()
     assert all(torch.equal(before[k], v) for k, v in user_model.state_dict().items())
     assert not all(torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
