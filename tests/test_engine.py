@@ -165,11 +165,12 @@ def test_last_k_layers_freezes_everything_else():
     assert all(p.requires_grad for p in model.parameters()) and len(everything) == len(list(model.parameters()))
 
 
-def test_tied_lm_head_trains_the_shared_embedding():
+def test_tied_lm_head_keeps_the_shared_embedding_frozen():
+    # As in the original release: the input embedding stays frozen, and with it an lm_head tied to it.
     model = tiny_llama(layers=2, tied=True)
     trained = trainable_parameters(model, 1)
-    assert model.model.embed_tokens.weight.requires_grad
-    assert sum(p.numel() for p in trained) == LAYER_NUMEL + HIDDEN + VOCAB * HIDDEN
+    assert not model.model.embed_tokens.weight.requires_grad
+    assert sum(p.numel() for p in trained) == LAYER_NUMEL + HIDDEN
 
 
 def test_a_step_changes_only_the_trained_layers():
@@ -188,9 +189,9 @@ def test_other_decoder_families_gpt2():
     assert decoder_layers(model) is model.transformer.h
     trainable_parameters(model, 1)
     names = {n for n, p in model.named_parameters() if p.requires_grad}
-    # GPT-2 ties lm_head to wte, so wte trains too
+    # GPT-2 ties lm_head to wte: the input embedding, so both stay frozen
     assert names == {n for n, _ in model.named_parameters() if n.startswith("transformer.h.2.")} | {
-        "transformer.ln_f.weight", "transformer.ln_f.bias", "transformer.wte.weight"}
+        "transformer.ln_f.weight", "transformer.ln_f.bias"}
 
 
 def test_last_k_layers_bad_input():
