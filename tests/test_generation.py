@@ -116,10 +116,17 @@ SHARED_PREFIX = [  # one system prompt, user messages of different lengths
 
 def _with_and_without_reuse(generator, convs, params, seeds, **kwargs):
     """Completions with prefix reuse and without, from the same model; and the prefix tokens reused."""
+    import copy
+
     from refuel_env.generation import TransformersGenerator
 
-    reuse = TransformersGenerator(generator.model, generator.tokenizer, prefix_cache=True, **kwargs)
-    plain = TransformersGenerator(generator.model, generator.tokenizer, prefix_cache=False, **kwargs)
+    # float64: the reuse path computes the same logits up to rounding, and a random tiny model's
+    # distribution is so flat that a float32 rounding difference can move a seeded draw across the
+    # edge between two tokens (it did, on some CPUs). In float64 the differences stay far below the
+    # float32 resolution in which the sampler reads the logits.
+    model = copy.deepcopy(generator.model).double()
+    reuse = TransformersGenerator(model, generator.tokenizer, prefix_cache=True, **kwargs)
+    plain = TransformersGenerator(model, generator.tokenizer, prefix_cache=False, **kwargs)
     assert reuse.prefix_cache and not plain.prefix_cache
     return reuse.chat(convs, params, seeds), plain.chat(convs, params, seeds), reuse.prefix_tokens_reused
 
