@@ -206,7 +206,7 @@ class RefuelTrainer:
         return make_config(self.env_kwargs.get("preset"), **kwargs)
 
     def _env_has_kl(self) -> bool:
-        return self._env_config().kl_coef > 0
+        return self.penalties.kl_coef > 0  # read from the environment's configuration once, in __init__
 
     def _dataset_size(self) -> int:
         if not hasattr(self, "_num_items"):
