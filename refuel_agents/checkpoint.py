@@ -120,6 +120,29 @@ def save_checkpoint(run_dir: Path, name: str, *, model: Any, engine: Any, state:
     return target
 
 
+def save_final_model(final: Path, model: Any, weights: dict | None, tokenizer: Any, latest: Path | None, step: int) -> None:
+    """Write ``final`` (loadable with ``from_pretrained``) atomically.
+
+    When the latest checkpoint holds the weights of step ``step`` (the end of the last iteration),
+    its weight files are hard-linked rather than written again, so the final model takes no
+    further disk space; otherwise (or where the file system refuses links) they are written.
+    """
+    source = latest / "model" if latest is not None and latest.name == f"step_{step:07d}" else None
+    with atomic_dir(final) as tmp:
+        linked = False
+        if source is not None and source.is_dir():
+            try:
+                for f in source.iterdir():
+                    os.link(f, tmp / f.name)
+                linked = True
+            except OSError:
+                for f in tmp.iterdir():
+                    f.unlink()
+        if not linked:
+            model.save_pretrained(tmp, state_dict=weights)
+        tokenizer.save_pretrained(tmp)
+
+
 def remove_partial_writes(run_dir: Path) -> list[Path]:
     """Delete temporary folders and files a crash left behind (never trusted, only in the way)."""
     removed = []

@@ -356,6 +356,7 @@ def play_dialogues(
     seed: int,
     horizon: int | Sequence[int] | None = None,
     prompt_indices: Sequence[int] | None = None,
+    progress: bool = False,
 ) -> list[dict[str, Any]]:
     """Play whole dialogues with ``policy`` (no branching), batched like the collection.
 
@@ -373,7 +374,9 @@ def play_dialogues(
     rows = [{"item_id": str(info["item_id"][i]), "H": int(info["horizon"][i])} for i in range(num_dialogues)]
     slots = [_Slot(i, 0, info["snapshot"][i]) for i in range(num_dialogues)]
     stats = CollectionStats(prompts=num_dialogues)
-    _run(slots, rows, batcher, policy, sampling, rng, stats, None, None)
+    bar = tqdm(total=sum(r["H"] for r in rows), desc="evaluate", unit="resp", disable=not progress, leave=False)
+    _run(slots, rows, batcher, policy, sampling, rng, stats, None, bar)
+    bar.close()
     batcher.close()
     return [
         {"item_id": r["item_id"], "H": r["H"], "reward": r.get("reward"), "dialogue": r.get("dialogue", []),

@@ -24,9 +24,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from refuel_agents import checkpoint as ckpt
 from refuel_agents import distributed as dist
+from refuel_agents import heldout
 from refuel_agents.collection import (
     CollectionStats,
     Penalties,
@@ -45,7 +47,7 @@ from refuel_agents.logprobs import (
 )
 from refuel_agents.losses import LOSS_SCALES, regression_sign_agreement
 from refuel_agents.refuel_config import RefuelConfig
-from refuel_agents.tracking import MetricsLogger, format_summary, plot_run, reward_table
+from refuel_agents.tracking import MetricsLogger, format_summary, plot_run
 from refuel_agents.tuples import collection_metrics, encode_tuples, light_row, pair_batch, store_rows
 from refuel_env import embedded
 from refuel_env.generation import (
@@ -124,6 +126,8 @@ class RefuelTrainer:
         if env_config.truncation_penalty is not None:
             self.collect_env_kwargs["truncation_penalty"] = None
         self._iterations: int | None = None
+        self._split_sizes: dict[str, int] = {}
+        self._bars = config.progress and self.rank == 0  # per-phase progress bars on the main rank
         self._collected: list[dict] | None = None  # every rank's tuples of the current iteration (metrics only)
 
     def _default_run_name(self) -> str:
@@ -136,12 +140,12 @@ class RefuelTrainer:
         """T; ``iterations=0`` in the config means one pass over the split's prompts."""
         if self._iterations is None:
             per = self.config.prompts_per_iteration
-            self._iterations = self.config.iterations or (math.ceil(self._dataset_size() / per) if per else 1)
+            self._iterations = self.config.iterations or (math.ceil(self._train_items() / per) if per else 1)
         return self._iterations
 
     def prompt_indices(self, iteration: int) -> list[int]:
         """The dataset items iteration ``iteration`` collects from (:func:`iteration_prompts`)."""
-        return iteration_prompts(self.config.seed, self._dataset_size(), iteration, self.config.prompts_per_iteration)
+        return iteration_prompts(self.config.seed, self._train_items(), iteration, self.config.prompts_per_iteration)
 
     def rank_prompts(self, indices: list[int], iteration: int) -> tuple[list[int], int]:
         """This rank's shard of an iteration's prompts and its collection seed.
@@ -208,14 +212,22 @@ class RefuelTrainer:
     def _env_has_kl(self) -> bool:
         return self.penalties.kl_coef > 0  # read from the environment's configuration once, in __init__
 
-    def _dataset_size(self) -> int:
-        if not hasattr(self, "_num_items"):
+    def _dataset_size(self, split: str = "train") -> int:
+        if split not in self._split_sizes:
             import gymnasium as gym
 
-            env = gym.make(self.config.env_id, **self.env_kwargs)
-            self._num_items = len(env.unwrapped.core.items)
+            env = gym.make(self.config.env_id, **{**self.env_kwargs, "split": split})
+            self._split_sizes[split] = len(env.unwrapped.core.items)
             env.close()
-        return self._num_items
+        return self._split_sizes[split]
+
+    def _heldout_prompts(self) -> list[int]:
+        cfg = self.config
+        return heldout.heldout_prompts(cfg.eval_split, cfg.eval_prompts, self._dataset_size(cfg.eval_split))
+
+    def _train_items(self) -> int:
+        """Items training draws prompts from: the train split, less the held-out tail with eval_split='train'."""
+        return self._dataset_size() - (self.config.eval_prompts if self.config.eval_split == "train" else 0)
 
     @torch.no_grad()
     def _kl_logprobs(self, states: list[list[dict]], responses: list[str]) -> tuple[list[float], list[float]]:
@@ -260,7 +272,8 @@ class RefuelTrainer:
         was_training = self.model.training
         self.model.train()  # as in training (dropout-free models: the mode changes nothing else)
         with torch.no_grad():
-            for members in batches:
+            for members in tqdm(batches, desc="score pi_t" + (", pi_0" if len(models) > 1 else ""), unit="batch",
+                                disable=not self._bars, leave=False):
                 if done.issuperset(members):
                     continue
                 for key, model in models:
@@ -279,22 +292,21 @@ class RefuelTrainer:
         return self.engine.device if self.engine is not None else self.device
 
     def evaluate(self) -> list[dict]:
-        """Play ``eval_prompts`` held-out prompts at every H in 1..max_turns (the same prompts for each H)."""
+        """Play the held-out prompts at every H in 1..max_turns, with the same seeds every time (heldout.py)."""
         cfg = self.config
         if cfg.eval_prompts <= 0:
             return []
         self.model.eval()
-        horizons = [H for H in range(1, self.max_turns + 1) for _ in range(cfg.eval_prompts)]
-        prompts = list(range(cfg.eval_prompts)) * self.max_turns
+        horizons, prompts = heldout.plan(self._heldout_prompts(), self.max_turns)
         start, end = dist.shard_bounds(len(horizons), self.rank, self.world)  # each rank plays its block
         policy = self.rollout_policy()
         rows: list[dict] = []
         with dist.full_weights(self.engine, enabled=self.rollout_generator is self.generator):
             if end > start:
                 rows = play_dialogues(
-                    env_id=cfg.env_id, env_kwargs={**self.env_kwargs, "split": "test"}, policy=policy,
+                    env_id=cfg.env_id, env_kwargs={**self.env_kwargs, "split": cfg.eval_split}, policy=policy,
                     sampling=self.collection_sampling, num_dialogues=end - start, seed=cfg.seed + 10_000 + start,
-                    horizon=horizons[start:end], prompt_indices=prompts[start:end],
+                    horizon=horizons[start:end], prompt_indices=prompts[start:end], progress=self._bars,
                 )
         return [row for part in dist.all_gather_objects(rows) for row in part]
 
@@ -333,7 +345,8 @@ class RefuelTrainer:
         logger = MetricsLogger(self.run_dir, enabled=self.engine.is_main, resume_step=state["global_step"] if cfg.resume else None)
         summary = state.setdefault("summary", [])
         if not summary and cfg.eval_prompts > 0:
-            summary.append({"iteration": 0, "eval": reward_table(self.evaluate(), "reward", self.max_turns)})
+            self._heldout_prompts()  # a bad eval_prompts fails before anything is played
+            summary.append(heldout.record(0, self.evaluate(), self.max_turns))
         for t in range(state["iteration"], self.iterations):
             self._collected = None
             rows = self._iteration_data(t, logger, state)
@@ -343,6 +356,8 @@ class RefuelTrainer:
             if steps_per_iter:
                 self._plan_schedule(t, steps_per_iter, state)
             self.engine.model.train()  # collection and evaluation left it in eval mode
+            bar = tqdm(total=steps_per_iter, initial=state["step_in_iteration"], desc=f"[{t + 1}/{self.iterations}] train",
+                       unit="step", disable=not self._bars, leave=False)
             for step_in_iter in range(state["step_in_iteration"], steps_per_iter):
                 start_time = time.perf_counter()
                 per = self.rank_batch_size
@@ -358,15 +373,19 @@ class RefuelTrainer:
                 logged = {k: float(np.mean([x[k] for x in metrics])) for k in metrics[0]}
                 logged.update({"charts/lr": info.get("lr", math.nan), "charts/grad_norm": info.get("grad_norm", math.nan),
                                "charts/tokens_per_s": tokens / (time.perf_counter() - start_time), "charts/iteration": t})
-                logger.log(state["global_step"], logged)
+                logger.log(state["global_step"], logged, echo=not self._bars)
+                bar.update(1)
+                bar.set_postfix(loss=f"{logged['losses/loss']:.4g}")
                 if cfg.save_every and state["global_step"] % cfg.save_every == 0 and state["step_in_iteration"] < steps_per_iter:
                     self._checkpoint(state)
+            bar.close()
             state["iteration"], state["step_in_iteration"] = t + 1, 0
-            summary.append({"iteration": t + 1, "collected": reward_table(self._collected or rows, "reward", self.max_turns),
-                            "eval": reward_table(self.evaluate(), "reward", self.max_turns) if cfg.eval_prompts else {}})
+            summary.append(heldout.record(t + 1, self.evaluate(), self.max_turns, self._collected or rows))
             self._checkpoint(state)
             if self.engine.is_main:
                 print(format_summary(summary, self.max_turns), flush=True)
+                if cfg.eval_prompts:
+                    print(heldout.improvement_line(heldout.paired_change(summary[0], summary[-1], cfg.seed)), flush=True)
         logger.close()
         return self._finish(summary)
 
@@ -378,7 +397,7 @@ class RefuelTrainer:
 
     def _planned_steps(self) -> int:
         """The schedule's length before any data exists: every configured prompt kept."""
-        return self._steps_for(self.config.prompts_per_iteration or self._dataset_size())
+        return self._steps_for(self.config.prompts_per_iteration or self._train_items())
 
     def _plan_schedule(self, iteration: int, steps: int, state: dict) -> None:
         """Point the learning-rate schedule at this iteration's steps (``schedule_scope``).
@@ -481,18 +500,20 @@ class RefuelTrainer:
 
     def _checkpoint(self, state: dict) -> None:
         name = f"step_{state['global_step']:07d}"
-        ckpt.save_checkpoint(self.run_dir, name, model=self.model, engine=self.engine, state=state)
+        ckpt.save_checkpoint(self.run_dir, name, model=self.model, engine=self.engine, state=state,
+                             keep=self.config.keep_checkpoints)
 
     def _finish(self, summary: list[dict]) -> Path:
         final = self.run_dir / "final_model"
+        step = self._state["global_step"]
         weights = self.engine.unwrapped_model_state()  # every rank: ZeRO-3 gathers the shards
         if self.engine.is_main:
-            with ckpt.atomic_dir(final) as tmp:
-                self.model.save_pretrained(tmp, state_dict=weights)
-                self.tokenizer.save_pretrained(tmp)
-            (self.run_dir / "summary.md").write_text(format_summary(summary, self.max_turns))
+            ckpt.save_final_model(final, self.model, weights, self.tokenizer, ckpt.latest_checkpoint(self.run_dir), step)
+            results = heldout.write_summary(self.run_dir, summary, self.max_turns, self.config.seed)
             plot = plot_run(self.run_dir / "metrics.jsonl", self.run_dir / "reward_loss.png",
                             keys=("losses/loss", "charts/reward_mean", "charts/logratio_to_init"))
-            print(f"final model: {final}\nmetrics: {self.run_dir / 'metrics.jsonl'} (TensorBoard: {self.run_dir / 'tensorboard'})"
-                  + (f"\nplot: {plot}" if plot else ""), flush=True)
+            print(f"{heldout.improvement_line(results.get('heldout_improvement'))}\nfinal model: {final}\nsummary: "
+                  f"{self.run_dir / 'summary.md'}\nmetrics: {self.run_dir / 'metrics.jsonl'} (TensorBoard: "
+                  f"{self.run_dir / 'tensorboard'})" + (f"\nplots: {plot}, {self.run_dir / 'heldout_reward.png'}" if plot else ""),
+                  flush=True)
         return final

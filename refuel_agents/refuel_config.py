@@ -79,10 +79,16 @@ class RefuelConfig:
     generations Q(s_h, y_h) is the return of) or 'turn-h' (y_h only, the original release). Never the shared roll-in."""
     max_seq_len: int = 2048
     """Longest (state + response) in tokens for training; longer tuples are dropped and counted."""
-    eval_prompts: int = 2
-    """Held-out prompts played before training and after each iteration (0 = no evaluation)."""
+    eval_prompts: int = 8
+    """Held-out prompts, each played at every H in 1..max_turns with the same seeds before training and after each
+    iteration; the summary reports the paired change in reward with a 95-percent bootstrap interval (0 = no evaluation)."""
+    eval_split: str = "test"
+    """Where the held-out prompts come from: 'test' (its first eval_prompts items) or 'train' (its last eval_prompts
+    items, which training then never sees: a validation set for hyperparameter sweeps that leaves the test split alone)."""
     reference_kl: bool = True
     """Keep a frozen copy of the initial policy to log KL(pi || pi_0) and use it for the env's KL penalty."""
+    keep_checkpoints: int = 1
+    """Checkpoints kept on disk (the newest N; older ones are deleted once a newer one is complete)."""
     save_every: int = 0
     """Also checkpoint every N optimizer steps (0 = only after each iteration)."""
     policy_backend: str = "transformers"
@@ -130,6 +136,12 @@ class RefuelConfig:
         for key, value in (self.max_new_tokens_by_h or {}).items():
             if not (str(key).isdigit() and int(key) >= 1 and isinstance(value, int) and value >= 1):
                 problems.append(f"max_new_tokens_by_h needs entries H >= 1 -> tokens >= 1, got {key!r}: {value!r}")
+        if self.eval_prompts < 0:
+            problems.append(f"eval_prompts must be >= 0 (0 = no evaluation), got {self.eval_prompts}")
+        if self.eval_split not in ("test", "train"):
+            problems.append(f"eval_split must be 'test' or 'train', got {self.eval_split!r}")
+        if self.keep_checkpoints < 1:
+            problems.append(f"keep_checkpoints must be >= 1 (a resume needs the newest), got {self.keep_checkpoints}")
         if self.eta <= 0:
             problems.append(f"eta must be > 0, got {self.eta}")
         if self.micro_batch_size < 1 or self.batch_size % self.micro_batch_size:

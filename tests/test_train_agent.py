@@ -48,11 +48,20 @@ def reference_run(word_lm_dir, tmp_path_factory):
 
 def test_a_run_writes_everything(reference_run):
     run, stdout = reference_run
-    for name in ("config.json", "metrics.jsonl", "summary.md", "reward_loss.png", "tensorboard",
-                 "iteration_000/tuples", "iteration_001/tuples", "final_model/config.json"):
+    for name in ("config.json", "metrics.jsonl", "summary.md", "summary.json", "reward_loss.png", "heldout_reward.png",
+                 "tensorboard", "iteration_000/tuples", "iteration_001/tuples", "final_model/config.json"):
         assert (run / name).exists(), name
     assert steps(run) == list(range(1, 9))  # 2 iterations x 8 prompts / batch 2
     assert "Mean reward by dialogue length H" in stdout and "final model:" in stdout
+    summary = json.loads((run / "summary.json").read_text())
+    improvement = summary["heldout_improvement"]
+    assert improvement["n"] == 2 and improvement["ci_low"] <= improvement["mean"] <= improvement["ci_high"]
+    assert [e["iteration"] for e in summary["heldout"]] == [0, 1, 2]  # 1 prompt at H = 1 and 2, after each iteration
+    assert "Held-out improvement" in (run / "summary.md").read_text() and "Held-out improvement" in stdout
+    # --keep-checkpoints 1 (the default): only the newest checkpoint; the final model shares its weight files.
+    assert sorted(p.name for p in (run / "checkpoints").glob("step_*")) == ["step_0000008"]
+    final = next((run / "final_model").glob("*.safetensors"))
+    assert final.stat().st_ino == (run / "checkpoints" / "step_0000008" / "model" / final.name).stat().st_ino
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(run / "final_model")  # loadable

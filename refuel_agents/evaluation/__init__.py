@@ -82,10 +82,10 @@ from refuel_agents.evaluation.specs import (
     parse_spec,
     split_named_spec,
 )
-from refuel_agents.evaluation.stats import length_weights, weighted_average, wilson_interval, win_rates
+from refuel_agents.evaluation.stats import bootstrap_interval, length_weights, weighted_average, wilson_interval, win_rates
 
 __all__ = [
-    "DEFAULT_ENV_ID", "DEFAULT_HORIZON", "assistant_turns", "judge_prompt", "prompt_hash",
+    "DEFAULT_ENV_ID", "DEFAULT_HORIZON", "bootstrap_interval", "assistant_turns", "judge_prompt", "prompt_hash",
     "Comparison", "HH_JUDGE_TEMPLATE", "JUDGE_TEMPLATES", "Judge", "ModelSpec", "PairwiseJudge",
     "RewardJudge", "SPEC_HELP", "SpecError", "ULTRAINTERACT_JUDGE_TEMPLATE", "build_judge", "check_spec", "evaluate_policies",
     "TEMPLATE_HELP", "comparison_order", "kl_estimate", "length_weights", "load_generator", "load_judge_template",

@@ -1,4 +1,4 @@
-"""Statistics of judgements: Wilson intervals, the appendix E turn weights, win rates."""
+"""Statistics of judgements and rewards: Wilson intervals, bootstrap intervals, the appendix E turn weights, win rates."""
 
 from __future__ import annotations
 
@@ -20,6 +20,28 @@ def wilson_interval(successes: float, n: int, z: float = 1.959964) -> tuple[floa
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
     return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def bootstrap_interval(values: Sequence[float], *, level: float = 0.95, resamples: int = 10_000,
+                       seed: int = 0) -> dict[str, float]:
+    """Mean of ``values`` with a percentile bootstrap interval: {"mean", "ci_low", "ci_high", "n"}.
+
+    For a paired comparison pass the per-pair differences. The resamples are drawn from a
+    generator seeded with ``seed``, so the interval is reproducible. With fewer than 2 values
+    the interval is NaN.
+    """
+    x = np.asarray(values, dtype=np.float64)
+    if x.ndim != 1 or not np.isfinite(x).all():
+        raise ValueError(f"bootstrap_interval needs a flat sequence of finite numbers, got {values!r:.80}")
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    if len(x) < 2:
+        mean = float(x.mean()) if len(x) else math.nan
+        return {"mean": mean, "ci_low": math.nan, "ci_high": math.nan, "n": len(x)}
+    rng = np.random.default_rng(seed)
+    means = x[rng.integers(0, len(x), size=(resamples, len(x)))].mean(axis=1)
+    low, high = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return {"mean": float(x.mean()), "ci_low": float(low), "ci_high": float(high), "n": len(x)}
 
 
 def length_weights(lengths: Iterable[int], horizon: int) -> dict[int, float]:
