@@ -82,7 +82,13 @@ from refuel_agents.evaluation.specs import (
     parse_spec,
     split_named_spec,
 )
-from refuel_agents.evaluation.stats import bootstrap_interval, length_weights, weighted_average, wilson_interval, win_rates
+from refuel_agents.evaluation.stats import (
+    bootstrap_interval,
+    length_weights,
+    weighted_average,
+    wilson_interval,
+    win_rates,
+)
 
 __all__ = [
     "DEFAULT_ENV_ID", "DEFAULT_HORIZON", "bootstrap_interval", "assistant_turns", "judge_prompt", "prompt_hash",
