@@ -1,0 +1,101 @@
+"""The held-out evaluation's statistics and files: bootstrap intervals, pairing, summary.json, the sweep's choice."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from refuel_agents import heldout
+from refuel_agents.evaluation.stats import bootstrap_interval
+
+
+def test_bootstrap_interval_covers_the_mean_at_its_nominal_rate():
+    rng = np.random.default_rng(0)
+    covered = 0
+    for trial in range(200):
+        sample = rng.normal(0.5, 1.0, size=24)
+        ci = bootstrap_interval(sample, seed=trial, resamples=2000)
+        assert ci["ci_low"] <= ci["mean"] <= ci["ci_high"] and ci["n"] == 24
+        covered += ci["ci_low"] <= 0.5 <= ci["ci_high"]
+    assert 0.88 <= covered / 200 <= 0.99  # a percentile bootstrap of n = 24 is a little narrow, not wildly off
+
+
+def test_bootstrap_interval_is_reproducible_and_refuses_bad_values():
+    assert bootstrap_interval([1.0, 2.0, 4.0], seed=3) == bootstrap_interval([1.0, 2.0, 4.0], seed=3)
+    one = bootstrap_interval([2.0])
+    assert one["mean"] == 2.0 and math.isnan(one["ci_low"]) and one["n"] == 1
+    with pytest.raises(ValueError, match="finite"):
+        bootstrap_interval([1.0, float("nan")])
+    with pytest.raises(ValueError, match="level"):
+        bootstrap_interval([1.0, 2.0], level=95)
+
+
+def entry(iteration, rewards):
+    rows = [{"item_id": f"q{i % 4}", "H": 1 + i // 4, "reward": r} for i, r in enumerate(rewards)]
+    return heldout.record(iteration, rows, max_turns=2)
+
+
+def test_paired_change_pairs_dialogue_by_dialogue_and_drops_truncated_pairs():
+    before = entry(0, [1.0, 2.0, 3.0, 4.0, 1.0, 2.0, None, 4.0])
+    after = entry(1, [2.0, 3.0, 4.0, 5.0, 2.0, 3.0, 9.0, None])
+    change = heldout.paired_change(before, after)
+    assert change["mean"] == pytest.approx(1.0) and change["n"] == 6 and change["dropped"] == 2
+    assert change["ci_low"] == pytest.approx(1.0) and change["ci_high"] == pytest.approx(1.0)  # every pair moved by 1
+    shuffled = entry(1, [2.0] * 8)
+    shuffled["eval_rewards"].reverse()
+    with pytest.raises(ValueError, match="same prompts"):
+        heldout.paired_change(before, shuffled)
+
+
+def test_summary_files_hold_the_improvement_every_evaluation_and_a_plot(tmp_path):
+    summary = [entry(0, [1.0] * 8), entry(1, [1.5] * 7 + [0.5]), entry(2, [2.0, 2.5] * 4)]
+    results = heldout.write_summary(tmp_path, summary, max_turns=2, seed=1)
+    on_disk = json.loads((tmp_path / "summary.json").read_text())
+    assert on_disk == json.loads(json.dumps(results))
+    improvement = on_disk["heldout_improvement"]
+    assert {"mean", "ci_low", "ci_high", "n"} <= improvement.keys()
+    assert improvement["mean"] == pytest.approx(1.25) and improvement["n"] == 8 and improvement["ci_low"] > 0
+    assert [e["iteration"] for e in on_disk["heldout"]] == [0, 1, 2]
+    assert on_disk["heldout"][0]["change"]["mean"] == 0.0
+    text = (tmp_path / "summary.md").read_text()
+    assert "Held-out improvement (iteration 0 -> 2, paired over 8 dialogues): +1.250" in text and "(above 0)" in text
+    assert (tmp_path / "heldout_reward.png").stat().st_size > 1000
+
+
+def test_heldout_prompts_of_the_test_split_or_the_train_splits_tail():
+    assert heldout.heldout_prompts("test", 3, 8) == [0, 1, 2]
+    assert heldout.heldout_prompts("train", 3, 10) == [7, 8, 9]
+    assert heldout.plan([7, 8], 2) == ([1, 1, 2, 2], [7, 8, 7, 8])
+    with pytest.raises(ValueError, match="--eval-prompts 8 or fewer"):
+        heldout.heldout_prompts("test", 9, 8)
+    with pytest.raises(ValueError, match="left for training"):
+        heldout.heldout_prompts("train", 10, 10)
+    with pytest.raises(ValueError, match="eval_split"):
+        heldout.heldout_prompts("valid", 1, 10)
+
+
+def test_the_sweep_chooses_the_best_mean_within_the_budget(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "sweep_refuel.py"
+    spec = importlib.util.spec_from_file_location("sweep_refuel", path)
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+
+    def row(lr, seed, mean, seconds, failed=False):
+        return {"settings": {"lr": lr}, "seed": seed, "failed": failed, "seconds": seconds,
+                "improvement": None if failed else {"mean": mean}}
+
+    rows = [row("1e-5", 1, 0.2, 100), row("1e-5", 2, 0.4, 100), row("3e-5", 1, 0.9, 100), row("3e-5", 2, 0.1, 100),
+            row("1e-4", 1, 5.0, 2000), row("1e-4", 2, 5.0, 100), row("3e-4", 1, 0, 100, failed=True)]
+    assert sweep.choose(rows, budget_s=600) == {"settings": {"lr": "3e-5"}, "mean": pytest.approx(0.5), "seeds": [1, 2]}
+    with pytest.raises(SystemExit):
+        sweep.parse_args(["--grid", "lr=1e-5", "--base", "lr=1e-4"])
+    with pytest.raises(SystemExit):
+        sweep.parse_args(["--grid", "seed=1,2"])
+    args = sweep.parse_args(["--grid", "lr=1e-5,3e-5", "last_k_layers=4", "--base", "iterations=2"])
+    assert args.grid == [("lr", ["1e-5", "3e-5"]), ("last-k-layers", ["4"])] and args.base == [("iterations", "2")]
