@@ -29,6 +29,7 @@ import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,8 +66,8 @@ def run_point(args: argparse.Namespace, settings: dict[str, str], seed: int) -> 
             argv.append("--resume")
         print(f"[sweep] {name}: running", flush=True)
         start = time.perf_counter()
-        result = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {})}
+        result = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         seconds = time.perf_counter() - start
         (args.output_dir / f"{name}.log").write_text(result.stdout)
         if result.returncode != 0:
@@ -128,6 +129,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="train-split items held back as the validation set, each played at every H (default: %(default)s)")
     p.add_argument("--budget-minutes", type=float, default=13.0,
                    help="a point counts for the choice only if it finished within this wall time (default: %(default)s)")
+    p.add_argument("--parallel", type=int, default=1,
+                   help="points run at the same time (default: %(default)s; with 2 cores, 2 points of --threads 1 each)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads of each run (OMP_NUM_THREADS; default: torch's own choice)")
     p.add_argument("--output-dir", type=Path, default=Path("runs/sweep"), help="where the runs go (default: %(default)s)")
     p.add_argument("--json", type=Path, default=None, help="also write every point's results and the choice here")
     p.add_argument("--markdown", type=Path, default=None, help="also write the table and the choice here")
@@ -137,6 +142,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"each flag may appear once in --grid and --base together, got --grid {keys} --base {[k for k, _ in args.base]}")
     if {"seed", "eval-split", "eval-prompts", "output-dir", "run-name", "agent"} & set(keys + [k for k, _ in args.base]):
         p.error("--grid/--base cannot set seed, eval-split, eval-prompts, output-dir, run-name or agent: the sweep sets them")
+    if args.parallel < 1 or (args.threads is not None and args.threads < 1):
+        p.error(f"--parallel and --threads must be at least 1, got {args.parallel} and {args.threads}")
     if args.eval_prompts < 1:
         p.error(f"--eval-prompts must be at least 1 (the validation set), got {args.eval_prompts}")
     return args
@@ -146,8 +153,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     args.output_dir.mkdir(parents=True, exist_ok=True)
     keys = [k for k, _ in args.grid]
-    rows = [run_point(args, dict(zip(keys, values)), seed)
-            for values in itertools.product(*[v for _, v in args.grid]) for seed in args.seeds]
+    points = [(dict(zip(keys, values)), seed) for values in itertools.product(*[v for _, v in args.grid]) for seed in args.seeds]
+    with ThreadPoolExecutor(max_workers=args.parallel) as pool:
+        rows = list(pool.map(lambda point: run_point(args, *point), points))
     budget_s = args.budget_minutes * 60
     chosen = choose(rows, budget_s)
     table = markdown(rows, keys, chosen, budget_s)
