@@ -79,7 +79,8 @@ def run(world: int, args: argparse.Namespace) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2], help="rank counts to compare (default: 1 2)")
+    parser.add_argument("--ranks", "--only", type=int, nargs="+", default=[1, 2],
+                        help="rank counts to compare, each a section of its own (default: 1 2)")
     parser.add_argument("--prompts", type=int, default=8, help="prompts of the iteration (default: %(default)s)")
     parser.add_argument("--max-new-tokens", type=int, default=16, help="policy response limit (default: %(default)s)")
     parser.add_argument("--max-turns", type=int, default=2, help="longest dialogue H (default: %(default)s)")

@@ -1,7 +1,8 @@
 """Measure the environment: its own overhead per step, and throughput with the embedded user.
 
     python scripts/benchmark_env.py                 # everything (about 2 minutes on 2 CPU cores)
-    python scripts/benchmark_env.py --skip-user     # overhead only (seconds)
+    python scripts/benchmark_env.py --skip-user     # overhead only (seconds); the same as --only overhead
+    python scripts/benchmark_env.py --only user --json env.json   # one part, its figures also written as JSON
     python scripts/benchmark_env.py --num-envs 1 8 32 --user-tokens 64 --device cuda
 
 Part 1, overhead: an instant user (a fixed question) and a constant reward, so that what is
@@ -17,7 +18,9 @@ and every user turn generates up to ``--user-tokens`` tokens. Dialogues/s and us
 from __future__ import annotations
 
 import argparse
+import json
 import time
+from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
@@ -57,7 +60,9 @@ def parse_args() -> argparse.Namespace:
                    help="user model: 'embedded' (SmolLM2-135M-Instruct) or a local checkpoint path (default: %(default)s)")
     p.add_argument("--tokenizer", default="embedded",
                    help="tokenizer that counts response tokens: 'embedded' or a local path (default: %(default)s)")
-    p.add_argument("--skip-user", action="store_true", help="only measure the overhead")
+    p.add_argument("--skip-user", action="store_true", help="only measure the overhead (the same as --only overhead)")
+    p.add_argument("--only", choices=("overhead", "user"), default=None, help="measure one part only (default: both)")
+    p.add_argument("--json", type=Path, default=None, help="also write the measured figures here, as JSON")
     return p.parse_args()
 
 
@@ -103,19 +108,28 @@ def main() -> None:
     args = parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"device {args.device or ('cuda' if torch.cuda.is_available() else 'cpu')}\n")
-    print("Environment overhead per step (instant user, constant reward, H = 5)")
-    print(f"{'token counting':<34}{'us/step':>10}")
-    for label, tok in (("off (tokenizer=None)", None), (f"on (tokenizer={args.tokenizer})", args.tokenizer)):
-        print(f"{label:<34}{overhead(args.overhead_episodes, tok):>10.1f}")
-    if args.skip_user:
-        return
-    print(f"\nUser model {args.user_model}, H = {args.horizon}, up to {args.user_tokens} tokens per user turn")
-    print(f"{'num_envs':>8}{'dialogues':>11}{'dialogues/s':>13}{'user tok/s':>12}{'x num_envs=1':>14}")
-    base = None
-    for n in args.num_envs:
-        dps, tps, count = user_throughput(n, args)
-        base = base or tps
-        print(f"{n:>8}{count:>11}{dps:>13.3f}{tps:>12.1f}{tps / base:>14.2f}")
+    results: dict = {}
+    if args.only in (None, "overhead"):
+        print("Environment overhead per step (instant user, constant reward, H = 5)")
+        print(f"{'token counting':<34}{'us/step':>10}")
+        results["overhead_us_per_step"] = {}
+        for key, label, tok in (("tokenizer_off", "off (tokenizer=None)", None),
+                                ("tokenizer_on", f"on (tokenizer={args.tokenizer})", args.tokenizer)):
+            results["overhead_us_per_step"][key] = us = overhead(args.overhead_episodes, tok)
+            print(f"{label:<34}{us:>10.1f}")
+    if args.only in (None, "user") and not args.skip_user:
+        print(f"\nUser model {args.user_model}, H = {args.horizon}, up to {args.user_tokens} tokens per user turn")
+        print(f"{'num_envs':>8}{'dialogues':>11}{'dialogues/s':>13}{'user tok/s':>12}{'x num_envs=1':>14}")
+        base = None
+        results["user"] = []
+        for n in args.num_envs:
+            dps, tps, count = user_throughput(n, args)
+            base = base or tps
+            results["user"].append({"num_envs": n, "dialogues": count, "dialogues_per_s": dps, "user_tokens_per_s": tps,
+                                    "ratio_to_first": tps / base})
+            print(f"{n:>8}{count:>11}{dps:>13.3f}{tps:>12.1f}{tps / base:>14.2f}")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Measure the transformers generation backend: prefix reuse in branch collection, and batching.
 
     python scripts/benchmark_generation.py                      # both parts, embedded SmolLM2 on CPU (a few minutes)
-    python scripts/benchmark_generation.py --parts branches     # part 1 only
+    python scripts/benchmark_generation.py --only branches --json gen.json   # part 1 only, figures also as JSON
     python scripts/benchmark_generation.py --device cuda --repeats 3 --layouts 4x2 32x2 --batch-sizes 8 32
 
 Part 1, branch collection (REFUEL, algorithm 1): each of ``S`` dialogues has been rolled in to
@@ -28,9 +28,11 @@ shown; use it on a GPU, where the first call of each batch shape pays one-off ke
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from collections.abc import Callable, Sequence
 from functools import partial
+from pathlib import Path
 
 import torch
 
@@ -149,7 +151,7 @@ def print_table(title: str, header: Sequence[str], rows: Sequence[Sequence[objec
             print("  ".join("-" * w for w in widths))
 
 
-def bench_branches(args: argparse.Namespace, model, tokenizer) -> None:
+def bench_branches(args: argparse.Namespace, model, tokenizer) -> list[dict]:
     reuse = TransformersGenerator(model, tokenizer, prefix_cache=True, batch_size=args.max_batch)
     recompute = TransformersGenerator(model, tokenizer, prefix_cache=False, batch_size=args.max_batch)
     if not reuse.prefix_cache:
@@ -170,15 +172,13 @@ def bench_branches(args: argparse.Namespace, model, tokenizer) -> None:
             rows.append([f"{states_n}x{branches}", states_n * branches, round(prefix), args.turns, new_tokens,
                          prompt_tokens, prefilled, generated, t_plain, t_reuse, t_plain / t_reuse,
                          "yes" if texts_plain == texts_reuse else "NO"])
-    print_table(
-        "Part 1: branch collection, recomputing every prefix vs prefix reuse",
-        ["dialogues x branches", "batch", "s_h tok", "turns", "max new", "prompt tok", "prefilled w/ reuse",
-         "gen tok", "recompute s", "reuse s", "speed-up", "same text"],
-        rows,
-    )
+    header = ["dialogues x branches", "batch", "s_h tok", "turns", "max new", "prompt tok", "prefilled w/ reuse",
+              "gen tok", "recompute s", "reuse s", "speed-up", "same text"]
+    print_table("Part 1: branch collection, recomputing every prefix vs prefix reuse", header, rows)
+    return [dict(zip(header, row)) for row in rows]
 
 
-def bench_batching(args: argparse.Namespace, model, tokenizer) -> None:
+def bench_batching(args: argparse.Namespace, model, tokenizer) -> list[dict]:
     params = SamplingParams(max_new_tokens=args.new_tokens, temperature=args.temperature)
     generator = TransformersGenerator(model, tokenizer, prefix_cache=False, batch_size=args.max_batch)
     rows = []
@@ -190,11 +190,10 @@ def bench_batching(args: argparse.Namespace, model, tokenizer) -> None:
             partial(timed_chat, generator, prompts, params, batched=True),
         )
         rows.append([n, generated, t_single, generated / t_single, t_batch, generated / t_batch, t_single / t_batch])
-    print_table(
-        f"Part 2: one request at a time vs one batched call ({args.new_tokens} new tokens per request)",
-        ["requests", "gen tok", "one-by-one s", "tok/s", "batched s", "tok/s", "speed-up"],
-        rows,
-    )
+    header = ["requests", "gen tok", "one-by-one s", "one-by-one tok/s", "batched s", "batched tok/s", "speed-up"]
+    print_table(f"Part 2: one request at a time vs one batched call ({args.new_tokens} new tokens per request)",
+                header, rows)
+    return [dict(zip(header, row)) for row in rows]
 
 
 def parse_args() -> argparse.Namespace:
@@ -202,8 +201,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--model", default="embedded", help="'embedded' (SmolLM2-135M-Instruct) or a local checkpoint path (default: %(default)s)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available, else cpu)")
     p.add_argument("--dtype", default="auto", help="float32, bfloat16, ... (default: fp32 on CPU, bf16 on GPU)")
-    p.add_argument("--parts", nargs="+", choices=["branches", "batching"], default=["branches", "batching"],
-                   help="what to measure (default: both)")
+    p.add_argument("--only", "--parts", dest="parts", nargs="+", choices=["branches", "batching"],
+                   default=["branches", "batching"], help="what to measure (default: both)")
+    p.add_argument("--json", type=Path, default=None, help="also write the measured figures here, as JSON")
     p.add_argument("--layouts", nargs="+", type=parse_layout, default=[(4, 2), (1, 8)],
                    help="part 1: dialogues x branches per call (default: 4x2 1x8)")
     p.add_argument("--prefix-tokens", type=int, default=400, help="part 1: tokens of each rolled-in state s_h, at least (default: %(default)s)")
@@ -232,10 +232,13 @@ def main() -> None:
     print(f"model {args.model} on {device}, {next(model.parameters()).dtype}, {torch.get_num_threads()} CPU threads")
     warm_up = SamplingParams(max_new_tokens=4, temperature=args.temperature)
     TransformersGenerator(model, tokenizer).chat([[{"role": "user", "content": "Hi"}]], warm_up, seeds=[0])
+    results = {}
     if "branches" in args.parts:
-        bench_branches(args, model, tokenizer)
+        results["branches"] = bench_branches(args, model, tokenizer)
     if "batching" in args.parts:
-        bench_batching(args, model, tokenizer)
+        results["batching"] = bench_batching(args, model, tokenizer)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":
