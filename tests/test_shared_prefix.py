@@ -144,3 +144,25 @@ def test_every_agent_trains_on_the_shared_layout_with_the_unshared_gradients(wor
     largest = max(g.abs().max() for g in grads[False].values())
     difference = max((grads[True][k] - grads[False][k]).abs().max() for k in grads[False])
     assert largest > 0 and difference <= 1e-5 * largest, (difference, largest)
+
+
+def test_the_benchmark_runs_one_part_and_refuses_a_part_without_its_pairs(tmp_path, capsys, monkeypatch):
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "benchmark_refuel.py"
+    spec = importlib.util.spec_from_file_location("benchmark_refuel", path)
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, bench)  # (its dataclass looks its module up there)
+    spec.loader.exec_module(bench)
+    args = bench.parse_args(["--only", "shared-prefix", "--json", str(tmp_path / "out.json")])
+    assert (args.only, args.shared_state_tokens, args.shared_response_tokens, args.batch_pairs) == ("shared-prefix", 400, 64, 4)
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--only", "training"])  # no collection runs, so no collected pairs
+    assert "--only training runs no collection" in capsys.readouterr().err
+    figures = bench.shared_prefix_figures(
+        {"step_cpu_seconds": {True: [1.0, 2.0, 3.0], False: [4.0, 5.0, 6.0]},
+         "step_seconds": {True: [2.0], False: [3.0]}, "tokens": {True: 10, False: 16},
+         "max_grad_rel_diff": 1e-7, "load": (1.0, 1.0)}, None, 400, 64, 4)
+    assert figures["speedup"] == 2.5 and figures["state_tokens"] == 400 and "dpo" not in figures
