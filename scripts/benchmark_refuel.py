@@ -379,20 +379,24 @@ def _gradients(model: Any) -> dict[str, Any]:
 def shared_prefix_worker(settings: Settings, pairs: list[dict]) -> dict:
     """Part 5: REFUEL updates with shared_prefix on and off, alternating, in one process on one batch.
 
-    First, before any update, the gradient of one micro-batch in each layout (the same weights); then
+    pi_t is scored in each layout (so the log-ratio is exactly 0 in both, as in a run with either setting);
+    then, before any update, the gradient of one micro-batch in each layout (the same weights); then
     ``warmup_steps`` untimed and ``repeats`` timed optimizer steps per layout, alternating the layouts so
     that both meet the same load.
     """
     with tempfile.TemporaryDirectory() as tmp:
         trainer = _refuel_trainer(settings, tmp, prompts_per_iteration=len(pairs), iterations=1,
                                   batch_size=len(pairs), micro_batch_size=len(pairs), max_seq_len=1 << 20)
-        rows, _ = trainer.prepare(pairs)
+        rows = {}
+        for shared in (True, False):  # pi_t scored in each layout, as a run with that setting scores it
+            trainer.config.shared_prefix = shared
+            rows[shared] = trainer.prepare(pairs)[0]
         trainer.setup()
         grads, tokens = {}, {}
         for shared in (True, False):
             trainer.config.shared_prefix = shared
             trainer.engine.model.zero_grad(set_to_none=True)
-            tokens[shared] = trainer.train_step(rows)["tokens"]
+            tokens[shared] = trainer.train_step(rows[shared])["tokens"]
             grads[shared] = _gradients(trainer.model)
         trainer.engine.model.zero_grad(set_to_none=True)
         largest = max(float(g.abs().max()) for g in grads[False].values())
@@ -404,7 +408,7 @@ def shared_prefix_worker(settings: Settings, pairs: list[dict]) -> dict:
             for shared in (True, False):
                 trainer.config.shared_prefix = shared
                 start, cpu_start = time.perf_counter(), time.process_time()
-                trainer.train_step(rows)
+                trainer.train_step(rows[shared])
                 if trainer.engine.step() is None:
                     raise RuntimeError("the engine did not update the weights after one micro-batch of a full batch")
                 if repeat >= settings.warmup_steps:
