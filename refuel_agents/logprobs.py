@@ -243,8 +243,104 @@ def token_entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tenso
     return -(logp.exp() * logp).sum(-1)
 
 
+def _prompt_length(e: EncodedResponse) -> int | None:
+    """Tokens before the response, when the response is one block that runs to the end (else None)."""
+    p = e.response_mask.index(1) if 1 in e.response_mask else 0
+    return p if p > 0 and all(e.response_mask[p:]) and not any(e.response_mask[:p]) else None
+
+
+def collate_shared_prefix(pairs: Sequence[tuple[EncodedResponse, EncodedResponse]],
+                          pad_token_id: int) -> dict[str, torch.Tensor] | None:
+    """Pack each pair (s + y, s + y') into one row s, y, y' that runs the state s once; None when a pair's
+    two sequences do not start with the same state tokens (then :func:`collate` them as two rows).
+
+    Row i is ``s_i y_i y'_i``, right-padded. Positions restart after s for y', and ``segment`` (0 for s,
+    1 for y, 2 for y', -1 for padding) gives the attention mask that :func:`_shared_response_logits` builds:
+    each response sees s and its own earlier tokens, never the other response, so every token has exactly
+    the context and position it has in its own unshared sequence. The result has :func:`collate`'s keys
+    (``attention_mask`` marks the tokens that run, ``response_mask`` the scored ones) plus ``position_ids``
+    and ``segment``; its rows score 2n sequences, every y first and then every y', as :func:`collate`'s do.
+    """
+    if not pairs:
+        raise ValueError("collate_shared_prefix needs at least one pair")
+    if pad_token_id is None:
+        raise ValueError("pad_token_id is None; set the tokenizer's pad token (often its eos) first")
+    parts = []
+    for a, b in pairs:
+        p = _prompt_length(a)
+        if p is None or _prompt_length(b) != p or a.input_ids[:p] != b.input_ids[:p]:
+            return None
+        parts.append((a.input_ids[:p], a.input_ids[p:], b.input_ids[p:]))
+    longest = max(len(s) + len(y) + len(y2) for s, y, y2 in parts)
+    shape = (len(parts), longest)
+    input_ids = torch.full(shape, pad_token_id, dtype=torch.long)
+    position_ids, segment = torch.zeros(shape, dtype=torch.long), torch.full(shape, -1, dtype=torch.long)
+    response_mask = torch.zeros(shape, dtype=torch.long)
+    for row, (s, y, y2) in enumerate(parts):
+        p, n = len(s), len(s) + len(y) + len(y2)
+        input_ids[row, :n] = torch.tensor(s + y + y2)
+        position_ids[row, :n] = torch.cat([torch.arange(p + len(y)), torch.arange(p, p + len(y2))])
+        segment[row, :n] = torch.tensor([0] * p + [1] * len(y) + [2] * len(y2))
+        response_mask[row, p:n] = 1
+    return {"input_ids": input_ids, "attention_mask": (segment >= 0).long(), "response_mask": response_mask,
+            "position_ids": position_ids, "segment": segment}
+
+
+def _unwrapped(model: Any) -> Any:
+    return getattr(model, "module", model)  # a DeepSpeed engine holds the transformers model as .module
+
+
+def _shared_prefix_mask(model: Any, segment: torch.Tensor) -> torch.Tensor:
+    """The (B, 1, T, T) attention mask of a packed row: causal, within s or the query's own response.
+
+    Padding attends to itself only (no row is fully masked). sdpa takes it as booleans (True = attend); the
+    eager implementation adds it to the scores, so it gets 0 / the dtype's minimum.
+    """
+    attention = getattr(getattr(_unwrapped(model), "config", None), "_attn_implementation", None)
+    if attention not in ("sdpa", "eager"):
+        raise ValueError(f"shared-prefix scoring packs y and y' into one row under a custom attention mask, which "
+                         f"attn_implementation={attention!r} does not take; load the model with 'sdpa' or 'eager', or "
+                         "turn shared_prefix off (--no-shared-prefix)")
+    n = segment.shape[1]
+    query, key = segment.unsqueeze(2), segment.unsqueeze(1)
+    causal = torch.ones(n, n, dtype=torch.bool, device=segment.device).tril()
+    allowed = causal & (key >= 0) & ((key == 0) | (key == query))
+    allowed |= torch.eye(n, dtype=torch.bool, device=segment.device) & (query < 0)
+    allowed = allowed.unsqueeze(1)
+    if attention == "sdpa":
+        return allowed
+    dtype = next(_unwrapped(model).parameters()).dtype
+    return torch.zeros(allowed.shape, dtype=dtype, device=segment.device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+def _shared_response_logits(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """:func:`_response_logits` for :func:`collate_shared_prefix`'s packed rows; row ids 0..2B-1 (y, then y')."""
+    input_ids, segment = batch["input_ids"], batch["segment"]
+    n, length = input_ids.shape
+    response = segment > 0
+    first_response = response.float().argmax(dim=1)  # = the state's length in every row
+    # Token t of a response is predicted at t - 1, but y''s first token at s's last position, not y's.
+    starts = (segment == 2) & (segment.roll(1, dims=1) != 2)
+    source = torch.arange(length, device=input_ids.device).expand(n, -1) - 1
+    source = torch.where(starts, (first_response - 1).unsqueeze(1).expand(n, -1), source)
+    first = int(first_response.min()) - 1  # the output layer runs from here to the end only
+    logits = model(input_ids=input_ids, attention_mask=_shared_prefix_mask(model, segment),
+                   position_ids=batch["position_ids"], logits_to_keep=length - first, use_cache=False).logits
+    rows = torch.arange(n, device=input_ids.device).unsqueeze(1).expand(n, length)
+    kept = logits[rows[response], source[response] - first]
+    out_rows = rows[response] + n * (segment[response] == 2).long()
+    return kept, input_ids[response], out_rows
+
+
+def _num_sequences(batch: dict[str, torch.Tensor]) -> int:
+    """Sequences scored by a batch: one per row of :func:`collate`, two per packed row."""
+    return len(batch["input_ids"]) * (2 if "segment" in batch else 1)
+
+
 def _response_logits(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
     """Logits at the positions that predict response tokens, as (N, V), with targets and row ids."""
+    if "segment" in batch:
+        return _shared_response_logits(model, batch)
     input_ids, response_mask = batch["input_ids"], batch["response_mask"].bool()
     if not response_mask.any(dim=1).all():
         raise ValueError("every row of the batch needs at least one response token")
@@ -271,13 +367,14 @@ def _check_temperature(temperature: float) -> None:
 def sequence_logprobs(model: Any, batch: dict[str, torch.Tensor], *, temperature: float = 1.0) -> torch.Tensor:
     """Summed response log-probabilities, shape (B,), float32; differentiable when grad is enabled.
 
-    ``batch`` comes from :func:`collate`. ``model`` is a causal LM that takes ``logits_to_keep``
+    ``batch`` comes from :func:`collate` or :func:`collate_shared_prefix` (then (2B,): every y, then every
+    y'). ``model`` is a causal LM that takes ``logits_to_keep``
     (every transformers causal LM does).
     """
     _check_temperature(temperature)
     logits, targets, rows = _response_logits(model, batch)
     per_token = token_logprobs(logits, targets, temperature)
-    return torch.zeros(len(batch["input_ids"]), device=per_token.device).index_add(0, rows, per_token)
+    return torch.zeros(_num_sequences(batch), device=per_token.device).index_add(0, rows, per_token)
 
 
 def sequence_logprobs_and_entropy(
@@ -287,7 +384,7 @@ def sequence_logprobs_and_entropy(
     _check_temperature(temperature)
     logits, targets, rows = _response_logits(model, batch)
     per_token = token_logprobs(logits, targets, temperature)
-    n = len(batch["input_ids"])
+    n = _num_sequences(batch)
     summed = torch.zeros(n, device=per_token.device).index_add(0, rows, per_token)
     entropy = torch.zeros(n, device=per_token.device).index_add(0, rows, token_entropy(logits, temperature))
     return summed, entropy / torch.bincount(rows, minlength=n)

