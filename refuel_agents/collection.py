@@ -406,6 +406,49 @@ def iteration_prompts(seed: int, num_items: int, iteration: int, per_iteration: 
     return out
 
 
+class PromptPlan:
+    """Which dataset items a run trains on, iteration by iteration, and which it holds out.
+
+    Training walks the train split (:func:`iteration_prompts`), less its last ``eval_prompts``
+    items when ``eval_split`` is 'train' (they are the held-out prompts then; otherwise the
+    held-out prompts are the test split's first ``eval_prompts``). ``iterations=0`` means one pass
+    over the items training walks. Split sizes are read from the environment once.
+    """
+
+    def __init__(self, env_id: str, env_kwargs: dict[str, Any], seed: int, per_iteration: int, iterations: int,
+                 eval_split: str = "test", eval_prompts: int = 0):
+        self.env_id, self.env_kwargs, self.seed = env_id, env_kwargs, seed
+        self.per_iteration, self.eval_split, self.eval_prompts = per_iteration, eval_split, eval_prompts
+        self._iterations, self._sizes = iterations, {}
+
+    def split_size(self, split: str = "train") -> int:
+        if split not in self._sizes:
+            env = gym.make(self.env_id, **{**self.env_kwargs, "split": split})
+            self._sizes[split] = len(env.unwrapped.core.items)
+            env.close()
+        return self._sizes[split]
+
+    @property
+    def train_items(self) -> int:
+        return self.split_size() - (self.eval_prompts if self.eval_split == "train" else 0)
+
+    @property
+    def iterations(self) -> int:
+        """T: as configured, or (``iterations=0``) as many as one pass over the training items takes."""
+        per = self.per_iteration
+        return self._iterations or (math.ceil(self.train_items / per) if per else 1)
+
+    def prompts(self, iteration: int) -> list[int]:
+        """The dataset items of iteration ``iteration`` (:func:`iteration_prompts`)."""
+        return iteration_prompts(self.seed, self.train_items, iteration, self.per_iteration)
+
+    def heldout(self) -> list[int]:
+        """The held-out prompts' indices in ``eval_split``; a clear error when the split is too small."""
+        from refuel_agents.heldout import heldout_prompts
+
+        return heldout_prompts(self.eval_split, self.eval_prompts, self.split_size(self.eval_split))
+
+
 def iteration_seed(seed: int, iteration: int) -> int:
     """The collection seed of an iteration. Sub-environment i is seeded with this + i, so
     iterations' seeds must be far apart, or consecutive iterations would draw the same prompts."""

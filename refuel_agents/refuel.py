@@ -32,8 +32,8 @@ from refuel_agents import heldout
 from refuel_agents.collection import (
     CollectionStats,
     Penalties,
+    PromptPlan,
     collect_refuel_tuples,
-    iteration_prompts,
     iteration_seed,
     play_dialogues,
     sampling_by_h,
@@ -125,8 +125,8 @@ class RefuelTrainer:
         self.collect_env_kwargs = dict(self.env_kwargs)
         if env_config.truncation_penalty is not None:
             self.collect_env_kwargs["truncation_penalty"] = None
-        self._iterations: int | None = None
-        self._split_sizes: dict[str, int] = {}
+        self.plan = PromptPlan(config.env_id, self.env_kwargs, config.seed, config.prompts_per_iteration,
+                               config.iterations, config.eval_split, config.eval_prompts)
         self._bars = config.progress and self.rank == 0  # per-phase progress bars on the main rank
         self._collected: list[dict] | None = None  # every rank's tuples of the current iteration (metrics only)
 
@@ -138,14 +138,11 @@ class RefuelTrainer:
     @property
     def iterations(self) -> int:
         """T; ``iterations=0`` in the config means one pass over the split's prompts."""
-        if self._iterations is None:
-            per = self.config.prompts_per_iteration
-            self._iterations = self.config.iterations or (math.ceil(self._train_items() / per) if per else 1)
-        return self._iterations
+        return self.plan.iterations
 
     def prompt_indices(self, iteration: int) -> list[int]:
-        """The dataset items iteration ``iteration`` collects from (:func:`iteration_prompts`)."""
-        return iteration_prompts(self.config.seed, self._train_items(), iteration, self.config.prompts_per_iteration)
+        """The dataset items iteration ``iteration`` collects from (:class:`PromptPlan`)."""
+        return self.plan.prompts(iteration)
 
     def rank_prompts(self, indices: list[int], iteration: int) -> tuple[list[int], int]:
         """This rank's shard of an iteration's prompts and its collection seed.
@@ -211,23 +208,6 @@ class RefuelTrainer:
 
     def _env_has_kl(self) -> bool:
         return self.penalties.kl_coef > 0  # read from the environment's configuration once, in __init__
-
-    def _dataset_size(self, split: str = "train") -> int:
-        if split not in self._split_sizes:
-            import gymnasium as gym
-
-            env = gym.make(self.config.env_id, **{**self.env_kwargs, "split": split})
-            self._split_sizes[split] = len(env.unwrapped.core.items)
-            env.close()
-        return self._split_sizes[split]
-
-    def _heldout_prompts(self) -> list[int]:
-        cfg = self.config
-        return heldout.heldout_prompts(cfg.eval_split, cfg.eval_prompts, self._dataset_size(cfg.eval_split))
-
-    def _train_items(self) -> int:
-        """Items training draws prompts from: the train split, less the held-out tail with eval_split='train'."""
-        return self._dataset_size() - (self.config.eval_prompts if self.config.eval_split == "train" else 0)
 
     @torch.no_grad()
     def _kl_logprobs(self, states: list[list[dict]], responses: list[str]) -> tuple[list[float], list[float]]:
@@ -295,7 +275,7 @@ class RefuelTrainer:
         if cfg.eval_prompts <= 0:
             return []
         self.model.eval()
-        horizons, prompts = heldout.plan(self._heldout_prompts(), self.max_turns)
+        horizons, prompts = heldout.plan(self.plan.heldout(), self.max_turns)
         start, end = dist.shard_bounds(len(horizons), self.rank, self.world)  # each rank plays its block
         policy = self.rollout_policy()
         rows: list[dict] = []
@@ -343,7 +323,7 @@ class RefuelTrainer:
         logger = MetricsLogger(self.run_dir, enabled=self.engine.is_main, resume_step=state["global_step"] if cfg.resume else None)
         summary = state.setdefault("summary", [])
         if not summary and cfg.eval_prompts > 0:
-            self._heldout_prompts()  # a bad eval_prompts fails before anything is played
+            self.plan.heldout()  # a bad eval_prompts fails before anything is played
             summary.append(heldout.record(0, self.evaluate(), self.max_turns))
         for t in range(state["iteration"], self.iterations):
             self._collected = None
@@ -395,7 +375,7 @@ class RefuelTrainer:
 
     def _planned_steps(self) -> int:
         """The schedule's length before any data exists: every configured prompt kept."""
-        return self._steps_for(self.config.prompts_per_iteration or self._train_items())
+        return self._steps_for(self.config.prompts_per_iteration or self.plan.train_items)
 
     def _plan_schedule(self, iteration: int, steps: int, state: dict) -> None:
         """Point the learning-rate schedule at this iteration's steps (``schedule_scope``).

@@ -67,7 +67,7 @@ def test_a_whole_split_iteration_collects_every_prompt_once(word_lm_dir, tmp_pat
                            **small(word_lm_dir, tmp_path, prompts_per_iteration=0, max_new_tokens=2,
                                    env_kwargs={**ENV_KWARGS, "max_turns": 1}))
     rows, stats = trainer.collect(0)
-    n = trainer._dataset_size()
+    n = trainer.plan.split_size()
     assert stats.prompts == n > 30 and len({r["item_id"] for r in rows}) == len(rows) == n
 
 
