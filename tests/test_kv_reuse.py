@@ -243,3 +243,12 @@ def test_common_prefix_length_of_arrays():
     assert common_prefix_length(np.array([1, 2, 3]), np.array([1, 2, 4])) == 2
     assert common_prefix_length(np.array([1, 2]), np.array([1, 2, 4])) == 2
     assert common_prefix_length(np.array([5]), np.array([1])) == 0
+
+
+def test_environments_share_one_transformers_user_generator_with_its_store():
+    # Collection steps a dialogue in a vector environment of whatever size a turn needs; the user's
+    # stored KV follows it only if every environment talks to the same generator.
+    from refuel_env.components import make_config, user_generator
+
+    first, second = user_generator(make_config()), user_generator(make_config(max_turns=2))
+    assert first is second and isinstance(first, TransformersGenerator) and first.kv_store is not None
