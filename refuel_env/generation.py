@@ -21,6 +21,18 @@ are masked and position ids follow the attention mask, so each row sees exactly 
 and tokens it would see alone: the output is the same as without reuse, up to floating-point
 rounding (token-identical in the tests, which run the model in float64: in float32 a random
 tiny model's flat distribution lets a rounding difference move a seeded draw to the next token).
+
+Reuse across calls: a dialogue's next prompt extends what an earlier call already computed (the
+policy's next turn starts with its previous prompt and reply; the simulated user's rendering of
+the dialogue grows the same way; both branches of a snapshot start from the roll-in). After each
+``generate`` the generator keeps every row's KV, prompt and sampled tokens without pads, in a
+byte-bounded LRU store (:mod:`refuel_env.kv_store`, ``kv_cache_bytes``); at the next call a prompt
+that shares at least ``min_prefix_tokens`` tokens with a stored sequence takes their KV from it,
+right-aligned in the prefix columns of the same layout, and prefills only the rest. A batch uses
+whichever of stored prefixes, within-call groups (among the rows without a stored prefix), both
+or neither prefills the fewest positions (:func:`layout_cost`). The store is emptied when the
+weights change (a fingerprint of the parameters, read at each call): the policy generator wraps
+the very module that training updates in place.
 """
 
 from __future__ import annotations

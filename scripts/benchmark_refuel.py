@@ -15,9 +15,14 @@ another's memory; the parent only starts them and prints the tables (Markdown).
    user write at most ``--max-new-tokens`` / ``--user-max-new-tokens`` tokens per turn, H is
    drawn from U{1..max_turns}, h from U{1..H}; the environment's embedded reward model scores
    each branch). An untimed warm-up collection of ``--warmup-prompts`` prompts comes first.
-   Reported: REFUEL tuples/s and policy responses/s (roll-in, both branches and their
-   continuations to H), over the wall time of the whole collection (user turns and rewards
-   included).
+   The timed collection then runs twice in the same process, on the same prompts and seeds:
+   with the transformers backend's KV kept between calls (the default, policy and simulated
+   user alike) and without it (``kv_cache_bytes=0`` for both), each from empty stores; the
+   collected texts must be the same. Reported per run: tuples per CPU second (one torch thread:
+   the work done, whatever else runs), wall and CPU time, the CPU time inside the policy's and
+   the user's ``chat`` (and of it, the decoder's prefill and decode forward passes), the rest
+   (environment, reward model), and how many prompt tokens came from the store; then the
+   speedup.
 2. Training: REFUEL updates through ``RefuelTrainer.train_step`` and ``TrainEngine.step``: one
    forward of the y and y' sequences of ``--batch-pairs`` pairs together, eq. 1's loss,
    backward, clipping and one AdamW step (no gradient accumulation). The same batch is used
