@@ -368,8 +368,20 @@ def user_generator(config: EnvConfig) -> TextGenerator:
         return _vllm_engine(_model_path(config.user_model), config.user_tensor_parallel_size, options)
     if config.user_backend != "transformers":
         raise ValueError(f"unknown user_backend {config.user_backend!r}; use 'transformers', 'vllm' or 'openai'")
-    model, tokenizer = load_causal_lm(_model_path(config.user_model), config.user_device or default_device(), "auto")
-    return TransformersGenerator(model, tokenizer, name=config.user_model)
+    return _transformers_user(_model_path(config.user_model), config.user_device or default_device(), config.user_model)
+
+
+@lru_cache(maxsize=4)
+def _transformers_user(path: str, device: str, name: str) -> TransformersGenerator:
+    """One transformers user generator per model and device, shared by every environment of the process.
+
+    Collection steps each turn's dialogues in a vector environment of the size it needs, so a
+    dialogue moves between environments; with one generator its KV kept between calls (the
+    user's rendering of the dialogue grows turn by turn) follows it. User requests are seeded, so
+    sharing changes no text.
+    """
+    model, tokenizer = load_causal_lm(path, device, "auto")
+    return TransformersGenerator(model, tokenizer, name=name)
 
 
 def build_user(config: EnvConfig) -> UserSimulator:

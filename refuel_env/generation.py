@@ -21,6 +21,18 @@ are masked and position ids follow the attention mask, so each row sees exactly 
 and tokens it would see alone: the output is the same as without reuse, up to floating-point
 rounding (token-identical in the tests, which run the model in float64: in float32 a random
 tiny model's flat distribution lets a rounding difference move a seeded draw to the next token).
+
+Reuse across calls: a dialogue's next prompt extends what an earlier call already computed (the
+policy's next turn starts with its previous prompt and reply; the simulated user's rendering of
+the dialogue grows the same way; both branches of a snapshot start from the roll-in). After each
+``generate`` the generator keeps every row's KV, prompt and sampled tokens without pads, in a
+byte-bounded LRU store (:mod:`refuel_env.kv_store`, ``kv_cache_bytes``); at the next call a prompt
+that shares at least ``min_prefix_tokens`` tokens with a stored sequence takes their KV from it,
+right-aligned in the prefix columns of the same layout, and prefills only the rest. A batch uses
+whichever of stored prefixes, within-call groups (among the rows without a stored prefix), both
+or neither prefills the fewest positions (:func:`layout_cost`). The store is emptied when the
+weights change (a fingerprint of the parameters, read at each call): the policy generator wraps
+the very module that training updates in place.
 """
 
 from __future__ import annotations
@@ -35,6 +47,7 @@ from typing import Any, Literal
 
 import torch
 
+from refuel_env.kv_store import KVEntry, KVStore, weights_fingerprint
 from refuel_env.types import Message
 
 _ROLES = ("system", "user", "assistant")
@@ -321,6 +334,22 @@ def _cache_kwarg(model: Any) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
+def layout_cost(prompts: Sequence[Sequence[int]], prefix_lens: Sequence[int], groups: Sequence[PrefixGroup]) -> int:
+    """Token positions that a :func:`pack_prompts` layout prefills.
+
+    Each shared group's first member over the groups' prefix columns, every row over the suffix
+    columns; prefixes that come from stored KV (:class:`refuel_env.kv_store.KVStore`) cost nothing.
+    Without prefixes this is plain padding: every row over the longest prompt.
+    """
+    suffix_width = max(len(p) - k for p, k in zip(prompts, prefix_lens))
+    group_width = max((g.prefix_len for g in groups), default=0)
+    return len(groups) * group_width + len(prompts) * suffix_width
+
+
+#: Default byte budget of the KV kept between ``chat`` calls (:class:`TransformersGenerator`).
+DEFAULT_KV_CACHE_BYTES = 2**30
+
+
 class TransformersGenerator(TextGenerator):
     """A transformers causal LM generating with its chat template, batched with left padding.
 
@@ -328,6 +357,13 @@ class TransformersGenerator(TextGenerator):
     for all requests of a batch that share it (see the module docstring); it is off for models
     whose cache cannot take it (:func:`supports_prefix_reuse`), and ``prefix_cache`` then reads
     False. ``prefix_tokens_reused`` counts the prompt tokens whose prefill was skipped so far.
+
+    ``kv_cache_bytes`` (default 1 GiB; 0 = off) bounds the KV kept between calls: every generated
+    sequence's KV is stored (:attr:`kv_store`, least recently used evicted first) and a later
+    prompt that starts with at least ``min_prefix_tokens`` of the same tokens prefills only the
+    rest. ``kv_tokens_reused`` counts the prompt tokens served from it. The store is emptied
+    whenever the model's weights change (checked at each call), and is None for models whose
+    cache cannot take reuse.
     """
 
     def __init__(
@@ -340,11 +376,17 @@ class TransformersGenerator(TextGenerator):
         name: str | None = None,
         prefix_cache: bool = True,
         min_prefix_tokens: int = 32,
+        kv_cache_bytes: int = DEFAULT_KV_CACHE_BYTES,
     ):
         if tokenizer.chat_template is None:
             raise GenerationError(f"transformers backend: tokenizer of {name or 'the model'} has no chat template")
         if not isinstance(min_prefix_tokens, int) or min_prefix_tokens < 1:
             raise GenerationError(f"transformers backend: min_prefix_tokens must be an int >= 1, got {min_prefix_tokens!r}")
+        if isinstance(kv_cache_bytes, bool) or not isinstance(kv_cache_bytes, int) or kv_cache_bytes < 0:
+            raise GenerationError(
+                f"transformers backend: kv_cache_bytes must be an int >= 0 (bytes of KV kept between calls, e.g. "
+                f"2**30; 0 turns cross-call reuse off), got {kv_cache_bytes!r}"
+            )
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.batch_size = batch_size
@@ -354,9 +396,13 @@ class TransformersGenerator(TextGenerator):
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         self.eos_token_ids = end_of_turn_token_ids(model, tokenizer)
-        self.prefix_cache = bool(prefix_cache) and supports_prefix_reuse(model)
+        reusable = supports_prefix_reuse(model)
+        self.prefix_cache = bool(prefix_cache) and reusable
         self.min_prefix_tokens = min_prefix_tokens
         self.prefix_tokens_reused = 0
+        self.kv_store = KVStore(kv_cache_bytes, min_prefix_tokens) if kv_cache_bytes and reusable else None
+        self.kv_tokens_reused = 0
+        self._weights: tuple | None = None
         self._rng = torch.Generator().manual_seed(torch.initial_seed() % (2**63))
 
     @classmethod
@@ -404,6 +450,7 @@ class TransformersGenerator(TextGenerator):
                     f"{backend}: conversation {i} has {len(ids)} prompt tokens, at or beyond the model's "
                     f"context of {self.max_context}; shorten the dialogue or use a longer-context model"
                 )
+        self._check_weights()
         results: list[Completion | None] = [None] * len(prompts)
         order = self._batch_order(prompts)
         for start in range(0, len(order), self.batch_size):
@@ -413,45 +460,140 @@ class TransformersGenerator(TextGenerator):
                 results[i] = completion
         return results  # type: ignore[return-value]
 
+    def clear_kv_cache(self) -> None:
+        """Drop the KV kept between calls (done automatically when the weights change)."""
+        if self.kv_store is not None:
+            self.kv_store.clear()
+
+    def _check_weights(self) -> None:
+        """Empty the KV store when the weights are not those that computed it (:func:`weights_fingerprint`)."""
+        if self.kv_store is None:
+            return
+        fingerprint = weights_fingerprint(self.model)
+        if fingerprint is None or fingerprint != self._weights:
+            self.kv_store.clear()
+        self._weights = fingerprint
+
     def _batch_order(self, prompts: list[list[int]]) -> list[int]:
         """Order requests so that a batch wastes little on padding and keeps prefix groups together.
 
-        Without prefix reuse: by prompt length. With it: group by group (members by length), the
-        groups by their shortest prompt, so a group's members land in the same batch.
+        Requests with stored KV come first, by the length of what is left to prefill; the others
+        follow, without prefix reuse by prompt length, with it group by group (members by length,
+        the groups by their shortest prompt), so that a group's members land in the same batch.
         """
+        stored = [self.kv_store.lookup(p)[1] if self.kv_store is not None else 0 for p in prompts]
+        hits = sorted((i for i in range(len(prompts)) if stored[i]), key=lambda i: len(prompts[i]) - stored[i])
+        rest = [i for i in range(len(prompts)) if not stored[i]]
         if not self.prefix_cache:
-            return sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-        groups = group_by_prefix(prompts, self.min_prefix_tokens, self.batch_size)
-        members = [sorted(g.members, key=lambda i: len(prompts[i])) for g in groups]
+            return hits + sorted(rest, key=lambda i: len(prompts[i]))
+        groups = group_by_prefix([prompts[i] for i in rest], self.min_prefix_tokens, self.batch_size)
+        members = [sorted((rest[j] for j in g.members), key=lambda i: len(prompts[i])) for g in groups]
         members.sort(key=lambda m: len(prompts[m[0]]))
-        return [i for m in members for i in m]
+        return hits + [i for m in members for i in m]
+
+    def _layout(
+        self, prompts: list[list[int]]
+    ) -> tuple[list[int], list[PrefixGroup], dict[int, tuple[KVEntry, int]]]:
+        """Each row's prefix length, the shared groups and the stored prefixes of the cheapest layout.
+
+        Candidates: no reuse, groups among all rows (the within-call reuse), stored prefixes alone,
+        stored prefixes plus groups among the other rows; the one that prefills the fewest
+        positions (:func:`layout_cost`) wins, a tie to the one with less reuse.
+        """
+        n = len(prompts)
+        hits = [self.kv_store.lookup(p) if self.kv_store is not None else (None, 0) for p in prompts]
+        stored = {i: (entry, k) for i, (entry, k) in enumerate(hits) if entry is not None}
+
+        def shared_groups(rows: list[int]) -> list[PrefixGroup]:
+            if not self.prefix_cache or len(rows) < 2:
+                return []
+            groups = group_by_prefix([prompts[i] for i in rows], self.min_prefix_tokens)
+            return [PrefixGroup(tuple(rows[j] for j in g.members), g.prefix_len) for g in groups if g.prefix_len]
+
+        candidates = [([], {}), (shared_groups(list(range(n))), {})]
+        if stored:
+            candidates += [([], stored), (shared_groups([i for i in range(n) if i not in stored]), stored)]
+        best = None
+        for groups, rows in candidates:
+            lengths = [0] * n
+            for g in groups:
+                for i in g.members:
+                    lengths[i] = g.prefix_len
+            for i, (_, k) in rows.items():
+                lengths[i] = k
+            cost = layout_cost(prompts, lengths, groups)
+            if best is None or cost < best[0]:
+                best = (cost, lengths, groups, rows)
+        _, lengths, groups, rows = best
+        return lengths, groups, rows
 
     @torch.inference_mode()
-    def _prefill_shared(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prefix_width: int, groups: list[PrefixGroup]
+    def _prefix_cache(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        prefix_width: int,
+        groups: list[PrefixGroup],
+        stored: dict[int, tuple[KVEntry, int]],
     ) -> Any:
-        """The KV cache of the prefix columns: each group's prefix computed once, copied to its rows.
+        """The KV cache of the prefix columns, in the :func:`pack_prompts` layout.
 
-        Rows outside a group take the first group's entries; their prefix columns are all masked.
+        Stored prefixes are copied in; each group's prefix is computed once, by its first member,
+        and copied to its rows. Pad columns hold zeros (masked, they are never read).
         """
         from transformers import DynamicCache
 
-        leaders = [g.members[0] for g in groups]
-        source = [0] * input_ids.shape[0]
-        for k, g in enumerate(groups):
-            for i in g.members:
-                source[i] = k
-        mask = attention_mask[leaders, :prefix_width].to(self.device)
-        cache = DynamicCache(config=self.model.config)
-        self.model.base_model(
-            input_ids=input_ids[leaders, :prefix_width].to(self.device),
-            attention_mask=mask,
-            position_ids=position_ids_from_mask(mask),
-            use_cache=True,
-            **{_cache_kwarg(self.model.base_model): cache},
-        )
-        cache.batch_select_indices(torch.tensor(source, device=self.device))
-        return cache
+        if prefix_width == 0:
+            return DynamicCache(config=self.model.config)
+        group_kv: list[tuple[torch.Tensor, torch.Tensor]] = []
+        group_width = max((g.prefix_len for g in groups), default=0)
+        if groups:
+            leaders = [g.members[0] for g in groups]
+            columns = slice(prefix_width - group_width, prefix_width)
+            mask = attention_mask[leaders, columns].to(self.device)
+            computed = DynamicCache(config=self.model.config)
+            self.model.base_model(
+                input_ids=input_ids[leaders, columns].to(self.device),
+                attention_mask=mask,
+                position_ids=position_ids_from_mask(mask),
+                use_cache=True,
+                **{_cache_kwarg(self.model.base_model): computed},
+            )
+            group_kv = [(layer.keys, layer.values) for layer in computed.layers]
+        template = group_kv or next(iter(stored.values()))[0].layers
+        rows = input_ids.shape[0]
+        layers = []
+        for layer, (key_like, value_like) in enumerate(template):
+            keys = key_like.new_zeros((rows, key_like.shape[-3], prefix_width, key_like.shape[-1]))
+            values = value_like.new_zeros((rows, value_like.shape[-3], prefix_width, value_like.shape[-1]))
+            for row, (entry, k) in stored.items():
+                keys[row, :, prefix_width - k :] = entry.layers[layer][0][:, :k]
+                values[row, :, prefix_width - k :] = entry.layers[layer][1][:, :k]
+            for g_index, g in enumerate(groups):
+                for row in g.members:
+                    keys[row, :, prefix_width - group_width :] = group_kv[layer][0][g_index]
+                    values[row, :, prefix_width - group_width :] = group_kv[layer][1][g_index]
+            layers.append((keys, values))
+        return DynamicCache(ddp_cache_data=layers, config=self.model.config)
+
+    def _store(
+        self, prompts: list[list[int]], attention_mask: torch.Tensor, sampled: list[list[int]], width: int, cache: Any
+    ) -> None:
+        """Keep each row's KV (prompt and sampled tokens, pads left out) in :attr:`kv_store`.
+
+        ``generate`` never feeds its last sampled token, so that token has no KV and is left out.
+        """
+        computed_steps = cache.get_seq_length() - width
+        if self.kv_store is None or computed_steps < 0:
+            return
+        layers = [(layer.keys, layer.values) for layer in cache.layers]
+        for row, (ids, tokens) in enumerate(zip(prompts, sampled)):
+            kept = min(len(tokens), computed_steps)
+            columns = torch.cat([attention_mask[row].nonzero().squeeze(1), torch.arange(width, width + kept)])
+            if len(columns) != len(ids) + kept:
+                raise RuntimeError(f"row {row}: {len(columns)} KV columns for {len(ids) + kept} tokens")
+            columns = columns.to(self.device)
+            self.kv_store.put(list(ids) + list(tokens[:kept]), [(k[row][:, columns], v[row][:, columns]) for k, v in layers])
 
     @torch.inference_mode()
     def _generate(
@@ -460,16 +602,15 @@ class TransformersGenerator(TextGenerator):
         longest = max(len(p) for p in prompts)
         budget = min(params.max_new_tokens, self.max_context - longest)
         pad = self.tokenizer.pad_token_id
-        groups = group_by_prefix(prompts, self.min_prefix_tokens) if self.prefix_cache else []
-        if not prefix_reuse_pays(prompts, groups):
-            groups = []
-        shared = [g for g in groups if g.prefix_len > 0]
-        input_ids, attention_mask, prefix_width = pack_prompts(prompts, prefix_lengths(len(prompts), shared), pad)
+        prefix_lens, groups, stored = self._layout(prompts)
+        input_ids, attention_mask, prefix_width = pack_prompts(prompts, prefix_lens, pad)
         cache_kwargs = {}
-        if shared:
-            cache = self._prefill_shared(input_ids, attention_mask, prefix_width, shared)
+        cache = None
+        if groups or stored or self.kv_store is not None:
+            cache = self._prefix_cache(input_ids, attention_mask, prefix_width, groups, stored)
             cache_kwargs[_cache_kwarg(self.model)] = cache
-            self.prefix_tokens_reused += sum((len(g.members) - 1) * g.prefix_len for g in shared)
+            self.prefix_tokens_reused += sum((len(g.members) - 1) * g.prefix_len for g in groups)
+            self.kv_tokens_reused += sum(k for _, k in stored.values())
         width = input_ids.shape[1]
         processors = []
         if params.temperature > 0:
@@ -489,6 +630,7 @@ class TransformersGenerator(TextGenerator):
             **cache_kwargs,
         )
         completions = []
+        samples = []
         for row, ids in enumerate(prompts):
             new = output[row, width:].tolist()
             finish: Literal["stop", "length"] = "length"
@@ -497,6 +639,7 @@ class TransformersGenerator(TextGenerator):
                 if tok in self.eos_token_ids:
                     new, sampled, finish = new[:pos], new[: pos + 1], "stop"
                     break
+            samples.append(sampled)
             text = self.tokenizer.decode(new, skip_special_tokens=True)
             text, stopped = apply_stop_strings(text, params.stop)
             completions.append(
@@ -508,6 +651,8 @@ class TransformersGenerator(TextGenerator):
                     token_ids=None if stopped else tuple(sampled),
                 )
             )
+        if cache is not None and self.kv_store is not None:
+            self._store(prompts, attention_mask, samples, width, cache)
         return completions
 
 

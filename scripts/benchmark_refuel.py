@@ -17,9 +17,14 @@ another's memory; the parent only starts them and prints the tables (Markdown).
    user write at most ``--max-new-tokens`` / ``--user-max-new-tokens`` tokens per turn, H is
    drawn from U{1..max_turns}, h from U{1..H}; the environment's embedded reward model scores
    each branch). An untimed warm-up collection of ``--warmup-prompts`` prompts comes first.
-   Reported: REFUEL tuples/s and policy responses/s (roll-in, both branches and their
-   continuations to H), over the wall time of the whole collection (user turns and rewards
-   included).
+   The timed collection then runs twice in the same process, on the same prompts and seeds:
+   with the transformers backend's KV kept between calls (the default, policy and simulated
+   user alike) and without it (``kv_cache_bytes=0`` for both), each from empty stores; the
+   collected texts must be the same. Reported per run: tuples per CPU second (one torch thread:
+   the work done, whatever else runs), wall and CPU time, the CPU time inside the policy's and
+   the user's ``chat`` (and of it, the decoder's prefill and decode forward passes), the rest
+   (environment, reward model), and how many prompt tokens came from the store; then the
+   speedup.
 2. Training: REFUEL updates through ``RefuelTrainer.train_step`` and ``TrainEngine.step``: one
    forward of the y and y' of ``--batch-pairs`` pairs together (the default shared-prefix layout), eq. 1's loss,
    backward, clipping and one AdamW step (no gradient accumulation). The same batch is used
@@ -253,22 +258,104 @@ def _refuel_trainer(settings: Settings, output_dir: str, **overrides: Any) -> An
     return RefuelTrainer(config)
 
 
-def collect_worker(settings: Settings, prompts: int, warmup_prompts: int) -> dict:
-    """Part 1: an untimed warm-up collection, then a timed one of ``prompts`` prompts."""
+class ChatTimer:
+    """Counts a generator's ``chat`` calls: CPU seconds inside them and, of those, in the decoder's
+    forward passes over several positions (prefill) and over one (decode); prompt and sampled tokens."""
+
+    def __init__(self, generator: Any):
+        self.generator, self.chat = generator, generator.chat
+        self.cpu_seconds, self.prompt_tokens, self.sampled_tokens = 0.0, 0, 0
+        self.forward = {"prefill": 0.0, "decode": 0.0}
+        self._phase, self._start = "prefill", 0.0
+        generator.chat = self  # on this instance only; removed by restore()
+        base = generator.model.base_model
+        self._hooks = [base.register_forward_pre_hook(self._before, with_kwargs=True),
+                       base.register_forward_hook(self._after, with_kwargs=True)]
+
+    def _before(self, module: Any, args: tuple, kwargs: dict) -> None:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        positions = (ids if ids is not None else kwargs["inputs_embeds"]).shape[1]
+        self._phase, self._start = ("prefill" if positions > 1 else "decode"), time.process_time()
+
+    def _after(self, module: Any, args: tuple, kwargs: dict, output: Any) -> None:
+        self.forward[self._phase] += time.process_time() - self._start
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        start = time.process_time()
+        out = self.chat(*args, **kwargs)
+        self.cpu_seconds += time.process_time() - start
+        self.prompt_tokens += sum(c.prompt_tokens for c in out)
+        self.sampled_tokens += sum(len(c.token_ids or ()) for c in out)
+        return out
+
+    def restore(self) -> None:
+        del self.generator.chat
+        for hook in self._hooks:
+            hook.remove()
+
+
+def _timed_collection(settings: Settings, prompts: int, env_id: str, env_kwargs: dict, policy: Any, user: Any,
+                      sampling: Any) -> dict:
+    """One timed ``collect_refuel_tuples`` from empty KV stores, with CPU time split by generator."""
     from refuel_agents.collection import collect_refuel_tuples
+
+    timers = {"policy": ChatTimer(policy), "user": ChatTimer(user)}
+    reused = {name: (t.generator.kv_tokens_reused, t.generator.prefix_tokens_reused) for name, t in timers.items()}
+    for t in timers.values():
+        t.generator.clear_kv_cache()
+    load_before, start, cpu_start = load_1min(), time.perf_counter(), time.process_time()
+    rows, stats = collect_refuel_tuples(num_prompts=prompts, seed=settings.seed, env_id=env_id, env_kwargs=env_kwargs,
+                                        policy=policy, sampling=sampling, progress=False)
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+    profile = {}
+    for name, t in timers.items():
+        t.restore()
+        profile[name] = {"cpu_seconds": t.cpu_seconds, "prefill_cpu_seconds": t.forward["prefill"],
+                         "decode_cpu_seconds": t.forward["decode"], "prompt_tokens": t.prompt_tokens,
+                         "sampled_tokens": t.sampled_tokens,
+                         "kv_tokens_reused": t.generator.kv_tokens_reused - reused[name][0],
+                         "prefix_tokens_reused": t.generator.prefix_tokens_reused - reused[name][1]}
+    keep = ("state", "response", "response_prime", "reward", "reward_prime")
+    return {"rows": [{k: r[k] for k in keep} for r in rows], "stats": stats.as_dict(), "seconds": seconds,
+            "cpu_seconds": cpu_seconds, "load": (load_before, load_1min()), "profile": profile}
+
+
+def collect_worker(settings: Settings, prompts: int, warmup_prompts: int) -> dict:
+    """Part 1: an untimed warm-up collection, then the same timed collection twice: with the
+    transformers backend's KV kept between calls (the default, for the policy and the simulated
+    user) and without (``kv_cache_bytes=0`` for both); each from empty stores, same prompts and seeds."""
+    import gymnasium as gym
+
+    from refuel_agents.collection import collect_refuel_tuples
+    from refuel_env.generation import TransformersGenerator
 
     with tempfile.TemporaryDirectory() as tmp:
         trainer = _refuel_trainer(settings, tmp)
-        common = {"env_id": trainer.config.env_id, "env_kwargs": trainer.env_kwargs, "policy": trainer.generator,
-                  "sampling": trainer.sampling, "progress": False}
+        env_id, env_kwargs, policy = trainer.config.env_id, trainer.env_kwargs, trainer.generator
+        env = gym.make(env_id, **env_kwargs)
+        user = env.unwrapped.core.user  # its generator is the one every environment of this process shares
+        env.close()
+        if policy.kv_store is None or user.generator.kv_store is None:
+            raise RuntimeError("the default policy and user generators should keep KV between calls")
+        plain_policy = TransformersGenerator(policy.model, policy.tokenizer, name=policy.name, kv_cache_bytes=0)
+        plain_user = TransformersGenerator(user.generator.model, user.generator.tokenizer, name=user.generator.name,
+                                           kv_cache_bytes=0)
+        # The same user, its generator passed in: the prompt style that the default resolves to, stated.
+        plain_kwargs = {**env_kwargs, "user_model": plain_user, "user_prompt_style": user.style,
+                        "user_max_new_tokens": user.sampling.max_new_tokens}
         if warmup_prompts:
-            collect_refuel_tuples(num_prompts=warmup_prompts, seed=settings.seed + 10_000, **common)
-        load_before, start, cpu_start = load_1min(), time.perf_counter(), time.process_time()
-        rows, stats = collect_refuel_tuples(num_prompts=prompts, seed=settings.seed, **common)
-        seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
-    keep = ("state", "response", "response_prime", "reward", "reward_prime")
-    return {"rows": [{k: r[k] for k in keep} for r in rows], "stats": stats.as_dict(), "seconds": seconds,
-            "cpu_seconds": cpu_seconds, "load": (load_before, load_1min())}
+            collect_refuel_tuples(num_prompts=warmup_prompts, seed=settings.seed + 10_000, env_id=env_id,
+                                  env_kwargs=env_kwargs, policy=policy, sampling=trainer.sampling, progress=False)
+        baseline = _timed_collection(settings, prompts, env_id, plain_kwargs, plain_policy, plain_user, trainer.sampling)
+        result = _timed_collection(settings, prompts, env_id, env_kwargs, policy, user.generator, trainer.sampling)
+    texts = ("state", "response", "response_prime")
+    result["baseline"] = baseline
+    result["identical"] = [[r[k] for k in texts] for r in result["rows"]] == [[r[k] for k in texts]
+                                                                                for r in baseline["rows"]]
+    result["tuples_per_s"] = result["stats"]["tuples"] / result["cpu_seconds"]
+    result["baseline_tuples_per_s"] = baseline["stats"]["tuples"] / baseline["cpu_seconds"]
+    result["speedup"] = result["tuples_per_s"] / result["baseline_tuples_per_s"]
+    return result
 
 
 # ------------------------------------------------------------------------------ synthetic pairs
@@ -536,12 +623,28 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def collection_table(result: dict) -> str:
-    stats, seconds = result["stats"], result["seconds"]
-    row = [str(stats["prompts"]), str(stats["tuples"]), str(stats["dropped_truncated"]), str(stats["policy_responses"]),
-           f"{seconds:.1f}", f"{result['cpu_seconds']:.1f}", f"{stats['tuples'] / seconds:.3f}",
-           f"{stats['policy_responses'] / seconds:.2f}", load_cell(result["load"])]
-    return markdown_table(["prompts", "tuples", "dropped", "policy responses", "wall s", "CPU s", "tuples/s",
-                           "policy responses/s", "load before / after"], [row])
+    """Part 1: the collection with KV kept between calls and without, side by side; tuples per CPU second."""
+    rows = []
+    for label, r in (("KV kept between calls (default)", result), ("kv_cache_bytes=0", result["baseline"])):
+        stats, seconds, cpu = r["stats"], r["seconds"], r["cpu_seconds"]
+        policy, user = r["profile"]["policy"], r["profile"]["user"]
+        other = cpu - policy["cpu_seconds"] - user["cpu_seconds"]
+        rows.append([label, str(stats["prompts"]), str(stats["tuples"]), str(stats["dropped_truncated"]),
+                     str(stats["policy_responses"]), f"{seconds:.1f}", f"{cpu:.1f}", f"{stats['tuples'] / cpu:.3f}",
+                     f"{policy['cpu_seconds']:.1f} / {user['cpu_seconds']:.1f} / {other:.1f}",
+                     f"{policy['prefill_cpu_seconds']:.1f} + {policy['decode_cpu_seconds']:.1f}",
+                     f"{user['prefill_cpu_seconds']:.1f} + {user['decode_cpu_seconds']:.1f}",
+                     f"{policy['kv_tokens_reused']}/{policy['prompt_tokens']}",
+                     f"{user['kv_tokens_reused']}/{user['prompt_tokens']}",
+                     f"{policy['sampled_tokens']} / {user['sampled_tokens']}", load_cell(r["load"])])
+    table = markdown_table(["configuration", "prompts", "tuples", "dropped", "policy responses", "wall s", "CPU s",
+                            "tuples per CPU s", "CPU s in policy / user / rest", "policy prefill + decode CPU s",
+                            "user prefill + decode CPU s", "policy prompt tokens from store",
+                            "user prompt tokens from store", "sampled tokens policy / user", "load before / after"],
+                           rows)
+    return (f"{table}\nspeedup (tuples per CPU second, one torch thread): {result['speedup']:.2f}x "
+            f"({result['tuples_per_s']:.3f} vs {result['baseline_tuples_per_s']:.3f}); collected texts (states, "
+            f"responses) identical in both: {'yes' if result['identical'] else 'NO'}")
 
 
 def training_table(results: dict[str, dict], batch_pairs: int) -> str:

@@ -124,9 +124,11 @@ def _with_and_without_reuse(generator, convs, params, seeds, **kwargs):
     # distribution is so flat that a float32 rounding difference can move a seeded draw across the
     # edge between two tokens (it did, on some CPUs). In float64 the differences stay far below the
     # float32 resolution in which the sampler reads the logits.
+    # kv_cache_bytes=0: within-call reuse alone (a later batch of the call could use KV stored by an
+    # earlier one instead; tests/test_kv_reuse.py covers that store).
     model = copy.deepcopy(generator.model).double()
-    reuse = TransformersGenerator(model, generator.tokenizer, prefix_cache=True, **kwargs)
-    plain = TransformersGenerator(model, generator.tokenizer, prefix_cache=False, **kwargs)
+    reuse = TransformersGenerator(model, generator.tokenizer, prefix_cache=True, kv_cache_bytes=0, **kwargs)
+    plain = TransformersGenerator(model, generator.tokenizer, prefix_cache=False, kv_cache_bytes=0, **kwargs)
     assert reuse.prefix_cache and not plain.prefix_cache
     return reuse.chat(convs, params, seeds), plain.chat(convs, params, seeds), reuse.prefix_tokens_reused
 
