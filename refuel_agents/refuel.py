@@ -418,6 +418,7 @@ class RefuelTrainer:
         with dist.full_weights(self.engine):
             rows, stats = self.collect(t)
             rows, too_long = self.prepare(rows, t)
+        self.generator.clear_kv_cache()  # the KV kept between generation calls is of no use to training
         rows = [{**r, "rank": self.rank} for r in rows]
         parts = dist.all_gather_objects((stats, too_long, [light_row(r) for r in rows], sorted({k for r in rows for k in r})))
         stats, too_long = dist.merge_stats([p[0] for p in parts]), sum(p[1] for p in parts)
