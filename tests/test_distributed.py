@@ -139,7 +139,9 @@ def launcher(kind: str) -> list[str]:
 def train_flags(word_lm_dir, out, name, **overrides) -> list[str]:
     values = {"policy-model": str(word_lm_dir), "env-kwargs": json.dumps(ENV_KWARGS), "iterations": "2",
               "prompts-per-iteration": "4", "batch-size": "2", "micro-batch-size": "1", "max-new-tokens": "5",
-              "eval-prompts": "1", "lr": "1e-3", "output-dir": str(out), "run-name": name, **overrides}
+              "eval-prompts": "1", "lr": "1e-3", "output-dir": str(out), "run-name": name,
+              # RefuelConfig's defaults, which the one-rank runs here use, in place of the embedded preset's
+              "epochs": "1", "eta": "1", "last-k-layers": "none", **overrides}
     return [str(ROOT / "scripts" / "train_agent.py"), "--no-progress"] + [x for k, v in values.items() for x in (f"--{k}", v)]
 
 

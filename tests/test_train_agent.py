@@ -25,6 +25,7 @@ def flags(word_lm_dir, out, name):
     return ["--agent", "refuel", "--policy-model", str(word_lm_dir), "--env-kwargs", json.dumps(env_kwargs),
             "--iterations", "2", "--prompts-per-iteration", "8", "--batch-size", "2", "--micro-batch-size", "1",
             "--max-new-tokens", "5", "--eval-prompts", "1", "--save-every", "2", "--lr", "1e-3", "--device", "cpu",
+            "--epochs", "1", "--last-k-layers", "none",  # the embedded preset's 2 epochs and 8 layers do not fit this model
             "--output-dir", str(out), "--run-name", name, "--no-progress"]
 
 
