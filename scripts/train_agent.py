@@ -1,6 +1,6 @@
 """Train a chat policy in a refuel-gym environment.
 
-    python scripts/train_agent.py --agent refuel                             # embedded default, CPU, minutes
+    python scripts/train_agent.py --agent refuel                             # embedded default, CPU, 12 minutes
     python scripts/train_agent.py --agent refuel --preset paper-setting-one  # the paper's setting one
     python scripts/train_agent.py --agent refuel --iterations 3 --prompts-per-iteration 16 --lr 2e-6
     python scripts/train_agent.py --agent refuel --run-name my-run --resume  # continue after a crash
@@ -25,7 +25,8 @@ Every flag below sets a field of the agent's config (``refuel_agents.refuel.Refu
 ``refuel_agents.baselines.RebelConfig`` / ``DpoConfig``); ``--preset`` sets several at once and
 explicit flags override it. A run writes
 ``<output-dir>/<run-name>/``: config.json, metrics.jsonl, tensorboard/, iteration_*/tuples
-(the collected data, a ``datasets.Dataset``), checkpoints/, summary.md, reward_loss.png and
+(the collected data, a ``datasets.Dataset``), checkpoints/ (the newest --keep-checkpoints), summary.json and
+summary.md (the held-out improvement with its bootstrap interval), heldout_reward.png, reward_loss.png and
 final_model/ (loadable with ``from_pretrained``).
 
 Multi-GPU / multi-node (DeepSpeed ZeRO-3):
