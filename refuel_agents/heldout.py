@@ -52,7 +52,7 @@ def plan(prompts: list[int], max_turns: int) -> tuple[list[int], list[int]]:
 def record(iteration: int, rows: list[dict], max_turns: int, collected: list[dict] | None = None) -> dict:
     """One evaluation's entry in the run's summary: the table by H and every dialogue's reward."""
     entry: dict[str, Any] = {"iteration": iteration, "eval": reward_table(rows, "reward", max_turns),
-                             "eval_rewards": [[r["item_id"], r["H"], r.get("reward")] for r in rows]}
+                             "eval_rewards": [[r.get("item_id"), r["H"], r.get("reward")] for r in rows]}
     if collected is not None:
         entry["collected"] = reward_table(collected, "reward", max_turns)
     return entry
