@@ -362,7 +362,7 @@ class RefuelTrainer:
             self._checkpoint(state)
             if self.engine.is_main:
                 print(format_summary(summary, self.max_turns), flush=True)
-                if cfg.eval_prompts:
+                if cfg.eval_prompts and t + 1 < self.iterations:  # (the last one is printed by _finish)
                     print(heldout.improvement_line(heldout.paired_change(summary[0], summary[-1], cfg.seed)), flush=True)
         logger.close()
         return self._finish(summary)
