@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -119,6 +119,8 @@ class RefuelTrainer:
         env_config = self._env_config()
         self.max_turns = env_config.max_turns
         self.collection_sampling = sampling_by_h(self.sampling, config.max_new_tokens_by_h, self.max_turns)
+        self.eval_sampling = self.collection_sampling if config.eval_temperature is None else sampling_by_h(
+            replace(self.sampling, temperature=config.eval_temperature), config.max_new_tokens_by_h, self.max_turns)
         # Collection applies Gamma itself, from how each covered generation ended (collection.py);
         # the environment's token-counting Gamma is off there. Evaluation keeps the environment's.
         self.penalties = Penalties(env_config.truncation_penalty, env_config.kl_coef, config.penalty_turns)
@@ -283,7 +285,7 @@ class RefuelTrainer:
             if end > start:
                 rows = play_dialogues(
                     env_id=cfg.env_id, env_kwargs={**self.env_kwargs, "split": cfg.eval_split}, policy=policy,
-                    sampling=self.collection_sampling, num_dialogues=end - start, seed=cfg.seed + 10_000 + start,
+                    sampling=self.eval_sampling, num_dialogues=end - start, seed=cfg.seed + 10_000 + start,
                     horizon=horizons[start:end], prompt_indices=prompts[start:end], progress=self._bars,
                 )
         return [row for part in dist.all_gather_objects(rows) for row in part]
@@ -358,19 +360,19 @@ class RefuelTrainer:
                     self._checkpoint(state)
             bar.close()
             state["iteration"], state["step_in_iteration"] = t + 1, 0
-            summary.append(heldout.record(t + 1, self.evaluate(), self.max_turns, self._collected or rows))
+            due = (t + 1) % cfg.eval_every == 0 or t + 1 == self.iterations
+            summary.append(heldout.record(t + 1, self.evaluate() if due else [], self.max_turns, self._collected or rows))
             self._checkpoint(state)
             if self.engine.is_main:
                 print(format_summary(summary, self.max_turns), flush=True)
-                if cfg.eval_prompts and t + 1 < self.iterations:  # (the last one is printed by _finish)
+                if cfg.eval_prompts and due and t + 1 < self.iterations:  # (the last one is printed by _finish)
                     print(heldout.improvement_line(heldout.paired_change(summary[0], summary[-1], cfg.seed)), flush=True)
         logger.close()
         return self._finish(summary)
 
     def _steps_for(self, pairs: int) -> int:
-        """Optimizer steps of an iteration that kept ``pairs`` pairs on all ranks together: ``epochs``
-        passes over them (at least one step when there is a pair), so every method trains the same
-        number of epochs on whatever it kept, and every rank makes the same number of steps."""
+        """Optimizer steps of an iteration that kept ``pairs`` pairs on all ranks: ``epochs`` passes over
+        them (at least one step), the same epochs for every method and the same steps on every rank."""
         return max(1, self.config.epochs * pairs // self.config.batch_size) if pairs else 0
 
     def _planned_steps(self) -> int:
@@ -392,8 +394,7 @@ class RefuelTrainer:
             self.engine.set_schedule(first, iteration * steps, self.iterations * steps)
 
     def _minibatch_order(self, iteration: int, n: int, steps: int | None = None) -> list[int]:
-        """This rank's row order for the iteration's ``steps`` updates (default: as one rank with ``n``
-        rows would make), ``batch_size / W`` rows per update."""
+        """This rank's row order for ``steps`` updates (default: one rank's with ``n`` rows), batch_size / W rows each."""
         steps = self._steps_for(n) if steps is None else steps
         rng = np.random.default_rng([self.config.seed, iteration])
         order: list[int] = []

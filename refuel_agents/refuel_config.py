@@ -89,6 +89,11 @@ class RefuelConfig:
     eval_split: str = "test"
     """Where the held-out prompts come from: 'test' (its first eval_prompts items) or 'train' (its last eval_prompts
     items, which training then never sees: a validation set for hyperparameter sweeps that leaves the test split alone)."""
+    eval_temperature: float | None = None
+    """Policy sampling temperature in the held-out evaluation; None = the collection's temperature, 0 = greedy. With a
+    greedy user a greedy evaluation is deterministic, so its paired change holds no sampling noise, only the policy's."""
+    eval_every: int = 1
+    """Play the held-out evaluation after every eval_every-th iteration, and always before training and after the last."""
     reference_kl: bool = True
     """Keep a frozen copy of the initial policy to log KL(pi || pi_0) and use it for the env's KL penalty."""
     keep_checkpoints: int = 1
@@ -142,6 +147,10 @@ class RefuelConfig:
                 problems.append(f"max_new_tokens_by_h needs entries H >= 1 -> tokens >= 1, got {key!r}: {value!r}")
         if self.eval_prompts < 0:
             problems.append(f"eval_prompts must be >= 0 (0 = no evaluation), got {self.eval_prompts}")
+        if self.eval_every < 1:
+            problems.append(f"eval_every must be >= 1 (1 = after every iteration), got {self.eval_every}")
+        if self.eval_temperature is not None and self.eval_temperature < 0:
+            problems.append(f"eval_temperature must be >= 0 (0 = greedy) or None, got {self.eval_temperature}")
         if self.eval_split not in ("test", "train"):
             problems.append(f"eval_split must be 'test' or 'train', got {self.eval_split!r}")
         if self.keep_checkpoints < 1:

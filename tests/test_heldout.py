@@ -99,3 +99,38 @@ def test_the_sweep_chooses_the_best_mean_within_the_budget(tmp_path):
         sweep.parse_args(["--grid", "seed=1,2"])
     args = sweep.parse_args(["--grid", "lr=1e-5,3e-5", "last_k_layers=4", "--base", "iterations=2"])
     assert args.grid == [("lr", ["1e-5", "3e-5"]), ("last-k-layers", ["4"])] and args.base == [("iterations", "2")]
+
+
+def small_trainer(word_lm_dir, tmp_path, name, **overrides):
+    from refuel_agents.refuel import RefuelConfig, RefuelTrainer
+
+    config = RefuelConfig(
+        env_id="UltraInteractDialogue-v0", env_kwargs={"user": "instant", "max_turns": 2, "tokenizer": None},
+        policy_model=str(word_lm_dir), iterations=3, prompts_per_iteration=4, epochs=1, batch_size=2,
+        micro_batch_size=2, lr=1e-3, max_new_tokens=5, temperature=1.0, eval_prompts=2, output_dir=str(tmp_path),
+        run_name=name, progress=False, device="cpu", **overrides)
+    return RefuelTrainer(config)
+
+
+def assistant_turns(rows):
+    return [[m["content"] for m in r["dialogue"] if m["role"] == "assistant"] for r in rows]
+
+
+@pytest.mark.slow
+def test_a_greedy_evaluation_does_not_depend_on_the_seed_and_a_sampled_one_does(word_lm_dir, tmp_path):
+    played = {(t, seed): assistant_turns(small_trainer(word_lm_dir, tmp_path, f"t{t}s{seed}", seed=seed,
+                                                       eval_temperature=t).evaluate())
+              for t in (0.0, None) for seed in (1, 2)}
+    assert played[0.0, 1] == played[0.0, 2]  # greedy: the seeds change nothing
+    assert played[None, 1] != played[None, 2]  # the collection's temperature (1.0): they do
+
+
+@pytest.mark.slow
+def test_eval_every_plays_the_evaluation_on_its_iterations_and_after_the_last(word_lm_dir, tmp_path):
+    trainer = small_trainer(word_lm_dir, tmp_path, "every2", eval_every=2)
+    trainer.train()
+    summary = json.loads((trainer.run_dir / "summary.json").read_text())
+    assert [e["iteration"] for e in summary["heldout"]] == [0, 2, 3]
+    assert summary["heldout_improvement"]["to_iteration"] == 3 and summary["heldout_improvement"]["n"] == 4
+    with pytest.raises(ValueError, match="eval_every must be >= 1"):
+        small_trainer(word_lm_dir, tmp_path, "bad", eval_every=0).config.validate()
