@@ -1,4 +1,5 @@
-"""The held-out evaluation's statistics and files: bootstrap intervals, pairing, summary.json, the sweep's choice."""
+"""The held-out evaluation: bootstrap intervals, pairing, summary.json, greedy and sparse evaluations, the sweep's
+choice, and the reversed-reward control."""
 
 from __future__ import annotations
 
@@ -134,3 +135,27 @@ def test_eval_every_plays_the_evaluation_on_its_iterations_and_after_the_last(wo
     assert summary["heldout_improvement"]["to_iteration"] == 3 and summary["heldout_improvement"]["n"] == 4
     with pytest.raises(ValueError, match="eval_every must be >= 1"):
         small_trainer(word_lm_dir, tmp_path, "bad", eval_every=0).config.validate()
+
+
+@pytest.mark.slow
+def test_the_reversed_reward_control_trains_on_negated_rewards_and_evaluates_on_true_ones(word_lm_dir, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from control_reversed_reward import ReversedRewardTrainer
+
+    from refuel_agents.refuel import RefuelConfig
+
+    real = small_trainer(word_lm_dir, tmp_path, "real")
+    config = RefuelConfig(**{**real.config.__dict__, "run_name": "reversed"})
+    reversed_ = ReversedRewardTrainer(config)
+    (rows, _), (flipped, _) = real.collect(0), reversed_.collect(0)
+    assert [r["reward"] for r in rows] and [-r["reward"] for r in rows] == [r["reward"] for r in flipped]
+    assert [-r["reward_prime"] for r in rows] == [r["reward_prime"] for r in flipped]
+    assert [r["reward"] for r in real.evaluate()] == [r["reward"] for r in reversed_.evaluate()]  # true rewards
+    script = Path(__file__).resolve().parents[1] / "scripts" / "control_reversed_reward.py"
+    result = subprocess.run([sys.executable, str(script), "--agent", "dpo", "--mode", "online"], capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode != 0 and "--agent refuel" in result.stderr
