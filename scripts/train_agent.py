@@ -66,7 +66,8 @@ PRESETS: dict[str, dict] = {
     # The embedded default: chosen to show learning within 15 minutes on 2 CPU cores (sources: README, "The default run").
     "embedded": {
         "env_kwargs": {"max_turns": 3, "user_max_new_tokens": 48, "user_temperature": 0.0},
-        "iterations": 5, "prompts_per_iteration": 8, "epochs": 2, "eta": 10.0, "lr": 3e-5, "last_k_layers": 8,
+        "iterations": 5, "prompts_per_iteration": 16, "epochs": 2, "eta": 10.0, "lr": 3e-5, "last_k_layers": 8,
+        "eval_temperature": 0.0, "eval_every": 2,
     },
     "paper-setting-one": {
         "env_id": "UltraInteractDialogue-v0", "env_preset": "paper-setting-one", "env_kwargs": {},
