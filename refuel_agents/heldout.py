@@ -1,11 +1,14 @@
 """The held-out evaluation of a training run, and the run's summary.
 
-Before training and after every iteration the trainer plays the same held-out prompts, each at
-every dialogue length H in 1..max_turns, with the same seeds (the user's turns and the policy's
-sampling draws are seeded alike each time), so the i-th dialogue of one evaluation and the i-th
+Before training, after every ``eval_every``-th iteration and after the last, the trainer plays the
+same held-out prompts, each at every dialogue length H in 1..max_turns, with the same seeds (the
+user's turns and the policy's sampling draws are seeded alike each time; ``eval_temperature`` 0
+plays the policy greedily), so the i-th dialogue of one evaluation and the i-th
 of another differ only by the policy's weights. The run's result is the mean paired change in
 reward from the evaluation before training to the last one, with a 95 % percentile bootstrap
-interval over the dialogue pairs (:func:`~refuel_agents.evaluation.stats.bootstrap_interval`).
+interval (:func:`~refuel_agents.evaluation.stats.bootstrap_interval`) that resamples prompts, each
+with all its dialogue pairs: the dialogues of one prompt at H = 1, 2, 3 share their first turns
+and are not independent draws.
 
 The held-out prompts are the first ``eval_prompts`` items of the test split, or, with
 ``eval_split="train"``, the last ``eval_prompts`` items of the train split, which training then
@@ -67,9 +70,17 @@ def paired_change(before: dict, after: dict, seed: int = 0) -> dict[str, Any]:
     a, b = before["eval_rewards"], after["eval_rewards"]
     if [x[:2] for x in a] != [x[:2] for x in b]:
         raise ValueError("the two evaluations did not play the same prompts at the same H: they cannot be paired")
-    diffs = [y[2] - x[2] for x, y in zip(a, b) if x[2] is not None and y[2] is not None]
-    return {**bootstrap_interval(diffs, level=LEVEL, seed=seed), "dropped": len(a) - len(diffs),
+    kept = [(i, x, y) for i, (x, y) in enumerate(zip(a, b)) if x[2] is not None and y[2] is not None]
+    diffs = [y[2] - x[2] for _, x, y in kept]
+    return {**bootstrap_interval(diffs, level=LEVEL, seed=seed, groups=_prompts([(i, x) for i, x, _ in kept])),
+            "dropped": len(a) - len(diffs),
             "level": LEVEL, "from_iteration": before["iteration"], "to_iteration": after["iteration"]}
+
+
+def _prompts(indexed: list[tuple[int, list]]) -> list:
+    """The bootstrap's cluster of each dialogue: its prompt (the dialogues of one prompt at H = 1, 2, ... share
+    their first turns, and under greedy decoding share them exactly), or the dialogue itself without an item id."""
+    return [("item", x[0]) if x[0] is not None else ("row", i) for i, x in indexed]
 
 
 def heldout_results(summary: list[dict], seed: int = 0) -> dict[str, Any]:
@@ -79,8 +90,9 @@ def heldout_results(summary: list[dict], seed: int = 0) -> dict[str, Any]:
         return {}
     rows = []
     for s in evals:
-        rewards = [x[2] for x in s["eval_rewards"] if x[2] is not None]
-        rows.append({"iteration": s["iteration"], **bootstrap_interval(rewards, level=LEVEL, seed=seed),
+        kept = [(i, x) for i, x in enumerate(s["eval_rewards"]) if x[2] is not None]
+        rows.append({"iteration": s["iteration"], **bootstrap_interval([x[2] for _, x in kept], level=LEVEL, seed=seed,
+                                                                      groups=_prompts(kept)),
                      "change": paired_change(evals[0], s, seed)})
     return {"heldout_improvement": rows[-1]["change"] if len(rows) > 1 else None, "heldout": rows}
 

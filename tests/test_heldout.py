@@ -159,3 +159,27 @@ def test_the_reversed_reward_control_trains_on_negated_rewards_and_evaluates_on_
     result = subprocess.run([sys.executable, str(script), "--agent", "dpo", "--mode", "online"], capture_output=True,
                             text=True, timeout=300)
     assert result.returncode != 0 and "--agent refuel" in result.stderr
+
+
+def test_a_cluster_bootstrap_counts_repeated_values_of_a_group_once():
+    rng = np.random.default_rng(5)
+    per_prompt = rng.normal(0.4, 1.0, size=8)
+    repeated = np.repeat(per_prompt, 3)  # three dialogues per prompt that tell nothing new
+    groups = np.repeat(np.arange(8), 3).tolist()
+    clustered = bootstrap_interval(repeated, groups=groups, seed=2)
+    alone = bootstrap_interval(per_prompt, seed=2)  # the interval of the 8 prompts' own values
+    assert {k: clustered[k] for k in ("mean", "ci_low", "ci_high")} == pytest.approx(
+        {k: alone[k] for k in ("mean", "ci_low", "ci_high")}, rel=1e-12)
+    assert clustered["n"] == 24 and clustered["clusters"] == 8
+    naive = bootstrap_interval(repeated, seed=2)
+    assert naive["ci_high"] - naive["ci_low"] < 0.7 * (clustered["ci_high"] - clustered["ci_low"])
+    with pytest.raises(ValueError, match="one label per value"):
+        bootstrap_interval([1.0, 2.0], groups=[0])
+
+
+def test_paired_change_resamples_prompts_with_all_their_dialogues():
+    # 4 prompts at H = 1, 2: the change is +1 on two prompts and -1 on the other two, at both H.
+    change = heldout.paired_change(entry(0, [0.0] * 8), entry(1, [1.0, 1.0, -1.0, -1.0] * 2))
+    assert change["n"] == 8 and change["clusters"] == 4
+    assert change == {**bootstrap_interval([1.0, 1.0, -1.0, -1.0] * 2, groups=["q0", "q1", "q2", "q3"] * 2),
+                      "dropped": 0, "level": 0.95, "from_iteration": 0, "to_iteration": 1}

@@ -23,25 +23,36 @@ def wilson_interval(successes: float, n: int, z: float = 1.959964) -> tuple[floa
 
 
 def bootstrap_interval(values: Sequence[float], *, level: float = 0.95, resamples: int = 10_000,
-                       seed: int = 0) -> dict[str, float]:
-    """Mean of ``values`` with a percentile bootstrap interval: {"mean", "ci_low", "ci_high", "n"}.
+                       seed: int = 0, groups: Sequence[Any] | None = None) -> dict[str, float]:
+    """Mean of ``values`` with a percentile bootstrap interval: {"mean", "ci_low", "ci_high", "n", "clusters"}.
 
-    For a paired comparison pass the per-pair differences. The resamples are drawn from a
-    generator seeded with ``seed``, so the interval is reproducible. With fewer than 2 values
-    the interval is NaN.
+    For a paired comparison pass the per-pair differences. With ``groups`` (one label per value)
+    the bootstrap resamples whole groups, not values (a cluster bootstrap): values of one group
+    that are not independent, such as the dialogues of one prompt at several lengths, then count
+    as the one draw they are, and the interval is not narrowed by their repetition. The statistic
+    is the mean over every value of the resampled groups. The resamples are drawn from a generator
+    seeded with ``seed``, so the interval is reproducible. With fewer than 2 values or groups the
+    interval is NaN.
     """
     x = np.asarray(values, dtype=np.float64)
     if x.ndim != 1 or not np.isfinite(x).all():
         raise ValueError(f"bootstrap_interval needs a flat sequence of finite numbers, got {values!r:.80}")
     if not 0 < level < 1:
         raise ValueError(f"level must be in (0, 1), got {level}")
-    if len(x) < 2:
-        mean = float(x.mean()) if len(x) else math.nan
-        return {"mean": mean, "ci_low": math.nan, "ci_high": math.nan, "n": len(x)}
-    rng = np.random.default_rng(seed)
-    means = x[rng.integers(0, len(x), size=(resamples, len(x)))].mean(axis=1)
-    low, high = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
-    return {"mean": float(x.mean()), "ci_low": float(low), "ci_high": float(high), "n": len(x)}
+    if groups is not None and len(groups) != len(x):
+        raise ValueError(f"groups needs one label per value: {len(groups)} labels for {len(x)} values")
+    labels = list(range(len(x))) if groups is None else list(groups)
+    index = {label: i for i, label in enumerate(dict.fromkeys(labels))}
+    of = np.array([index[label] for label in labels], dtype=np.int64)
+    sums, counts = np.bincount(of, weights=x, minlength=len(index)), np.bincount(of, minlength=len(index))
+    out = {"mean": float(x.mean()) if len(x) else math.nan, "ci_low": math.nan, "ci_high": math.nan,
+           "n": len(x), "clusters": len(index)}
+    if len(index) < 2:
+        return out
+    draws = np.random.default_rng(seed).integers(0, len(index), size=(resamples, len(index)))
+    means = sums[draws].sum(axis=1) / counts[draws].sum(axis=1)
+    out["ci_low"], out["ci_high"] = (float(q) for q in np.quantile(means, [(1 - level) / 2, (1 + level) / 2]))
+    return out
 
 
 def length_weights(lengths: Iterable[int], horizon: int) -> dict[int, float]:
