@@ -62,7 +62,7 @@ def test_summary_files_hold_the_improvement_every_evaluation_and_a_plot(tmp_path
     assert [e["iteration"] for e in on_disk["heldout"]] == [0, 1, 2]
     assert on_disk["heldout"][0]["change"]["mean"] == 0.0
     text = (tmp_path / "summary.md").read_text()
-    assert "Held-out improvement (iteration 0 -> 2, paired over 8 dialogues): +1.250" in text and "(above 0)" in text
+    assert "Held-out improvement (iteration 0 -> 2, paired over 8 dialogues of 4 prompts): +1.250" in text and "(above 0)" in text
     assert (tmp_path / "heldout_reward.png").stat().st_size > 1000
 
 
