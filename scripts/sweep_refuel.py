@@ -6,9 +6,10 @@
 Every point of the grid (every combination of the ``--grid`` values, for every seed) is one run of
 ``scripts/train_agent.py --agent refuel`` with ``--eval-split train``: the last ``--eval-prompts``
 items of the train split are held back from training and played, at every H, before training and
-after each iteration, with the same seeds. A point's score is its validation improvement, the
-mean paired change in reward from before training to the end, with its 95 % bootstrap interval
-(``summary.json`` of the run). The test split is never read.
+after the iterations that ``--eval-every`` names (always after the last), with the same seeds. A
+point's score is its validation improvement, the mean paired change in reward from before
+training to the end, with its 95 % bootstrap interval over prompts (``summary.json`` of the run).
+The test split is never read.
 
 Each run goes in ``<output-dir>/<point name>``; a point whose run already finished is read, not
 run again, and one that was interrupted is resumed (``--resume``), so the sweep can be stopped and
