@@ -101,7 +101,10 @@ def improvement_line(result: dict[str, Any] | None) -> str:
     """One sentence for the console and ``summary.md``."""
     if not result:
         return "Held-out improvement: no evaluation after training (eval_prompts = 0 or no iteration)."
-    verdict = ("above 0" if result["ci_low"] > 0 else "below 0" if result["ci_high"] < 0 else "includes 0")
+    if result["ci_low"] is None or math.isnan(result["ci_low"]):
+        verdict = "no interval: it needs at least 2 prompts"
+    else:
+        verdict = "above 0" if result["ci_low"] > 0 else "below 0" if result["ci_high"] < 0 else "includes 0"
     return (f"Held-out improvement (iteration {result['from_iteration']} -> {result['to_iteration']}, paired over "
             f"{result['n']} dialogues of {result.get('clusters', result['n'])} prompts): {result['mean']:+.3f}, 95 % bootstrap interval "
             f"[{result['ci_low']:+.3f}, {result['ci_high']:+.3f}] ({verdict})")

@@ -173,6 +173,11 @@ def test_a_cluster_bootstrap_counts_repeated_values_of_a_group_once():
     assert clustered["n"] == 24 and clustered["clusters"] == 8
     naive = bootstrap_interval(repeated, seed=2)
     assert naive["ci_high"] - naive["ci_low"] < 0.7 * (clustered["ci_high"] - clustered["ci_low"])
+    one = heldout.paired_change(entry(0, [0.0] * 8), entry(1, [1.0] * 8))
+    one_prompt = heldout.paired_change(*(heldout.record(i, [{"item_id": "q", "H": h, "reward": float(i)} for h in (1, 2)], 2)
+                                         for i in (0, 1)))
+    assert one["clusters"] == 4 and one_prompt["clusters"] == 1 and math.isnan(one_prompt["ci_low"])
+    assert "no interval: it needs at least 2 prompts" in heldout.improvement_line(one_prompt)
     with pytest.raises(ValueError, match="one label per value"):
         bootstrap_interval([1.0, 2.0], groups=[0])
 

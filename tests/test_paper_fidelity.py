@@ -432,6 +432,7 @@ PRESET_ROWS = {
     "max_new_tokens": "response limit", "max_new_tokens_by_h": "response limit", "temperature": "sampling temperature",
     "max_seq_len": "sequence limit", "last_k_layers": "trained layers",
     "gradient_checkpointing": None, "eval_prompts": None,  # memory and monitoring, not the method
+    "eval_temperature": None, "eval_every": None,  # (the embedded default's table in docs/training.md gives their sources)
 }
 
 

@@ -24,8 +24,9 @@ def flags(word_lm_dir, out, name):
     env_kwargs = {"user": "instant", "max_turns": 2, "tokenizer": None}
     return ["--agent", "refuel", "--policy-model", str(word_lm_dir), "--env-kwargs", json.dumps(env_kwargs),
             "--iterations", "2", "--prompts-per-iteration", "8", "--batch-size", "2", "--micro-batch-size", "1",
-            "--max-new-tokens", "5", "--eval-prompts", "1", "--save-every", "2", "--lr", "1e-3", "--device", "cpu",
+            "--max-new-tokens", "5", "--eval-prompts", "2", "--save-every", "2", "--lr", "1e-3", "--device", "cpu",
             "--epochs", "1", "--last-k-layers", "none",  # the embedded preset's 2 epochs and 8 layers do not fit this model
+            "--eval-every", "1",  # (the embedded preset evaluates after every second iteration)
             "--output-dir", str(out), "--run-name", name, "--no-progress"]
 
 
@@ -56,8 +57,9 @@ def test_a_run_writes_everything(reference_run):
     assert "Mean reward by dialogue length H" in stdout and "final model:" in stdout
     summary = json.loads((run / "summary.json").read_text())
     improvement = summary["heldout_improvement"]
-    assert improvement["n"] == 2 and improvement["ci_low"] <= improvement["mean"] <= improvement["ci_high"]
-    assert [e["iteration"] for e in summary["heldout"]] == [0, 1, 2]  # 1 prompt at H = 1 and 2, after each iteration
+    assert improvement["n"] == 4 and improvement["clusters"] == 2  # 2 prompts at H = 1 and 2
+    assert improvement["ci_low"] <= improvement["mean"] <= improvement["ci_high"]
+    assert [e["iteration"] for e in summary["heldout"]] == [0, 1, 2]  # after each iteration
     assert "Held-out improvement" in (run / "summary.md").read_text() and "Held-out improvement" in stdout
     # --keep-checkpoints 1 (the default): only the newest checkpoint; the final model shares its weight files.
     assert sorted(p.name for p in (run / "checkpoints").glob("step_*")) == ["step_0000008"]
