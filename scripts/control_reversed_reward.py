@@ -18,6 +18,7 @@ learning. Compare the two runs on the same split and seed.
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -44,7 +45,9 @@ class ReversedRewardTrainer(RefuelTrainer):
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    if "--agent" in argv and argv[argv.index("--agent") + 1 :][:1] != ["refuel"]:
+    first = argparse.ArgumentParser(add_help=False)
+    first.add_argument("--agent", default="refuel")
+    if first.parse_known_args(argv)[0].agent != "refuel":
         raise SystemExit("error: the control reverses REFUEL's rewards only: pass --agent refuel or no --agent")
     config_cls, _ = baselines.AGENTS["refuel"]
     baselines.AGENTS["refuel"] = (config_cls, ReversedRewardTrainer)

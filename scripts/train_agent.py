@@ -1,6 +1,6 @@
 """Train a chat policy in a refuel-gym environment.
 
-    python scripts/train_agent.py --agent refuel                             # embedded default, CPU, 12 minutes
+    python scripts/train_agent.py --agent refuel                             # embedded default, CPU, 13 minutes
     python scripts/train_agent.py --agent refuel --preset paper-setting-one  # the paper's setting one
     python scripts/train_agent.py --agent refuel --iterations 3 --prompts-per-iteration 16 --lr 2e-6
     python scripts/train_agent.py --agent refuel --run-name my-run --resume  # continue after a crash

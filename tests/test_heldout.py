@@ -156,9 +156,10 @@ def test_the_reversed_reward_control_trains_on_negated_rewards_and_evaluates_on_
     assert [-r["reward_prime"] for r in rows] == [r["reward_prime"] for r in flipped]
     assert [r["reward"] for r in real.evaluate()] == [r["reward"] for r in reversed_.evaluate()]  # true rewards
     script = Path(__file__).resolve().parents[1] / "scripts" / "control_reversed_reward.py"
-    result = subprocess.run([sys.executable, str(script), "--agent", "dpo", "--mode", "online"], capture_output=True,
-                            text=True, timeout=300)
-    assert result.returncode != 0 and "--agent refuel" in result.stderr
+    for agent in (["--agent", "dpo"], ["--agent=dpo"]):
+        result = subprocess.run([sys.executable, str(script), *agent, "--mode", "online"], capture_output=True,
+                                text=True, timeout=300)
+        assert result.returncode != 0 and "--agent refuel" in result.stderr
 
 
 def test_a_cluster_bootstrap_counts_repeated_values_of_a_group_once():
