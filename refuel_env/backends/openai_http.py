@@ -382,7 +382,7 @@ class OpenAIChatGenerator(TextGenerator):
                 fault = err
             now = time.monotonic()
             first_failure = first_failure if first_failure is not None else now
-            served = self._served_model_ids()
+            answered, served = self._health()
             if isinstance(served, list) and self.name not in served:
                 raise EndpointError(
                     f"{self.backend}, conversation {index}: {describe(fault)}, and the server at {self.base_url} "
@@ -391,9 +391,9 @@ class OpenAIChatGenerator(TextGenerator):
                 ) from fault
             waited = now - first_failure
             if waited >= self.retry_window:
-                raise self._exhausted(index, fault, served, waited, rounds) from fault
+                raise self._exhausted(index, fault, answered, served, waited, rounds) from fault
             pause = min(max(RETRY_PAUSE, retry_after(fault)), self.retry_window - waited)
-            health = "down (GET /models gets no answer)" if isinstance(served, str) else "up (it lists the model)"
+            health = f"up ({'it lists the model' if isinstance(served, list) else served})" if answered else "down"
             logger.warning(
                 "%s, conversation %d: %s (%d attempts); the server is %s; trying again in %.1f s "
                 "(%.1f of the %g s retry window spent)",
@@ -401,19 +401,21 @@ class OpenAIChatGenerator(TextGenerator):
             )
             time.sleep(pause)
 
-    def _served_model_ids(self) -> list[str] | str:
-        """The model ids that ``GET {base_url}/models`` lists, or a sentence saying why there are none."""
+    def _health(self) -> tuple[bool, list[str] | str]:
+        """``GET {base_url}/models``: whether the server answered, and the model ids it lists (or why none)."""
         import openai
 
         try:
             listing = self._client.with_options(max_retries=0, timeout=HEALTH_TIMEOUT).models.list(
                 extra_headers=self._headers
             )
-            return [m.id for m in listing.data]
+            return True, [m.id for m in listing.data]
         except openai.APIStatusError as err:
-            return f"GET {self.base_url}/models answered {describe(err)}"
+            return True, f"GET /models answered {describe(err)}"
+        except openai.APIConnectionError as err:
+            return False, f"GET /models failed too ({describe(err)})"
         except (openai.APIError, ValueError, TypeError, AttributeError) as err:
-            return f"GET {self.base_url}/models failed ({describe(err)})"
+            return True, f"GET /models gave no model list ({type(err).__name__}: {err})"
 
     def _refusal(self, index: int, err: Any) -> GenerationError:
         """The error for a 4xx answer that retrying cannot fix."""
@@ -426,7 +428,7 @@ class OpenAIChatGenerator(TextGenerator):
                 f"Set ${API_KEY_ENV} (or pass api_key=) to a key this server accepts."
             )
         if status == 404:
-            served = self._served_model_ids()
+            served = self._health()[1]
             listing = (
                 f"The server at {self.base_url} serves: {served}; pass one of them as the model."
                 if isinstance(served, list) else f"Listing the served models failed too: {served}."
@@ -443,13 +445,15 @@ class OpenAIChatGenerator(TextGenerator):
             )
         return EndpointError(f"{where}, the server rejected the request: {message}")
 
-    def _exhausted(self, index: int, fault: Any, served: list[str] | str, waited: float, rounds: int) -> EndpointError:
+    def _exhausted(
+        self, index: int, fault: Any, answered: bool, served: list[str] | str, waited: float, rounds: int
+    ) -> EndpointError:
         """The error at the end of the retry window: the server is down, or up and slow or failing."""
         import openai
 
         where = f"{self.backend}, conversation {index}"
         tries = f"{rounds * (self.max_retries + 1)} attempts over {waited:.1f} s of retry window (retry_window={self.retry_window:g})"
-        if isinstance(served, str):
+        if not answered:
             return EndpointError(
                 f"{where}: the server is down: cannot reach {self.base_url} ({describe(fault)}; {served}) after {tries}. "
                 f"Start the server (e.g. `vllm serve <model> --port 8000`), point base_url / ${BASE_URL_ENV} at where "
@@ -457,12 +461,12 @@ class OpenAIChatGenerator(TextGenerator):
             )
         if isinstance(fault, openai.APITimeoutError):
             return EndpointError(
-                f"{where}: the server is slow: it answers GET /models and lists {self.name!r}, but the request "
+                f"{where}: the server is slow: it answers GET /models, but the request "
                 f"timed out after {self.timeout:g} s, {tries}. Raise timeout, lower max_concurrency or "
                 "max_new_tokens, or give the server more capacity."
             )
         return EndpointError(
-            f"{where}: the server is up (it lists {self.name!r}) but still failing after {tries} "
+            f"{where}: the server is up (it answers GET /models) but still failing after {tries} "
             f"(last: {describe(fault)}). It is overloaded or broken: check its log, lower max_concurrency, "
             "or raise retry_window."
         )
