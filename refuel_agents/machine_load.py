@@ -15,7 +15,6 @@ printed with a warning and do not belong in the docs.
 from __future__ import annotations
 
 import os
-import sys
 
 
 def load_average() -> float:
@@ -37,13 +36,11 @@ def load_cell(record: dict) -> str:
 
 
 def load_line(record: dict) -> str:
-    """The line printed under a benchmark's table, with the warning when the machine was busy (also on stderr)."""
+    """The line printed under a benchmark's table, with the warning when the machine was busy."""
     line = f"load average (1 min) before / after: {load_cell(record)}, {record['cores_used']} core(s) used " \
            f"of {record['cpu_count']}"
     if record["busy"]:
-        warning = (f"WARNING: the load exceeded the {record['cores_used']} core(s) this benchmark uses: other work "
-                   "competed for them, so these times (and their ratios) are not a quiet measurement; rerun on an "
-                   "idle machine before quoting them")
-        print(warning, file=sys.stderr)
-        line += "\n" + warning
+        line += (f"\nWARNING: the load exceeded the {record['cores_used']} core(s) this benchmark uses: other work "
+                 "competed for them, so these times (and their ratios) are not a quiet measurement; rerun on an "
+                 "idle machine before quoting them")
     return line

@@ -34,15 +34,13 @@ def load_script(name: str, monkeypatch) -> Any:
     return module
 
 
-def test_load_record_and_its_warning(capsys):
+def test_load_record_and_its_warning():
     quiet = load_record(0.5, cores=2, after=1.9)
     assert quiet == {"before": 0.5, "after": 1.9, "cores_used": 2, "cpu_count": quiet["cpu_count"], "busy": False}
     assert load_line(quiet) == f"load average (1 min) before / after: 0.50 / 1.90, 2 core(s) used of {quiet['cpu_count']}"
-    assert capsys.readouterr().err == ""
     busy = load_record(5.2, cores=2, after=1.0)
     assert busy["busy"]
-    assert "WARNING: the load exceeded the 2 core(s) this benchmark uses" in load_line(busy)
-    assert "not a quiet measurement" in capsys.readouterr().err
+    assert "\nWARNING: the load exceeded the 2 core(s) this benchmark uses" in load_line(busy)
 
 
 def test_benchmark_env_json_has_the_load(tmp_path, monkeypatch, capsys):
