@@ -88,7 +88,7 @@ class FakeServer:
 
     url: str
     respond: Callable[[dict], Reply]
-    models: list[str]
+    models: list[str] | None
     requests: list[dict] = field(default_factory=list)
     headers: list[dict[str, str]] = field(default_factory=list)
     in_flight: int = 0
@@ -132,6 +132,9 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(reply)
 
     def do_GET(self) -> None:  # noqa: N802
+        if self.server.fake.models is None:  # a server without the models endpoint
+            self._send(Reply(404, {"detail": "Not Found"}))
+            return
         models = [{"id": m, "object": "model"} for m in self.server.fake.models]
         self._send(Reply(200, {"object": "list", "data": models}))
 
@@ -374,6 +377,14 @@ def test_slow_server_is_told_apart_at_the_end_of_the_window(fake, short_pause):
                        r"but the request timed out after 0\.2 s, \d attempts.*Raise timeout"):
         gen.chat([QUESTION], SamplingParams())
     assert len(fake.requests) >= 2  # tried again inside the window
+
+
+def test_a_server_without_a_models_endpoint_counts_as_up(fake):
+    fake.models = None
+    fake.script(Reply(502, {"error": {"message": "bad gateway"}}))
+    with pytest.raises(EndpointError, match=r"the server is up \(it answers GET /models\) but still failing.*"
+                       r"last: HTTP 502: bad gateway"):
+        client(fake, max_retries=0).chat([QUESTION], SamplingParams())
 
 
 def test_a_server_without_the_model_fails_at_once(fake):

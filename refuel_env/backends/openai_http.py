@@ -137,20 +137,14 @@ def retryable(status: int) -> bool:
     return status in (408, 409, 429) or status >= 500
 
 
-def error_detail(response: Any) -> tuple[str, str | None]:
-    """The server's error message and code, from the OpenAI, vLLM or FastAPI error shapes."""
-    try:
-        payload = response.json()
-    except ValueError:
-        return response.text.strip()[:500] or response.reason_phrase, None
-    if isinstance(payload, dict):
-        error = payload.get("error", payload)
-        if isinstance(error, dict):
-            message = error.get("message") or error.get("detail") or payload.get("detail")
-            code = error.get("code")
-            return str(message or payload)[:500], str(code) if code is not None else None
-        return str(error)[:500], None
-    return str(payload)[:500], None
+def error_detail(err: Any) -> tuple[str, str | None]:
+    """The server's error message and code from an SDK status error, whose ``body`` is the answer's
+    ``error`` object (OpenAI), the whole JSON (vLLM, FastAPI's ``detail``) or the text."""
+    body = err.body
+    if isinstance(body, dict):
+        code = body.get("code")
+        return str(body.get("message") or body.get("detail") or body)[:500], None if code is None else str(code)
+    return str(body or err.response.reason_phrase)[:500], None
 
 
 _CONTEXT_PATTERN = re.compile(r"context.length|maximum context|context window|prompt is too long", re.IGNORECASE)
@@ -230,7 +224,7 @@ def describe(err: BaseException) -> str:
     import openai
 
     if isinstance(err, openai.APIStatusError):
-        return f"HTTP {err.status_code}: {error_detail(err.response)[0]}"
+        return f"HTTP {err.status_code}: {error_detail(err)[0]}"
     if isinstance(err, openai.APITimeoutError):
         return "timed out"
     cause = err.__cause__ or err
@@ -420,7 +414,7 @@ class OpenAIChatGenerator(TextGenerator):
     def _refusal(self, index: int, err: Any) -> GenerationError:
         """The error for a 4xx answer that retrying cannot fix."""
         status = err.status_code
-        message, code = error_detail(err.response)
+        message, code = error_detail(err)
         where = f"{self.backend}, conversation {index}: HTTP {status}"
         if status in (401, 403):
             return EndpointError(
