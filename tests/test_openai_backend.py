@@ -360,6 +360,18 @@ def test_window_outlasts_a_failing_server_and_logs_its_health(fake, short_pause,
     assert "HTTP 503: loading (1 attempts); the server is up (it lists the model); trying again in 0.1 s" in warnings[0]
 
 
+def test_a_retry_after_beyond_the_sdks_two_minutes_is_waited_inside_the_window(fake, monkeypatch):
+    # The SDK does not retry when Retry-After exceeds 2 minutes; the window waits that long instead
+    # (the wait is recorded here rather than slept).
+    from types import SimpleNamespace
+
+    slept: list[float] = []
+    monkeypatch.setattr(openai_http, "time", SimpleNamespace(monotonic=time.monotonic, sleep=slept.append))
+    fake.script(Reply(429, {"error": {"message": "quota"}}, {"Retry-After": "150"}), Reply(200, completion_payload("ok")))
+    (out,) = client(fake, max_retries=3, retry_window=600).chat([QUESTION], SamplingParams())
+    assert out.text == "ok" and len(fake.requests) == 2 and slept == [150.0]
+
+
 def test_dead_server_is_told_apart_at_the_end_of_the_window(short_pause):
     url = f"http://127.0.0.1:{free_port()}/v1"
     gen = OpenAIChatGenerator("m", base_url=url, max_retries=0, retry_window=0.5)
