@@ -13,6 +13,9 @@ Part 2, the embedded SmolLM2-135M-Instruct user in the batched vector env at sev
 ``num_envs``: the policy's replies are fixed strings (no policy model is timed), H is fixed,
 and every user turn generates up to ``--user-tokens`` tokens. Dialogues/s and user tokens/s
 (generated tokens over wall time) are printed side by side with the ratio to ``num_envs=1``.
+
+The 1-minute load average before and after is printed under the tables and written to the JSON
+(``load``), with a warning when it exceeds the torch threads used.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import numpy as np
 import torch
 
 import refuel_env  # noqa: F401
+from refuel_agents.machine_load import load_average, load_line, load_record
 from refuel_env.rewards import TrajectoryRewardModel
 
 REPLY = "Here is my answer: first we simplify, then we check the result, which gives 42."
@@ -106,6 +110,7 @@ def user_throughput(num_envs: int, args: argparse.Namespace) -> tuple[float, flo
 
 def main() -> None:
     args = parse_args()
+    before = load_average()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"device {args.device or ('cuda' if torch.cuda.is_available() else 'cpu')}\n")
     results: dict = {}
@@ -128,6 +133,8 @@ def main() -> None:
             results["user"].append({"num_envs": n, "dialogues": count, "dialogues_per_s": dps, "user_tokens_per_s": tps,
                                     "ratio_to_first": tps / base})
             print(f"{n:>8}{count:>11}{dps:>13.3f}{tps:>12.1f}{tps / base:>14.2f}")
+    results["load"] = load_record(before, cores=torch.get_num_threads())
+    print("\n" + load_line(results["load"]))
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
 

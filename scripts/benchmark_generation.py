@@ -23,6 +23,9 @@ Sampling is seeded (temperature ``--temperature``), so both sides generate the s
 fp32; bf16 rounding can change a sample) and the times compare like with like. With
 ``--repeats N`` each measurement is taken N times, the two sides alternating, and the fastest is
 shown; use it on a GPU, where the first call of each batch shape pays one-off kernel set-up.
+
+The 1-minute load average before and after is printed under the tables and written to the JSON
+(``load``), with a warning when it exceeds the torch threads used.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from pathlib import Path
 
 import torch
 
+from refuel_agents.machine_load import load_average, load_line, load_record
 from refuel_env.generation import SamplingParams, TransformersGenerator, default_device, load_causal_lm
 from refuel_env.types import Message
 
@@ -221,8 +225,8 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def main() -> None:
-    args = parse_args()
+def measure(args: argparse.Namespace) -> dict:
+    """Load the model and run the parts ``--only`` selects; their figures by part."""
     device = args.device or default_device()
     if args.model == "embedded":
         from refuel_env.embedded import smollm2_path
@@ -237,6 +241,15 @@ def main() -> None:
         results["branches"] = bench_branches(args, model, tokenizer)
     if "batching" in args.parts:
         results["batching"] = bench_batching(args, model, tokenizer)
+    return results
+
+
+def main() -> None:
+    args = parse_args()
+    before = load_average()
+    results = measure(args)
+    results["load"] = load_record(before, cores=torch.get_num_threads())
+    print("\n" + load_line(results["load"]))
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
 

@@ -63,7 +63,9 @@ memory and dpo each run part 2's REFUEL steps as their baseline, and need ``--pa
 Times are given as wall time and as the process's CPU time (``time.process_time``). With one
 torch thread (the default) the CPU time is the work done, whatever else runs on the machine;
 the wall time also counts the waits for a core, so compare wall times only at similar load
-(the 1-minute load average before and after each measurement is printed beside it). The
+(the 1-minute load average before and after each measurement is printed beside it; the whole run's
+is printed at the end and written to the JSON as ``load``, with a warning when it exceeds
+``--threads``). The
 column "weights+grads+AdamW(+ref)" is computed from the parameter count (4 copies of the
 weights, plus the reference model's for DPO), for comparison with the measured peak.
 
@@ -91,6 +93,8 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from refuel_agents.machine_load import load_average, load_line, load_record  # noqa: E402 (after the path)
 
 GIB = 2**30
 SECTIONS = {
@@ -236,10 +240,6 @@ def in_fresh_process(fn: Callable[..., dict], *args: Any, threads: int) -> dict:
         return pool.submit(fn, *args).result()
 
 
-def load_1min() -> float:
-    return os.getloadavg()[0]
-
-
 def model_path(model: str) -> str:
     from refuel_env import embedded
 
@@ -303,7 +303,7 @@ def _timed_collection(settings: Settings, prompts: int, env_id: str, env_kwargs:
     reused = {name: (t.generator.kv_tokens_reused, t.generator.prefix_tokens_reused) for name, t in timers.items()}
     for t in timers.values():
         t.generator.clear_kv_cache()
-    load_before, start, cpu_start = load_1min(), time.perf_counter(), time.process_time()
+    load_before, start, cpu_start = load_average(), time.perf_counter(), time.process_time()
     rows, stats = collect_refuel_tuples(num_prompts=prompts, seed=settings.seed, env_id=env_id, env_kwargs=env_kwargs,
                                         policy=policy, sampling=sampling, progress=False)
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
@@ -317,7 +317,7 @@ def _timed_collection(settings: Settings, prompts: int, env_id: str, env_kwargs:
                          "prefix_tokens_reused": t.generator.prefix_tokens_reused - reused[name][1]}
     keep = ("state", "response", "response_prime", "reward", "reward_prime")
     return {"rows": [{k: r[k] for k in keep} for r in rows], "stats": stats.as_dict(), "seconds": seconds,
-            "cpu_seconds": cpu_seconds, "load": (load_before, load_1min()), "profile": profile}
+            "cpu_seconds": cpu_seconds, "load": (load_before, load_average()), "profile": profile}
 
 
 def collect_worker(settings: Settings, prompts: int, warmup_prompts: int) -> dict:
@@ -434,7 +434,7 @@ def refuel_worker(settings: Settings, pairs: list[dict], gradient_checkpointing:
         prepare_seconds = time.perf_counter() - start
         trainer.setup()  # the TrainEngine: AdamW, schedule, checkpointing switch
         reset_peak_rss()
-        load_before, times, cpu_times, tokens = load_1min(), [], [], 0
+        load_before, times, cpu_times, tokens = load_average(), [], [], 0
         for _ in range(settings.warmup_steps + settings.repeats):
             start, cpu_start = time.perf_counter(), time.process_time()
             metrics = trainer.train_step(rows)
@@ -445,7 +445,7 @@ def refuel_worker(settings: Settings, pairs: list[dict], gradient_checkpointing:
             tokens = metrics["tokens"]
         peak = peak_rss()
     return {"step_seconds": times[settings.warmup_steps:], "step_cpu_seconds": cpu_times[settings.warmup_steps:],
-            "prepare_seconds": prepare_seconds, "peak": peak, "tokens": tokens, "load": (load_before, load_1min()),
+            "prepare_seconds": prepare_seconds, "peak": peak, "tokens": tokens, "load": (load_before, load_average()),
             "model_state": model_state_bytes(trainer.model, reference=None)}
 
 
@@ -490,7 +490,7 @@ def shared_prefix_worker(settings: Settings, pairs: list[dict]) -> dict:
         difference = max(float((grads[True][k] - grads[False][k]).abs().max()) for k in grads[False])
         times: dict[bool, list[float]] = {True: [], False: []}
         cpu_times: dict[bool, list[float]] = {True: [], False: []}
-        load_before = load_1min()
+        load_before = load_average()
         for repeat in range(settings.warmup_steps + settings.repeats):
             for shared in (True, False):
                 trainer.config.shared_prefix = shared
@@ -502,7 +502,7 @@ def shared_prefix_worker(settings: Settings, pairs: list[dict]) -> dict:
                     times[shared].append(time.perf_counter() - start)
                     cpu_times[shared].append(time.process_time() - cpu_start)
     return {"max_grad_rel_diff": difference / largest, "max_abs_grad": largest, "tokens": tokens,
-            "step_seconds": times, "step_cpu_seconds": cpu_times, "load": (load_before, load_1min())}
+            "step_seconds": times, "step_cpu_seconds": cpu_times, "load": (load_before, load_average())}
 
 
 def shared_prefix_figures(result: dict, dpo: dict | None, state_tokens: int, response_tokens: int,
@@ -561,7 +561,7 @@ def dpo_worker(settings: Settings, pairs: list[dict]) -> dict:
 
         def on_train_begin(self, args, state, control, **kwargs):
             reset_peak_rss()
-            marks["load_before"] = load_1min()
+            marks["load_before"] = load_average()
 
         def on_step_begin(self, args, state, control, **kwargs):
             self._start, self._cpu_start = time.perf_counter(), time.process_time()
@@ -596,7 +596,7 @@ def dpo_worker(settings: Settings, pairs: list[dict]) -> dict:
         raise RuntimeError(f"DPOTrainer ran {len(timer.times)} steps, expected {settings.warmup_steps + settings.repeats}")
     return {"step_seconds": timer.times[settings.warmup_steps:], "step_cpu_seconds": timer.cpu_times[settings.warmup_steps:],
             "peak": peak, "tokens": tokens,
-            "load": (marks["load_before"], load_1min()), "optim": str(config.optim.value),
+            "load": (marks["load_before"], load_average()), "optim": str(config.optim.value),
             "model_state": model_state_bytes(trainer.model, trainer.ref_model)}
 
 
@@ -614,6 +614,16 @@ def seconds_cell(values: list[float]) -> str:
 
 def load_cell(load: tuple[float, float]) -> str:
     return f"{load[0]:.1f} / {load[1]:.1f}"
+
+
+def measured_loads(figures: Any) -> list[tuple[float, float]]:
+    """Every (before, after) load pair that the measurements in ``figures`` recorded."""
+    if isinstance(figures, dict):
+        pairs = [tuple(v) for k, v in figures.items() if k == "load" and isinstance(v, tuple | list) and len(v) == 2]
+        return pairs + [p for k, v in figures.items() if k != "load" for p in measured_loads(v)]
+    if isinstance(figures, list):
+        return [p for v in figures for p in measured_loads(v)]
+    return []
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
@@ -674,10 +684,6 @@ def pairs_description(args: argparse.Namespace, pairs: list[dict], tokens: int) 
     return f"{len(pairs)} pairs ({what}): {2 * len(pairs)} sequences, {tokens} tokens per REFUEL forward"
 
 
-def load_line() -> str:
-    return "load average " + " ".join(f"{x:.2f}" for x in os.getloadavg())
-
-
 def training_part(args: argparse.Namespace, settings: Settings, run: Callable[..., dict], pairs: list[dict],
                   report: dict) -> None:
     """Parts 2 to 4 (those that ``--only`` selects): REFUEL steps, with gradient checkpointing, TRL's DPO."""
@@ -720,8 +726,9 @@ def main(argv: list[str] | None = None) -> None:
                              "(or pip install 'trl>=1.0'), or pass --skip-dpo") from e
         versions += f", trl {trl.__version__}"
     command = " ".join(["python scripts/benchmark_refuel.py", *(sys.argv[1:] if argv is None else argv)])
+    before = load_average()
     print(f"command: {command}\n{versions}; fp32 CPU, {args.threads} torch thread(s) per process, "
-          f"{os.cpu_count()} CPUs; {load_line()}\n", flush=True)
+          f"{os.cpu_count()} CPUs; 1-minute load average {before:.2f}\n", flush=True)
 
     wants = lambda section: args.only in (None, section)  # noqa: E731
     report: dict[str, Any] = {"command": command, "versions": versions, "threads": args.threads}
@@ -752,11 +759,13 @@ def main(argv: list[str] | None = None) -> None:
         print(shared_prefix_table(figures))
         print(f"speedup (CPU time, unshared / shared): {figures['speedup']:.2f}x; max |g_shared - g_unshared| / "
               f"max |g_unshared| over all parameters, one step before any update: {figures['max_grad_rel_diff']:.2e}")
+    report["load"] = load_record(before, cores=args.threads)
+    report["load"]["busy"] |= any(max(pair) > args.threads for pair in measured_loads(report))
+    print(f"\n{load_line(report['load'])}")
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2, default=str) + "\n")
         print(f"figures written to {args.json}")
-    print(f"\nat the end: {load_line()}")
 
 
 if __name__ == "__main__":

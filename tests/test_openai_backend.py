@@ -2,8 +2,9 @@
 
 - A real ``transformers serve`` on CPU serving the embedded SmolLM2 checkpoint (started once per
   session on a free loopback port; the tests that use it are marked slow).
-- A small stdlib HTTP server scripted per test for the failure paths (429, 500, 401, 404, 400),
-  and a closed port for an unreachable endpoint.
+- A small stdlib HTTP server scripted per test for the failure paths (429, 500, 401, 404, 400,
+  a slow answer), stopped and restarted on its port for a server outage, and a closed port for an
+  unreachable endpoint.
 """
 
 from __future__ import annotations
@@ -23,13 +24,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 
 from refuel_env.backends import EndpointError, OpenAIChatGenerator, openai_http
 from refuel_env.backends.openai_http import (
-    backoff_delay,
     estimate_tokens,
-    parse_retry_after,
     resolve_api_key,
     resolve_base_url,
     to_completion,
@@ -41,8 +41,19 @@ from refuel_env.generation import (
     TransformersGenerator,
     encode_chat,
 )
+from refuel_env.rewards import TrajectoryRewardModel
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+class ConstantReward(TrajectoryRewardModel):
+    name, max_length = "constant", None
+
+    def _score(self, dialogues):
+        return np.zeros(len(dialogues))
+
+    def count_tokens(self, dialogue):
+        return 1
 
 
 def free_port() -> int:
@@ -77,7 +88,7 @@ class FakeServer:
 
     url: str
     respond: Callable[[dict], Reply]
-    models: list[str]
+    models: list[str] | None
     requests: list[dict] = field(default_factory=list)
     headers: list[dict[str, str]] = field(default_factory=list)
     in_flight: int = 0
@@ -111,7 +122,7 @@ class _Handler(BaseHTTPRequestHandler):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         with fake.lock:
             fake.requests.append(body)
-            fake.headers.append(dict(self.headers))
+            fake.headers.append({k.lower(): v for k, v in self.headers.items()})
             fake.in_flight += 1
             fake.max_in_flight = max(fake.max_in_flight, fake.in_flight)
             reply = fake.respond(body) if self.path == "/v1/chat/completions" else Reply(404, {"detail": "Not Found"})
@@ -121,6 +132,9 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(reply)
 
     def do_GET(self) -> None:  # noqa: N802
+        if self.server.fake.models is None:  # a server without the models endpoint
+            self._send(Reply(404, {"detail": "Not Found"}))
+            return
         models = [{"id": m, "object": "model"} for m in self.server.fake.models]
         self._send(Reply(200, {"object": "list", "data": models}))
 
@@ -128,20 +142,61 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
 
+class _Server(ThreadingHTTPServer):
+    """Keeps its open connections, so that ``stop`` can drop them as a dying server would."""
+
+    daemon_threads = True
+    connections: set[socket.socket]
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        self.connections.add(request)
+        super().process_request(request, client_address)
+
+
+@dataclass
+class LocalServer:
+    """A :class:`FakeServer` on a fixed loopback port that can be stopped and started again."""
+
+    fake: FakeServer
+    port: int
+    httpd: _Server | None = None
+
+    def start(self) -> None:
+        self.httpd = _Server(("127.0.0.1", self.port), _Handler)
+        self.httpd.connections = set()
+        self.httpd.fake = self.fake  # type: ignore[attr-defined]
+        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+
+    def stop(self) -> None:
+        """Stop listening and cut every open connection (refused connections until ``start``)."""
+        assert self.httpd is not None
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        for conn in self.httpd.connections:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        self.httpd = None
+
+
 @pytest.fixture
-def fake() -> Iterator[FakeServer]:
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    httpd.daemon_threads = True
-    httpd.fake = FakeServer(f"http://127.0.0.1:{httpd.server_address[1]}/v1", echo, ["served-model"])  # type: ignore[attr-defined]
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    yield httpd.fake  # type: ignore[attr-defined]
-    httpd.shutdown()
-    httpd.server_close()
+def local_server() -> Iterator[LocalServer]:
+    port = free_port()
+    server = LocalServer(FakeServer(f"http://127.0.0.1:{port}/v1", echo, ["served-model"]), port)
+    server.start()
+    yield server
+    if server.httpd is not None:
+        server.stop()
+
+
+@pytest.fixture
+def fake(local_server) -> FakeServer:
+    return local_server.fake
 
 
 def client(fake: FakeServer, **kwargs: Any) -> OpenAIChatGenerator:
-    options = {"base_url": fake.url, "api_key": "sk-test", "max_retries": 2, "backoff_base": 0.01, **kwargs}
+    options = {"base_url": fake.url, "api_key": "sk-test", "max_retries": 2, "retry_window": 0, **kwargs}
     return OpenAIChatGenerator("served-model", **options)
 
 
@@ -185,7 +240,7 @@ def test_request_maps_sampling_params_seeds_and_extra_body(fake):
         "repetition_penalty": 1.1,
     }
     assert second["seed"] == 12
-    assert fake.headers[0]["Authorization"] == "Bearer sk-test"
+    assert fake.headers[0]["authorization"] == "Bearer sk-test"
 
 
 def test_unseeded_request_sends_no_seed_and_no_top_k(fake):
@@ -217,19 +272,19 @@ def test_429_is_retried_with_backoff_honouring_retry_after(fake, caplog):
         Reply(200, completion_payload("fine")),
     )
     start = time.perf_counter()
-    with caplog.at_level(logging.WARNING, logger=openai_http.__name__):
+    with caplog.at_level(logging.INFO, logger="openai"):
         out = client(fake, max_retries=3).chat([QUESTION], SamplingParams())
     assert out[0].text == "fine"
     assert len(fake.requests) == 3
-    retries = [r.getMessage() for r in caplog.records]
-    assert len(retries) == 2 and all("HTTP 429: Rate limit reached" in m for m in retries)
-    assert "retry 1 of 3 in 1.00 s" in retries[0]
+    retries = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Retrying request")]
+    assert len(retries) == 2 and "in 1.000000 seconds (retry 1 of 3)" in retries[0]
     assert time.perf_counter() - start >= 1.0
 
 
 def test_persistent_500_stops_after_max_retries(fake):
     fake.script(Reply(500, {"error": {"message": "engine died"}}))
-    with pytest.raises(EndpointError, match=r"still failing after 3 attempts \(last: HTTP 500: engine died\)"):
+    with pytest.raises(EndpointError, match=r"the server is up \(it answers GET /models\) but still failing after "
+                       r"3 attempts over 0\.0 s.*\(last: HTTP 500: engine died\)"):
         client(fake, max_retries=2).chat([QUESTION], SamplingParams())
     assert len(fake.requests) == 3
 
@@ -241,12 +296,12 @@ def test_401_fails_at_once_naming_the_key_variable(fake, monkeypatch):
     with pytest.raises(EndpointError, match=r"HTTP 401.*Incorrect API key.*Key used: \$OPENAI_API_KEY.*Set \$OPENAI_API_KEY"):
         gen.chat([QUESTION], SamplingParams())
     assert len(fake.requests) == 1
-    assert fake.headers[0]["Authorization"] == "Bearer sk-from-env"
+    assert fake.headers[0]["authorization"] == "Bearer sk-from-env"
 
 
 def test_404_names_model_and_url_and_lists_served_models(fake):
     fake.script(Reply(404, {"error": {"message": "The model `llama-70b` does not exist."}}))
-    gen = OpenAIChatGenerator("llama-70b", base_url=fake.url, backoff_base=0.01)
+    gen = OpenAIChatGenerator("llama-70b", base_url=fake.url)
     with pytest.raises(EndpointError) as info:
         gen.chat([QUESTION], SamplingParams())
     message = str(info.value)
@@ -256,7 +311,7 @@ def test_404_names_model_and_url_and_lists_served_models(fake):
 
 
 def test_404_for_a_wrong_path_says_so(fake):
-    gen = OpenAIChatGenerator("served-model", base_url=fake.url.removesuffix("/v1"), backoff_base=0.01)
+    gen = OpenAIChatGenerator("served-model", base_url=fake.url.removesuffix("/v1"))
     with pytest.raises(EndpointError, match=r"not found.*must include the API prefix"):
         gen.chat([QUESTION], SamplingParams())
 
@@ -281,9 +336,110 @@ def test_other_400_is_not_retried(fake):
 
 def test_unreachable_endpoint_after_retries():
     url = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens there any more
-    gen = OpenAIChatGenerator("m", base_url=url, max_retries=2, backoff_base=0.01)
-    with pytest.raises(EndpointError, match=rf"cannot reach {url} after 3 attempts \(last: ConnectError.*vllm serve"):
+    gen = OpenAIChatGenerator("m", base_url=url, max_retries=1, retry_window=0)
+    with pytest.raises(EndpointError, match=rf"the server is down: cannot reach {url} \(ConnectError.*after 2 attempts"
+                       r".*vllm serve.*raise retry_window"):
         gen.chat([QUESTION], SamplingParams())
+
+
+# ---------------------------------------------------------------- the retry window and the health check
+
+
+@pytest.fixture
+def short_pause(monkeypatch):
+    monkeypatch.setattr(openai_http, "RETRY_PAUSE", 0.1)
+
+
+def test_window_outlasts_a_failing_server_and_logs_its_health(fake, short_pause, caplog):
+    fake.script(*[Reply(503, {"error": {"message": "loading"}})] * 3, Reply(200, completion_payload("back")))
+    with caplog.at_level(logging.WARNING, logger=openai_http.__name__):
+        (out,) = client(fake, max_retries=0, retry_window=60).chat([QUESTION], SamplingParams())
+    assert out.text == "back" and len(fake.requests) == 4
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 3
+    assert "HTTP 503: loading (1 attempts); the server is up (it lists the model); trying again in 0.1 s" in warnings[0]
+
+
+def test_a_retry_after_beyond_the_sdks_two_minutes_is_waited_inside_the_window(fake, monkeypatch):
+    # The SDK does not retry when Retry-After exceeds 2 minutes; the window waits that long instead
+    # (the wait is recorded here rather than slept).
+    from types import SimpleNamespace
+
+    slept: list[float] = []
+    monkeypatch.setattr(openai_http, "time", SimpleNamespace(monotonic=time.monotonic, sleep=slept.append))
+    fake.script(Reply(429, {"error": {"message": "quota"}}, {"Retry-After": "150"}), Reply(200, completion_payload("ok")))
+    (out,) = client(fake, max_retries=3, retry_window=600).chat([QUESTION], SamplingParams())
+    assert out.text == "ok" and len(fake.requests) == 2 and slept == [150.0]
+
+
+def test_dead_server_is_told_apart_at_the_end_of_the_window(short_pause):
+    url = f"http://127.0.0.1:{free_port()}/v1"
+    gen = OpenAIChatGenerator("m", base_url=url, max_retries=0, retry_window=0.5)
+    start = time.monotonic()
+    with pytest.raises(EndpointError, match=r"the server is down: cannot reach .*Connect.*GET /models failed too.*"
+                       r"attempts over 0\.\d s of retry window \(retry_window=0\.5\)"):
+        gen.chat([QUESTION], SamplingParams())
+    assert time.monotonic() - start >= 0.5
+
+
+def test_slow_server_is_told_apart_at_the_end_of_the_window(fake, short_pause):
+    fake.respond = lambda body: Reply(**{**vars(echo(body)), "delay": 2.0})
+    gen = client(fake, max_retries=0, retry_window=0.3, timeout=0.2)
+    with pytest.raises(EndpointError, match=r"the server is slow: it answers GET /models, "
+                       r"but the request timed out after 0\.2 s, \d attempts.*Raise timeout"):
+        gen.chat([QUESTION], SamplingParams())
+    assert len(fake.requests) >= 2  # tried again inside the window
+
+
+def test_a_server_without_a_models_endpoint_counts_as_up(fake):
+    fake.models = None
+    fake.script(Reply(502, {"error": {"message": "bad gateway"}}))
+    with pytest.raises(EndpointError, match=r"the server is up \(it answers GET /models\) but still failing.*"
+                       r"last: HTTP 502: bad gateway"):
+        client(fake, max_retries=0).chat([QUESTION], SamplingParams())
+
+
+def test_a_server_without_the_model_fails_at_once(fake):
+    fake.models = ["another-model"]
+    fake.script(Reply(503, {"error": {"message": "restarting"}}))
+    start = time.monotonic()
+    with pytest.raises(EndpointError, match=r"HTTP 503: restarting, and the server at .* does not serve 'served-model' "
+                       r"\(GET /models lists \['another-model'\]\): a dead or wrong server"):
+        client(fake, max_retries=0, retry_window=600).chat([QUESTION], SamplingParams())
+    assert time.monotonic() - start < 30 and len(fake.requests) == 1
+
+
+@pytest.mark.slow
+def test_user_turns_complete_across_a_30_s_server_outage(local_server):
+    """The user's server stops for 30 s (refusing connections) between two steps of a batched
+    environment; the step issued during the outage waits and completes once it is back. The window
+    comes through ``user_openai_kwargs``, as a training run passes it."""
+    import gymnasium as gym
+
+    import refuel_env  # noqa: F401 (registers the ids)
+
+    fake = local_server.fake
+    fake.script(Reply(200, completion_payload("The answer skipped a step.\nQuestion: Why does step 2 hold?")))
+    envs = gym.make_vec(
+        "UltraInteractDialogue-v0", num_envs=3, vectorization_mode="vector_entry_point",
+        user_backend="openai", user_model="served-model", user_base_url=fake.url, reward_model=ConstantReward(),
+        user_openai_kwargs={"max_retries": 1, "retry_window": 120},
+    )
+    envs.reset(seed=3, options={"horizon": 3})
+    envs.step(["Here is my answer."] * 3)
+    assert len(fake.requests) == 3
+    local_server.stop()
+    restart = threading.Timer(30.0, local_server.start)
+    restart.start()
+    start = time.monotonic()
+    try:
+        obs, _, terminated, truncated, info = envs.step(["A second answer."] * 3)
+    finally:
+        restart.join()
+    assert time.monotonic() - start >= 30.0
+    assert len(fake.requests) == 6 and all("A second answer." in b["messages"][-1]["content"] for b in fake.requests[3:])
+    assert not (terminated.any() or truncated.any())
+    assert [o[-1] for o in obs] == [{"role": "user", "content": "Why does step 2 hold?"}] * 3
 
 
 @pytest.mark.parametrize(
@@ -309,6 +465,9 @@ def test_bad_input_fails_before_any_request(fake, conversations, seeds, match):
         ({"max_context": 0}, "max_context must be a positive int"),
         ({"max_concurrency": 0}, "max_concurrency must be a positive int"),
         ({"max_retries": -1}, "max_retries must be an int >= 0"),
+        ({"retry_window": -1}, "retry_window must be a finite number of seconds >= 0"),
+        ({"retry_window": float("inf")}, "retry_window must be a finite number of seconds >= 0"),
+        ({"retry_window": "10m"}, "retry_window must be a finite number of seconds >= 0"),
         ({"base_url": "localhost:8000/v1"}, "must start with http:// or https://"),
         ({"tokenizer": "/nonexistent/tokenizer"}, "cannot load the tokenizer '/nonexistent/tokenizer'"),
     ],
@@ -332,30 +491,6 @@ def test_endpoint_precedence(monkeypatch):
     assert resolve_base_url("http://127.0.0.1:9/v1") == "http://127.0.0.1:9/v1"
     assert resolve_api_key(None) == ("sk-env", "$OPENAI_API_KEY")
     assert resolve_api_key("sk-arg") == ("sk-arg", "the api_key argument")
-
-
-def test_parse_retry_after():
-    from datetime import datetime, timezone
-
-    now = datetime(2025, 1, 1, 12, 0, 0, tzinfo=timezone.utc)
-    assert parse_retry_after({"retry-after": "3"}) == 3.0
-    assert parse_retry_after({"retry-after-ms": "250", "retry-after": "3"}) == 0.25
-    assert parse_retry_after({"retry-after": "Wed, 01 Jan 2025 12:00:07 GMT"}, now=now) == 7.0
-    assert parse_retry_after({"retry-after": "soon"}) is None
-    assert parse_retry_after({}) is None
-    assert parse_retry_after(httpx.Headers({"Retry-After": "2"})) == 2.0  # case-insensitive headers
-
-
-def test_backoff_delay_doubles_with_jitter_and_cap():
-    import random
-
-    rng = random.Random(0)
-    for attempt in range(6):
-        full = min(8.0, 0.5 * 2**attempt)
-        d = backoff_delay(attempt, None, base=0.5, cap=8.0, rng=rng)
-        assert full / 2 <= d <= full
-    assert backoff_delay(0, 3.0, base=0.5, cap=8.0, rng=rng) == 3.0
-    assert backoff_delay(0, 60.0, base=0.5, cap=8.0, rng=rng) == 8.0
 
 
 def test_to_completion_maps_finish_reasons():
@@ -403,19 +538,8 @@ def test_env_config_selects_the_openai_backend(fake):
 
 def test_environment_steps_with_an_http_user(fake):
     import gymnasium as gym
-    import numpy as np
 
     import refuel_env  # noqa: F401 (registers the ids)
-    from refuel_env.rewards import TrajectoryRewardModel
-
-    class ConstantReward(TrajectoryRewardModel):
-        name, max_length = "constant", None
-
-        def _score(self, dialogues):
-            return np.zeros(len(dialogues))
-
-        def count_tokens(self, dialogue):
-            return 1
 
     fake.script(Reply(200, completion_payload("The answer skipped a step.\nQuestion: Why does step 2 hold?")))
     env = gym.make(

@@ -3,7 +3,8 @@
 :class:`OpenAIChatGenerator` puts a model served elsewhere (a 70B simulated user on
 ``vllm serve``, a judge behind the OpenAI API) behind the :class:`TextGenerator` interface. A
 batch of N conversations becomes N concurrent ``POST {base_url}/chat/completions`` requests
-(at most ``max_concurrency`` at a time); results come back in the batch's order.
+(at most ``max_concurrency`` at a time) through the ``openai`` SDK; results come back in the
+batch's order.
 
 Where the endpoint comes from (first found wins):
 
@@ -21,28 +22,34 @@ same text whatever else is in flight; ``transformers serve`` sets the process-wi
 so its seeded requests repeat only when they do not overlap; the OpenAI API promises only
 "best effort" determinism.
 
-Failures: 408, 409, 429, 5xx answers and connection errors are retried up to ``max_retries``
-times with exponential backoff and jitter (a ``Retry-After`` header sets the wait instead);
-401/403 (bad key), 404 (unknown model or wrong path: the error lists the server's models),
-other 4xx, and retries spent raise :class:`EndpointError` with what to do; a prompt beyond the
-server's context raises :class:`ContextLengthError`.
+Failures, in two layers:
+
+- The SDK retries 408, 409, 429, 5xx answers, connection errors and timeouts up to
+  ``max_retries`` times, waiting 0.5 s doubling to 8 s with jitter, or what a ``Retry-After``
+  (or ``retry-after-ms``) header says, up to 2 minutes.
+- When those retries are spent, the request is tried again every few seconds until
+  ``retry_window`` seconds have passed, so a server that restarts or stalls for minutes costs a
+  wait, not the collection. Each time, ``GET {base_url}/models`` checks the server's health. A
+  server that answers it without listing the model is the wrong server: that fails at once.
+  When the window is spent, the error says whether the server is down (no connection) or up and
+  slow (it answers ``/models``, but the request timed out or kept failing).
+
+401/403 (bad key), 404 (unknown model or wrong path: the error lists the server's models) and
+other 4xx raise :class:`EndpointError` at once with what to do; a prompt beyond the server's
+context raises :class:`ContextLengthError`.
 """
 
 from __future__ import annotations
 
-import email.utils
+import json
 import logging
 import math
 import os
-import random
 import re
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timezone
 from typing import Any, Literal
-
-import httpx
 
 from refuel_env.generation import (
     Completion,
@@ -61,6 +68,10 @@ logger = logging.getLogger(__name__)
 BASE_URL_ENV = "OPENAI_BASE_URL"
 API_KEY_ENV = "OPENAI_API_KEY"
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
+RETRY_PAUSE = 2.0
+"""Seconds between two rounds of SDK retries inside the retry window."""
+HEALTH_TIMEOUT = 10.0
+"""Seconds the ``GET /models`` health check may take."""
 
 ESTIMATE_BYTES_PER_TOKEN = 3.0
 """Token estimate without a tokenizer: UTF-8 bytes per token of message text. Measured with the
@@ -75,7 +86,7 @@ prompt). Llama-3.1's template adds about 25 on its own."""
 
 class EndpointError(GenerationError):
     """The HTTP endpoint refused or failed a request: bad key, unknown model or path, bad request,
-    unreachable, or still failing after the retries."""
+    unreachable, or still failing at the end of the retry window."""
 
 
 def resolve_base_url(base_url: str | None) -> str:
@@ -98,28 +109,27 @@ def resolve_api_key(api_key: str | None) -> tuple[str | None, str]:
     return None, f"none (neither api_key= nor ${API_KEY_ENV} is set)"
 
 
-def request_body(
+def request_options(
     model: str,
     messages: Sequence[Message],
     params: SamplingParams,
     seed: int | None,
     extra_body: Mapping[str, Any],
 ) -> dict[str, Any]:
-    """The JSON body of one ``/chat/completions`` request."""
-    body: dict[str, Any] = {
+    """The keyword arguments of one ``chat.completions.create`` call."""
+    import openai
+
+    options: dict[str, Any] = {
         "model": model,
         "messages": [{"role": m["role"], "content": m["content"]} for m in messages],
         "max_tokens": params.max_new_tokens,
         "temperature": params.temperature,
         "top_p": params.top_p,
+        "stop": list(params.stop) if params.stop else openai.omit,
+        "seed": seed if seed is not None else openai.omit,
     }
-    if params.stop:
-        body["stop"] = list(params.stop)
-    if params.top_k > 0:
-        body["top_k"] = params.top_k
-    if seed is not None:
-        body["seed"] = seed
-    return {**body, **extra_body}
+    extra = {"top_k": params.top_k} if params.top_k > 0 else {}
+    return {**options, "extra_body": {**extra, **extra_body}}
 
 
 def retryable(status: int) -> bool:
@@ -127,52 +137,14 @@ def retryable(status: int) -> bool:
     return status in (408, 409, 429) or status >= 500
 
 
-def parse_retry_after(headers: Mapping[str, str], now: datetime | None = None) -> float | None:
-    """Seconds to wait from ``retry-after-ms`` or ``Retry-After`` (seconds or an HTTP date)."""
-    millis = headers.get("retry-after-ms")
-    if millis is not None:
-        try:
-            return max(0.0, float(millis) / 1000)
-        except ValueError:
-            pass
-    value = headers.get("retry-after")
-    if value is None:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, (when - (now or datetime.now(timezone.utc))).total_seconds())
-
-
-def backoff_delay(
-    attempt: int, retry_after: float | None, *, base: float, cap: float, rng: random.Random
-) -> float:
-    """Wait before retry ``attempt`` (0-based): the server's ``Retry-After`` if it sent one, else
-    ``base * 2**attempt`` scaled by a random factor in [0.5, 1]; never more than ``cap``."""
-    if retry_after is not None:
-        return min(retry_after, cap)
-    return min(cap, base * 2**attempt) * rng.uniform(0.5, 1.0)
-
-
-def error_detail(response: httpx.Response) -> tuple[str, str | None]:
-    """The server's error message and code, from the OpenAI, vLLM or FastAPI error shapes."""
-    try:
-        payload = response.json()
-    except ValueError:
-        return response.text.strip()[:500] or response.reason_phrase, None
-    if isinstance(payload, dict):
-        error = payload.get("error", payload)
-        if isinstance(error, dict):
-            message = error.get("message") or error.get("detail") or payload.get("detail")
-            code = error.get("code")
-            return str(message or payload)[:500], str(code) if code is not None else None
-        return str(error)[:500], None
-    return str(payload)[:500], None
+def error_detail(err: Any) -> tuple[str, str | None]:
+    """The server's error message and code from an SDK status error, whose ``body`` is the answer's
+    ``error`` object (OpenAI), the whole JSON (vLLM, FastAPI's ``detail``) or the text."""
+    body = err.body
+    if isinstance(body, dict):
+        code = body.get("code")
+        return str(body.get("message") or body.get("detail") or body)[:500], None if code is None else str(code)
+    return str(body or err.response.reason_phrase)[:500], None
 
 
 _CONTEXT_PATTERN = re.compile(r"context.length|maximum context|context window|prompt is too long", re.IGNORECASE)
@@ -237,6 +209,28 @@ def load_tokenizer(path: str) -> Any:
     return tokenizer
 
 
+def retry_after(err: BaseException) -> float:
+    """A ``Retry-After`` in seconds from an error answer (the SDK honours one up to 2 minutes and does not
+    retry past that), else 0."""
+    response = getattr(err, "response", None)
+    try:
+        return max(0.0, float(response.headers.get("retry-after", 0))) if response is not None else 0.0
+    except ValueError:
+        return 0.0
+
+
+def describe(err: BaseException) -> str:
+    """An SDK error in a few words: the HTTP status and the server's message, or the transport failure."""
+    import openai
+
+    if isinstance(err, openai.APIStatusError):
+        return f"HTTP {err.status_code}: {error_detail(err)[0]}"
+    if isinstance(err, openai.APITimeoutError):
+        return "timed out"
+    cause = err.__cause__ or err
+    return f"{type(cause).__name__}: {cause}"
+
+
 class OpenAIChatGenerator(TextGenerator):
     """A model behind an OpenAI-compatible ``/chat/completions`` endpoint.
 
@@ -257,8 +251,11 @@ class OpenAIChatGenerator(TextGenerator):
         max_concurrency: requests in flight at once.
         timeout: seconds to wait for a response (generation included); ``connect_timeout`` for a
             connection.
-        max_retries: retries after the first attempt, for 408/409/429/5xx and connection errors.
-        backoff_base, backoff_max: the first backoff in seconds, and the longest wait.
+        max_retries: the SDK's retries after the first attempt, for 408/409/429/5xx, connection
+            errors and timeouts (backoff from 0.5 s to 8 s, or the server's ``Retry-After``).
+        retry_window: seconds during which a request whose SDK retries are spent is tried again
+            (every ``RETRY_PAUSE`` seconds plus the SDK's backoff), so that a server restart or a
+            stall of minutes does not fail the batch. 0 gives up after the SDK's retries.
         extra_body: extra JSON fields sent with every request (server extensions such as vLLM's
             ``repetition_penalty`` or ``transformers serve``'s ``generation_config``).
     """
@@ -275,10 +272,11 @@ class OpenAIChatGenerator(TextGenerator):
         timeout: float = 600.0,
         connect_timeout: float = 10.0,
         max_retries: int = 5,
-        backoff_base: float = 0.5,
-        backoff_max: float = 30.0,
+        retry_window: float = 600.0,
         extra_body: Mapping[str, Any] | None = None,
     ):
+        import openai
+
         if not isinstance(model, str) or not model:
             raise GenerationError(f"openai backend: model must be the served model's name, got {model!r}")
         if isinstance(max_context, bool) or not isinstance(max_context, int) or max_context < 1:
@@ -287,6 +285,11 @@ class OpenAIChatGenerator(TextGenerator):
             raise GenerationError(f"openai backend: max_concurrency must be a positive int, got {max_concurrency!r}")
         if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
             raise GenerationError(f"openai backend: max_retries must be an int >= 0, got {max_retries!r}")
+        if isinstance(retry_window, bool) or not isinstance(retry_window, int | float) or not 0 <= retry_window < math.inf:
+            raise GenerationError(
+                f"openai backend: retry_window must be a finite number of seconds >= 0, got {retry_window!r} "
+                "(e.g. 600 to keep trying a stalled or restarting server for 10 minutes, 0 for no window)"
+            )
         self.name = model
         self.base_url = resolve_base_url(base_url)
         self.api_key, self.api_key_source = resolve_api_key(api_key)
@@ -294,15 +297,16 @@ class OpenAIChatGenerator(TextGenerator):
         self.tokenizer = load_tokenizer(str(tokenizer)) if tokenizer is not None else None
         self.max_concurrency = max_concurrency
         self.max_retries = max_retries
-        self.backoff_base = backoff_base
-        self.backoff_max = backoff_max
+        self.retry_window = float(retry_window)
+        self.timeout = timeout
         self.extra_body = dict(extra_body or {})
-        self._rng = random.Random()
-        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
-        self._client = httpx.Client(
-            headers=headers,
-            timeout=httpx.Timeout(timeout, connect=connect_timeout),
-            limits=httpx.Limits(max_connections=max_concurrency, max_keepalive_connections=max_concurrency),
+        # Without a key no Authorization header goes out: the SDK wants some key, and each request omits it.
+        self._headers = {} if self.api_key else {"Authorization": openai.omit}
+        self._client = openai.OpenAI(
+            base_url=self.base_url,
+            api_key=self.api_key or "none",
+            timeout=openai.Timeout(timeout, connect=connect_timeout),
+            max_retries=max_retries,
         )
 
     @property
@@ -332,12 +336,12 @@ class OpenAIChatGenerator(TextGenerator):
         seeds: Sequence[int] | None = None,
     ) -> list[Completion]:
         validate_request(conversations, seeds, self.backend)
-        bodies = [
-            request_body(self.name, conv, params, seeds[i] if seeds is not None else None, self.extra_body)
+        requests = [
+            request_options(self.name, conv, params, seeds[i] if seeds is not None else None, self.extra_body)
             for i, conv in enumerate(conversations)
         ]
-        with ThreadPoolExecutor(min(self.max_concurrency, len(bodies))) as pool:
-            futures = [pool.submit(self._complete, i, body, params.stop) for i, body in enumerate(bodies)]
+        with ThreadPoolExecutor(min(self.max_concurrency, len(requests))) as pool:
+            futures = [pool.submit(self._complete, i, request, params.stop) for i, request in enumerate(requests)]
             try:
                 return [f.result() for f in futures]
             except BaseException:
@@ -345,49 +349,72 @@ class OpenAIChatGenerator(TextGenerator):
                     f.cancel()
                 raise
 
-    def _complete(self, index: int, body: dict[str, Any], stop: Sequence[str]) -> Completion:
-        payload = self._post_with_retries(index, body)
+    def _complete(self, index: int, request: dict[str, Any], stop: Sequence[str]) -> Completion:
+        try:
+            payload = self._create_within_window(index, request).to_dict()
+        except json.JSONDecodeError as err:  # a 200 answer whose body is not JSON
+            raise EndpointError(f"{self.backend}, conversation {index}: the answer is not JSON ({err})") from err
         try:
             return to_completion(payload, stop)
         except EndpointError as err:
             raise EndpointError(f"{self.backend}, conversation {index}: {err}") from err
 
-    def _post_with_retries(self, index: int, body: dict[str, Any]) -> Any:
-        url = f"{self.base_url}/chat/completions"
-        failure, status = "", None
-        for attempt in range(self.max_retries + 1):
-            retry_after = None
-            try:
-                response = self._client.post(url, json=body)
-            except httpx.TransportError as err:
-                failure, status = f"{type(err).__name__}: {err}", None
-            else:
-                if response.is_success:
-                    try:
-                        return response.json()
-                    except ValueError as err:
-                        raise EndpointError(
-                            f"{self.backend}, conversation {index}: the answer is not JSON: {response.text[:300]!r}"
-                        ) from err
-                if not retryable(response.status_code):
-                    raise self._refusal(index, response)
-                message, _ = error_detail(response)
-                failure, status = f"HTTP {response.status_code}: {message}", response.status_code
-                retry_after = parse_retry_after(response.headers)
-            if attempt == self.max_retries:
-                break
-            delay = backoff_delay(attempt, retry_after, base=self.backoff_base, cap=self.backoff_max, rng=self._rng)
-            logger.warning(
-                "%s, conversation %d: %s; retry %d of %d in %.2f s",
-                self.backend, index, failure, attempt + 1, self.max_retries, delay,
-            )
-            time.sleep(delay)
-        raise self._exhausted(index, failure, status)
+    def _create_within_window(self, index: int, request: dict[str, Any]) -> Any:
+        """One chat completion: the SDK's retries, then further rounds until ``retry_window`` is spent."""
+        import openai
 
-    def _refusal(self, index: int, response: httpx.Response) -> GenerationError:
+        first_failure, rounds = None, 0
+        while True:
+            rounds += 1
+            try:
+                return self._client.chat.completions.create(**request, extra_headers=self._headers)
+            except openai.APIStatusError as err:
+                if not retryable(err.status_code):
+                    raise self._refusal(index, err) from err
+                fault: openai.APIError = err
+            except openai.APIConnectionError as err:
+                fault = err
+            now = time.monotonic()
+            first_failure = first_failure if first_failure is not None else now
+            answered, served = self._health()
+            if isinstance(served, list) and self.name not in served:
+                raise EndpointError(
+                    f"{self.backend}, conversation {index}: {describe(fault)}, and the server at {self.base_url} "
+                    f"does not serve {self.name!r} (GET /models lists {served}): a dead or wrong server for this "
+                    "model. Restart it with the model, or pass one of those names as the model."
+                ) from fault
+            waited = now - first_failure
+            if waited >= self.retry_window:
+                raise self._exhausted(index, fault, answered, served, waited, rounds) from fault
+            pause = min(max(RETRY_PAUSE, retry_after(fault)), self.retry_window - waited)
+            health = f"up ({'it lists the model' if isinstance(served, list) else served})" if answered else "down"
+            logger.warning(
+                "%s, conversation %d: %s (%d attempts); the server is %s; trying again in %.1f s "
+                "(%.1f of the %g s retry window spent)",
+                self.backend, index, describe(fault), self.max_retries + 1, health, pause, waited, self.retry_window,
+            )
+            time.sleep(pause)
+
+    def _health(self) -> tuple[bool, list[str] | str]:
+        """``GET {base_url}/models``: whether the server answered, and the model ids it lists (or why none)."""
+        import openai
+
+        try:
+            listing = self._client.with_options(max_retries=0, timeout=HEALTH_TIMEOUT).models.list(
+                extra_headers=self._headers
+            )
+            return True, [m.id for m in listing.data]
+        except openai.APIStatusError as err:
+            return True, f"GET /models answered {describe(err)}"
+        except openai.APIConnectionError as err:
+            return False, f"GET /models failed too ({describe(err)})"
+        except (openai.APIError, ValueError, TypeError, AttributeError) as err:
+            return True, f"GET /models gave no model list ({type(err).__name__}: {err})"
+
+    def _refusal(self, index: int, err: Any) -> GenerationError:
         """The error for a 4xx answer that retrying cannot fix."""
-        status = response.status_code
-        message, code = error_detail(response)
+        status = err.status_code
+        message, code = error_detail(err)
         where = f"{self.backend}, conversation {index}: HTTP {status}"
         if status in (401, 403):
             return EndpointError(
@@ -395,9 +422,14 @@ class OpenAIChatGenerator(TextGenerator):
                 f"Set ${API_KEY_ENV} (or pass api_key=) to a key this server accepts."
             )
         if status == 404:
+            served = self._health()[1]
+            listing = (
+                f"The server at {self.base_url} serves: {served}; pass one of them as the model."
+                if isinstance(served, list) else f"Listing the served models failed too: {served}."
+            )
             return EndpointError(
                 f"{where}, model {self.name!r} or path {self.base_url}/chat/completions not found ({message}). "
-                f"{self._served_models()} The base URL must include the API prefix, as in http://localhost:8000/v1."
+                f"{listing} The base URL must include the API prefix, as in http://localhost:8000/v1."
             )
         if is_context_length_error(status, message, code):
             return ContextLengthError(
@@ -407,27 +439,28 @@ class OpenAIChatGenerator(TextGenerator):
             )
         return EndpointError(f"{where}, the server rejected the request: {message}")
 
-    def _served_models(self) -> str:
-        """A sentence naming the models that ``GET {base_url}/models`` lists, or why it could not."""
-        url = f"{self.base_url}/models"
-        try:
-            response = self._client.get(url, timeout=10.0)
-            response.raise_for_status()
-            ids = [m["id"] for m in response.json()["data"]]
-        except (httpx.HTTPError, ValueError, KeyError, TypeError) as err:
-            return f"Listing the served models at {url} failed too ({type(err).__name__}: {err})."
-        return f"The server at {self.base_url} serves: {ids}; pass one of them as the model."
+    def _exhausted(
+        self, index: int, fault: Any, answered: bool, served: list[str] | str, waited: float, rounds: int
+    ) -> EndpointError:
+        """The error at the end of the retry window: the server is down, or up and slow or failing."""
+        import openai
 
-    def _exhausted(self, index: int, failure: str, status: int | None) -> EndpointError:
-        """The error after the last retry; ``status`` is None when the last try got no answer."""
-        attempts = self.max_retries + 1
         where = f"{self.backend}, conversation {index}"
-        if status is not None:
+        tries = f"{rounds * (self.max_retries + 1)} attempts over {waited:.1f} s of retry window (retry_window={self.retry_window:g})"
+        if not answered:
             return EndpointError(
-                f"{where}: still failing after {attempts} attempts (last: {failure}). The server is overloaded "
-                "or broken: check its log, lower max_concurrency, or raise max_retries."
+                f"{where}: the server is down: cannot reach {self.base_url} ({describe(fault)}; {served}) after {tries}. "
+                f"Start the server (e.g. `vllm serve <model> --port 8000`), point base_url / ${BASE_URL_ENV} at where "
+                "it runs, or raise retry_window if it needs longer to come back."
+            )
+        if isinstance(fault, openai.APITimeoutError):
+            return EndpointError(
+                f"{where}: the server is slow: it answers GET /models, but the request "
+                f"timed out after {self.timeout:g} s, {tries}. Raise timeout, lower max_concurrency or "
+                "max_new_tokens, or give the server more capacity."
             )
         return EndpointError(
-            f"{where}: cannot reach {self.base_url} after {attempts} attempts (last: {failure}). Start the server "
-            f"(e.g. `vllm serve <model> --port 8000`) or point base_url / ${BASE_URL_ENV} at where it runs."
+            f"{where}: the server is up (it answers GET /models) but still failing after {tries} "
+            f"(last: {describe(fault)}). It is overloaded or broken: check its log, lower max_concurrency, "
+            "or raise retry_window."
         )
