@@ -149,6 +149,7 @@ def test_dialogues_branch_from_a_snapshot_with_independent_users(synthetic_polic
     assert len(second_users) > 1, "eight branches from one snapshot should not all be the same dialogue"
 
 
+@pytest.mark.slow
 def test_on_the_dataset_id_the_user_turns_are_template_text_and_replay_exactly(tiny_lm_dir):
     tokenizer = AutoTokenizer.from_pretrained(tiny_lm_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_lm_dir)

@@ -186,7 +186,7 @@ class DialogueRollout:
                 tokenizer,
                 generation_config=config,
                 eos_token_ids=trainer.eos_token_ids,
-                chat_template_kwargs={**(trainer.args.chat_template_kwargs or {}), **self.chat_template_kwargs},
+                chat_template_kwargs=getattr(trainer, "chat_template_kwargs", None),
                 process_index=trainer.accelerator.process_index,
             )
 
