@@ -155,7 +155,12 @@ def test_on_the_dataset_id_the_user_turns_are_template_text_and_replay_exactly(t
     model = AutoModelForCausalLM.from_pretrained(tiny_lm_dir)
     rollout = DialogueRollout("UltraInteractPresampled-v0", horizon=2, seed=5, max_new_tokens=6)
     items = gym.make("UltraInteractPresampled-v0").unwrapped.core.items
-    indices = [i for i, item in enumerate(items) if item.num_turns >= 2][:2]
+    two_turns = [i for i, item in enumerate(items) if item.num_turns >= 2]
+    assert 0 < len(two_turns) < len(items)
+    assert len(rollout.dataset()) == len(two_turns)  # by default, the items a 2-turn dialogue fits
+    with pytest.raises(ValueError, match="horizon"):
+        rollout.dataset([next(i for i, item in enumerate(items) if item.num_turns == 1)])
+    indices = two_turns[:2]
     prompts = list(rollout.dataset(indices)["prompt"])
     torch.manual_seed(0)
     out = rollout.play(prompts, model, tokenizer, generation_config=GenerationConfig(
@@ -225,6 +230,8 @@ def test_clear_errors(synthetic_policy):
         DialogueRollout("SyntheticDialogue-v0", env_kwargs={"kl_coef": 0.1})
     with pytest.raises(ValueError, match="horizon"):
         DialogueRollout("SyntheticDialogue-v0", horizon=0)
+    with pytest.raises(ValueError, match="horizon"):
+        DialogueRollout("SyntheticDialogue-v0", env_kwargs={"max_turns": 2}, horizon=3).dataset()
     rollout = DialogueRollout("SyntheticDialogue-v0")
     with pytest.raises(TypeError, match="conversation"):
         rollout.play(["vague"], model, tokenizer)

@@ -111,8 +111,10 @@ class DialogueRollout:
     ):
         """A ``datasets.Dataset`` with a ``prompt`` column, for ``GRPOTrainer(train_dataset=...)``.
 
-        One row per dataset item in ``indices`` (default: every item of the id's split, unless
-        ``snapshots`` or ``prefixes`` are given), per snapshot (its dialogues branch from it) and per
+        One row per dataset item in ``indices`` (default, unless ``snapshots`` or ``prefixes`` are
+        given: every item of the id's split that a dialogue of ``horizon`` turns fits, which with a
+        pre-sampled user means the items with at least that many questions), per snapshot (its
+        dialogues branch from it) and per
         prefix. The prompt is the state's transcript; the rollout resets to the state it came from.
         Prompts that several rows share (two items with the same first question) start one of those
         states at random.
@@ -121,7 +123,11 @@ class DialogueRollout:
 
         probe = self._env(1)
         if indices is None and snapshots is None and prefixes is None:
-            indices = range(len(probe.unwrapped.core.items))
+            core = probe.unwrapped.core
+            indices = [i for i, item in enumerate(core.items) if core.max_horizon(item) >= (self.horizon or 1)]
+            if not indices:
+                raise ValueError(f"no item of {self.env_id} has room for horizon={self.horizon} turns; pass a "
+                                 "smaller horizon (or None)")
         rows: list[dict[str, Any]] = [{"index": index} for index in indices or ()]
         for snap in snapshots or ():
             if not isinstance(snap, Snapshot):
@@ -131,8 +137,9 @@ class DialogueRollout:
         rows += [{"prefix": [dict(m) for m in prefix]} for prefix in prefixes or ()]
         prompts = []
         for options in rows:
-            # The environment checks every start (index range, snapshot configuration, prefix form).
-            obs, _ = probe.reset(seed=0, options={k: [v] for k, v in options.items()})
+            # The environment checks every start (index range, horizon, snapshot configuration, prefix form).
+            checked = dict(options) if "snapshot" in options or self.horizon is None else {**options, "horizon": self.horizon}
+            obs, _ = probe.reset(seed=0, options={k: [v] for k, v in checked.items()})
             prompt = [{"role": m["role"], "content": m["content"]} for m in obs[0]]
             starts = self._starts.setdefault(_key(prompt), [])
             if not any(_same_start(options, s) for s in starts):
