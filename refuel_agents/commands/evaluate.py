@@ -8,6 +8,9 @@ results.json and winrate_by_turn.png to --output-dir and prints the table.
     # environment-only benchmarking: evaluate a model with no training at all
     python scripts/evaluate.py --policy hf:meta-llama/Meta-Llama-3-8B-Instruct
 
+    # the flags in a YAML or JSON file (keys: the flag names); flags on the command line override it
+    python scripts/evaluate.py --config eval.yaml --num-prompts 16
+
     # a trained policy against the embedded base model, judged by the reward model (CPU)
     python scripts/evaluate.py --policy refuel=runs/<run>/final_model --judge reward
 
@@ -35,6 +38,9 @@ exact text. In the file, the two transcripts go where the placeholders stand: {{
 transcript reads '# User:' / '# Chatbot:' headings with a blank line between messages. The answer
 is parsed for 'Preferred: A' / 'Preferred: B'.
 
+Installed (pip install .), the same command is ``refuel-evaluate``. The output folder is checked
+(a folder that can be written) before anything is played.
+
 The evaluation plays without the environment's max_dialogue_tokens (a training-data filter that
 would drop a whole pair when its later turns grow long); --max-dialogue-tokens sets a limit for
 the evaluation itself. A pair is judged at every turn both dialogues reached. The KL column is
@@ -45,12 +51,18 @@ play when --temperature is not 1).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 import refuel_env
+from refuel_agents.cli import (
+    check_output_dir,
+    config_file_argv,
+    json_object,
+    load_config_file,
+    split_config_flag,
+)
 from refuel_agents.evaluation import (
     DEFAULT_HORIZON,
     JUDGE_TEMPLATES,
@@ -98,21 +110,12 @@ def _temperature(text: str) -> float:
     return value
 
 
-def _json_object(text: str) -> dict:
-    example = "'{\"user\": \"instant\", \"max_turns\": 3}'"
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise argparse.ArgumentTypeError(f"{text!r} is not valid JSON ({err}); pass a JSON object such as "
-                                         f"{example}") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"{text!r} is JSON but not an object; pass a JSON object such as {example}")
-    return value
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.format(specs=SPEC_HELP.split("\n", 1)[1]),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", metavar="FILE", default=None,
+                   help="a YAML or JSON file of flag names and values (policy: a list for several); explicit flags "
+                        "override it")
     p.add_argument("--policy", action="append", required=True, metavar="[NAME=]SPEC",
                    help="a policy to evaluate (repeat for several); a model spec, optionally named NAME=SPEC")
     p.add_argument("--reference", default="embedded", metavar="SPEC",
@@ -132,7 +135,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="environment id (default: %(default)s)")
     p.add_argument("--env-preset", default=None, choices=sorted(PRESETS),
                    help="environment preset, e.g. paper-setting-one (default: none, the embedded models)")
-    p.add_argument("--env-kwargs", type=_json_object, default={}, metavar="JSON",
+    p.add_argument("--env-kwargs", type=json_object, default={}, metavar="JSON",
                    help='more environment arguments as JSON, e.g. \'{"user": "instant"}\'; split is always '
                         "'test' and kl_coef 0 while playing (default: {})")
     p.add_argument("--num-prompts", type=_positive_int, default=8,
@@ -155,7 +158,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--output-dir", type=Path, default=None,
                    help="where to write the reports (default: runs/eval-<date>-<time>)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    try:
+        config_path, argv = split_config_flag(argv)
+        if config_path is not None:  # the file's flags first: explicit flags, later on the line, win
+            file_argv = config_file_argv(config_path, load_config_file(config_path), parser)
+            if "--policy" in argv:  # --policy adds up: explicit ones replace the file's
+                file_argv = _without(file_argv, "--policy")
+            argv = file_argv + argv
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
+    return parser.parse_args(argv)
+
+
+def _without(argv: list[str], flag: str) -> list[str]:
+    out, skip = [], False
+    for token in argv:
+        if skip:
+            skip = False
+        elif token == flag:
+            skip = True
+        else:
+            out.append(token)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -185,6 +215,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.judge != "reward":
         checked("--judge", args.judge, f"'reward' (the environment's reward model) or {_SPEC_FORMS}")
     judge_template = None
+    if args.judge == "reward" and args.judge_template != "auto":
+        raise SystemExit(f"error: --judge-template {args.judge_template!r} is an LLM judge's prompt, but --judge is "
+                         "'reward': the reward model scores each dialogue and reads no prompt. Drop --judge-template, "
+                         "or pass a model spec to --judge (e.g. openai:gpt-4-0613).")
     if args.judge_template != "auto":
         try:
             judge_template = load_judge_template(args.judge_template)
@@ -199,6 +233,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.env_preset:
         env_kwargs["preset"] = args.env_preset
     out_dir = args.output_dir or Path("runs") / time.strftime("eval-%Y%m%d-%H%M%S")
+    try:
+        check_output_dir(out_dir)  # before anything is played
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
     try:
         results = evaluate_policies(
             policies, args.reference, args.judge, env_id=args.env_id, env_kwargs=env_kwargs,

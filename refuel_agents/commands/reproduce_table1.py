@@ -2,19 +2,23 @@
 every trained policy against the base model, per turn, on the same held-out prompts.
 
     python scripts/reproduce_table1.py                                   # embedded default, CPU (see docs/evaluation.md for the time)
+    refuel-reproduce-table1 --methods refuel                             # the same, installed (pip install .)
     python scripts/reproduce_table1.py --methods refuel rebel-lt-online  # a subset of the rows
     python scripts/reproduce_table1.py --preset paper-setting-one --judge openai:gpt-4-0613 --both-orders \\
         --eval-prompts 500 --benchmark llama-3.1-8b-it=hf:meta-llama/Llama-3.1-8B-Instruct \\
         --train-launcher "deepspeed --num_gpus 8" --train-args "--deepspeed refuel_agents/configs/deepspeed_zero3.json"
 
 Each method is trained by ``scripts/train_agent.py`` and all of them are evaluated in one run of
-``scripts/evaluate.py`` (same prompts, same seeds, same judge), each in a subprocess whose exact
+``scripts/evaluate.py`` (installed: the modules ``refuel_agents.commands.train`` and ``.evaluate``) (same prompts, same seeds, same judge), each in a subprocess whose exact
 command line is written to ``<output-dir>/commands.sh`` before it runs. Rerunning the same command
 continues an interrupted reproduction: a method whose ``final_model`` exists is not trained
-again, one with a checkpoint is resumed from its last checkpoint, and one interrupted before its
-first checkpoint is trained afresh (its folder is first renamed ``<method>.no-checkpoint-<time>``,
-nothing is deleted). Before reusing or resuming a run, its ``config.json`` is compared with the
-configuration the flags give now; any difference is an error that names the fields.
+again, and one with a run folder is resumed (from its last checkpoint, or from its start with the
+tuples it stored when it was interrupted before its first checkpoint). A folder that is not a run
+(no config.json) is renamed ``<method>.not-a-run-<time>`` and the method trained afresh; nothing is
+deleted. Before reusing or resuming a run, its ``config.json`` is compared with the
+configuration the flags give now; any difference is an error that names the fields. The flags
+of --train-args are checked as train_agent.py checks them, for every method, before anything
+runs (--dry-run too).
 
 Writes ``<output-dir>/``: one run folder per method, ``commands.sh``, ``eval/`` (results.md,
 results.json, winrate_by_turn.png) and ``table1.md`` (rows: methods; columns: h = 1..H and avg).
@@ -32,13 +36,20 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from refuel_agents import checkpoint as ckpt
+from refuel_agents.cli import StrictParser, check_output_dir
+from refuel_agents.commands import evaluate as evaluate_command
+from refuel_agents.commands import train as train_agent
+from refuel_agents.modes import BASELINE_MODES
 
-from refuel_agents.modes import BASELINE_MODES  # noqa: E402
-
-#: config.json fields that may differ between an earlier run and its continuation.
-RUN_LOCAL_FIELDS = ("output_dir", "run_name", "resume", "progress")
+#: The checkout (scripts/ beside the package), or the folder the package is installed in.
+ROOT = Path(__file__).resolve().parents[2]
+CHECKOUT = (ROOT / "scripts" / "train_agent.py").is_file()
+#: What each subprocess runs: the checkout's scripts, or the installed commands' modules.
+TRAIN_SCRIPT = ROOT / "scripts" / "train_agent.py" if CHECKOUT else Path(train_agent.__file__)
+EVAL_SCRIPT = ROOT / "scripts" / "evaluate.py" if CHECKOUT else Path(evaluate_command.__file__)
+RUN_LOCAL_FIELDS = ckpt.RUN_LOCAL_FIELDS
+config_differences = ckpt.config_differences
 
 #: Table 1's rows, in its order: (row name, agent, mode).
 METHODS: dict[str, tuple[str, str | None]] = {
@@ -116,57 +127,36 @@ def train_arguments(args: argparse.Namespace, setup: dict, method: str, run_dir:
 
 def train_command(args: argparse.Namespace, setup: dict, method: str, run_dir: Path, *, resume: bool = False) -> list[str]:
     launcher = shlex.split(args.train_launcher) or [sys.executable]
-    cmd = [*launcher, str(ROOT / "scripts" / "train_agent.py"), *train_arguments(args, setup, method, run_dir)]
+    cmd = [*launcher, str(TRAIN_SCRIPT), *train_arguments(args, setup, method, run_dir)]
     if resume:
-        cmd.append("--resume")  # interrupted after a checkpoint: continue from the last one
+        cmd.append("--resume")  # interrupted: continue from the last checkpoint, or from the stored tuples
     return cmd
 
 
-def _train_agent_module():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("_train_agent", ROOT / "scripts" / "train_agent.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def expected_run_config(train_argv: list[str]) -> dict:
-    """The config.json that train_agent.py would write for these arguments (parsed as it parses them)."""
-    from dataclasses import asdict
-
-    train_agent = _train_agent_module()
+    """The config.json that train_agent.py would write for these arguments (parsed and checked as it does)."""
     first = argparse.ArgumentParser(add_help=False)
     first.add_argument("--agent", default="refuel")
     first.add_argument("--preset", default="embedded")
+    first.add_argument("--mode", default=None)
     known, _ = first.parse_known_args(train_argv)
+    strict = train_agent.build_parser(known.agent, known.preset, parser_class=StrictParser)
     try:
-        parsed = train_agent.build_parser(known.agent, known.preset).parse_args(train_argv)
-    except SystemExit:
-        raise SystemExit(f"error: train_agent.py refuses these arguments: {shlex.join(train_argv)}") from None
-    config_cls, _ = train_agent.AGENTS[parsed.agent]
-    config = train_agent.dataclass_from_args(config_cls, parsed)
-    return json.loads(json.dumps({"agent": parsed.agent, **asdict(config)}, default=str))
-
-
-def config_differences(earlier: dict, now: dict) -> list[str]:
-    """'field: earlier X, now Y' for every field (but the run-local ones) that differs."""
-    out = []
-    for key in sorted(set(earlier) | set(now)):
-        if key in RUN_LOCAL_FIELDS or (key not in now and key == "mode"):
-            continue
-        if key not in earlier:
-            out.append(f"{key}: not in the earlier run's config.json, now {now[key]!r}")
-        elif key not in now:
-            out.append(f"{key}: earlier {earlier[key]!r}, not a field now")
-        elif earlier[key] != now[key]:
-            out.append(f"{key}: earlier {earlier[key]!r}, now {now[key]!r}")
-    return out
+        parsed = strict.parse_args(train_argv)
+        config_cls, _ = train_agent.AGENTS[parsed.agent]
+        config = train_agent.dataclass_from_args(config_cls, parsed)
+        config.validate()
+    except ValueError as err:
+        raise SystemExit(f"error: train_agent.py refuses these arguments ({err}):\n  {shlex.join(train_argv)}\n"
+                         "Fix --train-args (or --preset).") from None
+    mode = "refuel" if parsed.agent == "refuel" else config.mode
+    return ckpt.run_record(parsed.agent, mode, config)
 
 
 def run_state(run_dir: Path) -> str:
-    """'new' (no folder, or an empty one), 'finished' (final_model), 'resume' (a checkpoint) or
-    'restart' (a folder interrupted before its first checkpoint)."""
+    """'new' (no folder, or an empty one), 'finished' (final_model), 'resume' (a run folder: a checkpoint,
+    or config.json and what the run stored before its first checkpoint) or 'restart' (a folder that is
+    not a run: no config.json)."""
     from refuel_agents.checkpoint import latest_checkpoint
 
     if not run_dir.is_dir() or not any(run_dir.iterdir()):
@@ -177,11 +167,11 @@ def run_state(run_dir: Path) -> str:
         latest = latest_checkpoint(run_dir)
     except FileNotFoundError as err:
         raise SystemExit(f"error: {run_dir.name}: {err}") from None
-    return "resume" if latest is not None else "restart"
+    return "resume" if latest is not None or (run_dir / "config.json").is_file() else "restart"
 
 
 def eval_command(args: argparse.Namespace, setup: dict, out: Path, horizon: int) -> list[str]:
-    cmd = [sys.executable, str(ROOT / "scripts" / "evaluate.py")]
+    cmd = [sys.executable, str(EVAL_SCRIPT)]
     for method in args.methods:
         cmd += ["--policy", f"{method}={out / method / 'final_model'}"]
     for spec in args.benchmark:
@@ -220,7 +210,7 @@ def run(cmd: list[str], log: Path) -> None:
     print(f"\n$ {shlex.join(cmd)}\n  (log: {log})", flush=True)
     start = time.perf_counter()
     with log.open("a") as f:
-        proc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+        proc = subprocess.run(cmd, cwd=ROOT if CHECKOUT else None, stdout=f, stderr=subprocess.STDOUT)
     if proc.returncode != 0:
         tail = "".join(log.read_text().splitlines(keepends=True)[-30:])
         raise SystemExit(f"error: this command failed with exit code {proc.returncode}:\n{shlex.join(cmd)}\n"
@@ -247,7 +237,20 @@ def main(argv: list[str] | None = None) -> None:
             load_judge_template(args.judge_template)
         except ValueError as err:
             raise SystemExit(f"error: --judge-template {args.judge_template!r}: {err}") from None
-    out = (args.output_dir or ROOT / "runs" / f"table1-{args.preset}-seed{args.seed}").resolve()
+    for flag in ("--train-args", "--train-launcher"):
+        text = getattr(args, flag[2:].replace("-", "_"))
+        try:
+            shlex.split(text)
+        except ValueError as err:
+            raise SystemExit(f"error: {flag} {text!r} is not a valid shell-quoted string ({err}); close every "
+                             "quote, e.g. --train-args \"--lr 2e-6 --eta 5\"") from None
+    out = (args.output_dir or (ROOT if CHECKOUT else Path.cwd()) / "runs" / f"table1-{args.preset}-seed{args.seed}").resolve()
+    try:
+        check_output_dir(out)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
+    for method in args.methods:  # every row's flags, checked as train_agent.py checks them, before anything runs
+        expected_run_config(train_arguments(args, setup, method, out / method))
     out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     commands: list[tuple[str, list[str]]] = []
@@ -271,9 +274,9 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{method}: {run_dir / 'final_model'} exists, not trained again", flush=True)
             continue
         if state == "restart":
-            aside = out / f"{method}.no-checkpoint-{stamp}"
+            aside = out / f"{method}.not-a-run-{stamp}"
             moves.append((run_dir, aside))
-            notes.append(f"{method}: {run_dir} was interrupted before its first checkpoint; it is moved to {aside} "
+            notes.append(f"{method}: {run_dir} is not a run folder (no config.json); it is moved to {aside} "
                          "and the method is trained afresh")
         commands.append((method, train_command(args, setup, method, run_dir, resume=state == "resume")))
     if mismatches:
@@ -288,7 +291,7 @@ def main(argv: list[str] | None = None) -> None:
     script = out / "commands.sh"
     with script.open("a") as f:
         f.write(f"# {time.strftime('%Y-%m-%d %H:%M:%S')} reproduce_table1.py {shlex.join(argv or sys.argv[1:])}\n")
-        f.writelines(f"# {'would move' if args.dry_run else 'moved'} {src} -> {dst} (no checkpoint)\n" for src, dst in moves)
+        f.writelines(f"# {'would move' if args.dry_run else 'moved'} {src} -> {dst} (not a run)\n" for src, dst in moves)
         f.writelines(f"{shlex.join(cmd)}\n" for _, cmd in commands)
     if args.dry_run:
         print("\n".join(shlex.join(cmd) for _, cmd in commands))

@@ -6,6 +6,11 @@
     python scripts/train_agent.py --agent refuel --run-name my-run --resume  # continue after a crash
     python scripts/train_agent.py --agent rebel --mode lt-online             # a baseline (paper section 4.1)
     python scripts/train_agent.py --agent dpo --mode lt-mixed --beta 0.1
+    python scripts/train_agent.py --config run.yaml --lr 2e-6                # a config file; flags override it
+
+Installed (pip install .), the same command is ``refuel-train``. ``--config FILE`` reads a YAML or JSON
+mapping of flag names to values (``lr: 2.0e-6``, ``env_kwargs: {max_turns: 3}``, ``agent: rebel``); flags
+given on the command line override the file.
 
 Agents: ``refuel`` (algorithm 1: on-policy roll-in to h ~ U{1..H}, two on-policy rollouts to H,
 the regression of eq. 1); ``rebel`` (the same regression) and ``dpo`` (the logistic loss on pairs
@@ -47,11 +52,18 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from refuel_agents.baselines import AGENTS  # noqa: E402
-from refuel_agents.cli import add_dataclass_arguments, dataclass_from_args  # noqa: E402
-from refuel_agents.modes import BASELINE_MODES, MODE_HELP  # noqa: E402
+from refuel_agents import checkpoint as ckpt
+from refuel_agents.baselines import AGENTS
+from refuel_agents.cli import (
+    add_dataclass_arguments,
+    check_output_dir,
+    config_file_argv,
+    dataclass_from_args,
+    load_config_file,
+    split_config_flag,
+)
+from refuel_agents.collection import PromptPlan
+from refuel_agents.modes import BASELINE_MODES, MODE_HELP
 
 # The paper's configurations (appendix C; DESIGN.md). Every value's source is in the preset table of docs/training.md.
 # Models must be in the local HF cache.
@@ -89,8 +101,10 @@ PRESETS: dict[str, dict] = {
 }
 
 
-def build_parser(agent: str, preset: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser(agent: str, preset: str, parser_class: type = argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser = parser_class(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", metavar="FILE", default=None,
+                        help="a YAML or JSON file of flag names and values; explicit flags override it")
     parser.add_argument("--agent", choices=sorted(AGENTS), default=agent, help="which algorithm to train (default: %(default)s)")
     parser.add_argument("--preset", choices=sorted(PRESETS), default=preset,
                         help="a named configuration; explicit flags override it (default: %(default)s)")
@@ -105,12 +119,21 @@ def build_parser(agent: str, preset: str) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    # --agent and --preset decide the other flags' defaults: read them first.
+    argv = sys.argv[1:] if argv is None else list(argv)
     first = argparse.ArgumentParser(add_help=False)
     first.add_argument("--agent", choices=sorted(AGENTS), default="refuel")
     first.add_argument("--preset", choices=sorted(PRESETS), default="embedded")
     first.add_argument("--mode", default=None)
+    try:
+        config_path, argv = split_config_flag(argv)
+        if config_path is not None:  # the file's flags first: explicit flags, later on the line, win
+            values = load_config_file(config_path)
+            first.set_defaults(**{k: values[k] for k in ("agent", "preset") if k in values})
+            known, _ = first.parse_known_args(argv)
+            argv = config_file_argv(config_path, values, build_parser(known.agent, known.preset)) + argv
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
+    # --agent and --preset decide the other flags' defaults: read them first.
     known, _ = first.parse_known_args(argv)
     asking_help = any(a in ("-h", "--help") for a in argv)
     if known.agent == "refuel" and known.mode is not None:
@@ -124,6 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     config_cls, trainer_cls = AGENTS[args.agent]
     try:
         config = dataclass_from_args(config_cls, args)
+        check_config(args.agent, config)
         trainer = trainer_cls(config)
         trainer.setup()
     except (ValueError, FileNotFoundError, FileExistsError, ImportError) as err:
@@ -134,6 +158,28 @@ def main(argv: list[str] | None = None) -> None:
     if dist.is_available() and dist.is_initialized():  # a clean teardown, not gloo/NCCL threads at exit
         dist.barrier()
         dist.destroy_process_group()
+
+
+def check_config(agent: str, config) -> None:
+    """Everything that can be checked before a model loads: the fields, the output folder, and with
+    --resume the run folder and its config.json against these flags."""
+    try:
+        config.validate()
+        invalid = None
+    except ValueError as err:
+        invalid = err
+    name = config.run_name
+    if config.resume and isinstance(name, str) and name not in ("", ".", "..") and Path(name).name == name:
+        # flags that differ from the run's own are named first: they are the likelier mistake
+        mode = "refuel" if agent == "refuel" else config.mode
+        ckpt.check_resumable(Path(config.output_dir) / name, ckpt.run_record(agent, mode, config))
+    if invalid is not None:
+        raise invalid
+    check_output_dir(config.output_dir)
+    if config.eval_prompts > 0:  # more held-out prompts than the split has: refused before any model loads
+        env_kwargs = {**config.env_kwargs, **({"preset": config.env_preset} if config.env_preset else {})}
+        PromptPlan(config.env_id, env_kwargs, config.seed, config.prompts_per_iteration, config.iterations,
+                   config.eval_split, config.eval_prompts).heldout()
 
 
 if __name__ == "__main__":
