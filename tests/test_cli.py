@@ -235,3 +235,38 @@ def test_bad_invocation_is_refused_clearly(name, tmp_path, word_lm_dir, request,
     assert time.perf_counter() - start < 60, f"{name}: refused only after {time.perf_counter() - start:.0f} s"
     if row.command == "train" and "resume" not in name and "damaged" not in name:
         assert not (ctx.out / "run").exists(), f"{name}: the run folder was created before the refusal"
+
+
+# ------------------------------------------------------------------ --config and --report-to
+
+
+def test_a_config_file_sets_flags_and_explicit_flags_override_it(tmp_path):
+    (tmp_path / "dpo.yaml").write_text("agent: dpo\nmode: lt-mixed\nbeta: 0.2\nlr: 2.0e-6\nbetas: [0.8, 0.9]\n"
+                                       "env_kwargs: {max_turns: 2}\nlast_k_layers: null\nprogress: false\n")
+    agent, config = train.parse_config(["--config", str(tmp_path / "dpo.yaml"), "--beta", "0.3"])
+    assert agent == "dpo" and config.mode == "lt-mixed" and config.beta == 0.3 and config.lr == 2e-6
+    assert config.betas == (0.8, 0.9) and config.env_kwargs == {"max_turns": 2} and config.last_k_layers is None
+    assert config.progress is False
+    (tmp_path / "eval.json").write_text(json.dumps({"policy": ["a=embedded", "b=embedded"], "num_prompts": 4,
+                                                    "no_kl": True}))
+    args = evaluate.parse_args(["--config", str(tmp_path / "eval.json"), "--num-prompts", "2"])
+    assert args.policy == ["a=embedded", "b=embedded"] and args.num_prompts == 2 and args.no_kl
+    args = evaluate.parse_args(["--config", str(tmp_path / "eval.json"), "--policy", "embedded"])
+    assert args.policy == ["embedded"]  # explicit --policy flags replace the file's list
+
+
+def test_report_to_names_a_missing_extra_and_none_writes_no_tracker(tmp_path, monkeypatch):
+    from refuel_agents import tracking
+
+    assert tracking.parse_report_to("none") == [] and tracking.parse_report_to("tensorboard") == ["tensorboard"]
+    monkeypatch.setattr(tracking.importlib.util, "find_spec", lambda name: None)  # as where wandb is not installed
+    with pytest.raises(ValueError, match=r"wandb package is not installed.*pip install 'refuel-gym\[wandb\]'"):
+        tracking.parse_report_to("tensorboard,wandb")
+    logger = tracking.MetricsLogger(tmp_path / "none", report_to="none")
+    logger.log(1, {"losses/loss": 0.5}, echo=False)
+    logger.close()
+    assert (tmp_path / "none" / "metrics.jsonl").is_file() and not (tmp_path / "none" / "tensorboard").exists()
+    logger = tracking.MetricsLogger(tmp_path / "tb", report_to="tensorboard")
+    logger.log(1, {"losses/loss": 0.5}, echo=False)
+    logger.close()
+    assert any((tmp_path / "tb" / "tensorboard").iterdir())

@@ -51,6 +51,7 @@ import argparse
 import sys
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from refuel_agents import checkpoint as ckpt
 from refuel_agents.baselines import AGENTS
@@ -118,8 +119,8 @@ def build_parser(agent: str, preset: str, parser_class: type = argparse.Argument
     return parser
 
 
-def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else list(argv)
+def parse_config(argv: list[str]) -> tuple[str, Any]:
+    """(the agent, its config) from the command line (and a --config file); argparse's exit on bad flags."""
     first = argparse.ArgumentParser(add_help=False)
     first.add_argument("--agent", choices=sorted(AGENTS), default="refuel")
     first.add_argument("--preset", choices=sorted(PRESETS), default="embedded")
@@ -128,7 +129,7 @@ def main(argv: list[str] | None = None) -> None:
         config_path, argv = split_config_flag(argv)
         if config_path is not None:  # the file's flags first: explicit flags, later on the line, win
             values = load_config_file(config_path)
-            first.set_defaults(**{k: values[k] for k in ("agent", "preset") if k in values})
+            first.set_defaults(**{k: values[k] for k in ("agent", "preset", "mode") if k in values})
             known, _ = first.parse_known_args(argv)
             argv = config_file_argv(config_path, values, build_parser(known.agent, known.preset)) + argv
     except ValueError as err:
@@ -144,11 +145,14 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"error: --agent {known.agent} needs --mode, one of {', '.join(BASELINE_MODES)} ({given}):\n"
                          + "\n".join(f"  {m:<11} {MODE_HELP[m]}" for m in BASELINE_MODES))
     args = build_parser(known.agent, known.preset).parse_args(argv)
-    config_cls, trainer_cls = AGENTS[args.agent]
+    return args.agent, dataclass_from_args(AGENTS[args.agent][0], args)
+
+
+def main(argv: list[str] | None = None) -> None:
+    agent, config = parse_config(sys.argv[1:] if argv is None else list(argv))
     try:
-        config = dataclass_from_args(config_cls, args)
-        check_config(args.agent, config)
-        trainer = trainer_cls(config)
+        check_config(agent, config)
+        trainer = AGENTS[agent][1](config)
         trainer.setup()
     except (ValueError, FileNotFoundError, FileExistsError, ImportError) as err:
         raise SystemExit(f"error: {err}") from err
