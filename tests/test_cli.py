@@ -270,3 +270,16 @@ def test_report_to_names_a_missing_extra_and_none_writes_no_tracker(tmp_path, mo
     logger.log(1, {"losses/loss": 0.5}, echo=False)
     logger.close()
     assert any((tmp_path / "tb" / "tensorboard").iterdir())
+
+
+def test_the_trainer_itself_refuses_a_resume_with_other_flags(tmp_path, word_lm_dir):
+    """Not only the command: RefuelTrainer.setup() compares the config with the run's config.json."""
+    from refuel_agents.refuel import RefuelTrainer
+
+    ctx = Context(tmp_path, word_lm_dir, None)
+    ctx.earlier_run()
+    _, config = train.parse_config([*train_flags(ctx), "--resume", "--lr", "5e-4"])
+    trainer = RefuelTrainer(config)
+    with pytest.raises(ValueError, match=r"lr: earlier 3e-05, now 0.0005"):
+        trainer.setup()
+    assert sorted(p.name for p in (ctx.out / "run").iterdir()) == ["config.json"]  # nothing written
