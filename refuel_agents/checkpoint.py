@@ -10,6 +10,7 @@ is itself replaced atomically, last. A resume trusts only what ``latest`` names.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import random
@@ -153,7 +154,66 @@ def remove_partial_writes(run_dir: Path) -> list[Path]:
 
 
 def load_state(checkpoint: Path) -> dict[str, Any]:
-    return json.loads((checkpoint / "state.json").read_text())
+    path = checkpoint / "state.json"
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is damaged ({err}); {damaged_advice(checkpoint)}") from None
+
+
+def damaged_advice(checkpoint: Path) -> str:
+    """What to do about a damaged checkpoint: an older complete one, or a restart from the stored tuples."""
+    root = checkpoint.parent
+    older = sorted(p.name for p in root.glob("step_*") if p.name < checkpoint.name and (p / "state.json").is_file())
+    if older:
+        return f"write {older[-1]!r} into {root / 'latest'} to resume from the previous checkpoint"
+    return (f"remove {root} and pass --resume again: the run restarts from its first iteration, using the "
+            "tuples already stored in its iteration_* folders")
+
+
+#: config.json fields that may differ between a run and its continuation.
+RUN_LOCAL_FIELDS = ("output_dir", "run_name", "resume", "progress", "report_to")
+
+
+def run_record(agent: str, mode: str, config: Any) -> dict[str, Any]:
+    """What ``config.json`` holds for a run: the agent, its data mode and every config field (as JSON reads back)."""
+    return json.loads(json.dumps({"agent": agent, "mode": mode, **dataclasses.asdict(config)}, default=str))
+
+
+def config_differences(earlier: dict, now: dict) -> list[str]:
+    """'field: earlier X, now Y' for every field (but the run-local ones) that differs."""
+    out = []
+    for key in sorted(set(earlier) | set(now)):
+        if key in RUN_LOCAL_FIELDS or (key not in now and key == "mode"):
+            continue
+        if key not in earlier:
+            out.append(f"{key}: not in the earlier run's config.json, now {now[key]!r}")
+        elif key not in now:
+            out.append(f"{key}: earlier {earlier[key]!r}, not a field now")
+        elif earlier[key] != now[key]:
+            out.append(f"{key}: earlier {earlier[key]!r}, now {now[key]!r}")
+    return out
+
+
+def check_resumable(run_dir: Path, record: dict[str, Any]) -> None:
+    """Refuse ``--resume`` of ``run_dir`` unless it is a run folder whose config.json matches ``record``."""
+    config_file = run_dir / "config.json"
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"--resume: {run_dir} does not exist, so there is no run to continue; drop --resume "
+                                "to start it, or pass the --output-dir and --run-name of an existing run")
+    if not config_file.is_file():
+        raise FileNotFoundError(f"--resume: {run_dir} has no config.json, so it is not a training run folder; pass "
+                                "the --run-name of a run, or another --run-name to start a new one")
+    try:
+        earlier = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"--resume: {config_file} is damaged ({err}); it records the run's flags, so the run "
+                         "cannot be checked: start a new run with another --run-name") from None
+    differences = config_differences(earlier, record)
+    if differences:
+        raise ValueError(f"--resume: the flags differ from those of the run in {run_dir} ({config_file}):\n    "
+                         + "\n    ".join(differences)
+                         + "\nResume with the run's own flags, or start a new run with another --run-name.")
 
 
 def load_weights(model: torch.nn.Module, model_dir: Path) -> None:
@@ -165,7 +225,10 @@ def load_weights(model: torch.nn.Module, model_dir: Path) -> None:
         raise FileNotFoundError(f"{model_dir} holds no safetensors weights; the checkpoint is incomplete")
     state: dict[str, torch.Tensor] = {}
     for f in files:
-        state.update(load_file(str(f)))
+        try:
+            state.update(load_file(str(f)))
+        except Exception as err:  # safetensors raises its own SafetensorError (and OSError) on a cut file
+            raise ValueError(f"{f} is damaged ({err}); {damaged_advice(model_dir.parent)}") from None
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = set(getattr(model, "_tied_weights_keys", None) or ())
     if unexpected or set(missing) - tied:
@@ -173,3 +236,16 @@ def load_weights(model: torch.nn.Module, model_dir: Path) -> None:
             f"checkpoint {model_dir} does not match the policy model: missing {sorted(set(missing) - tied)[:5]}, "
             f"unexpected {sorted(unexpected)[:5]}; resume with the same --policy-model"
         )
+
+
+def check_stored_tuples(folder: Path) -> None:
+    """Refuse a damaged tuples dataset (one rank's ``iteration_*/tuples``) before a resume trains on it."""
+    if not folder.exists():
+        return
+    import datasets
+
+    try:
+        datasets.load_from_disk(str(folder)).data.validate(full=True)
+    except Exception as err:  # datasets / pyarrow on a cut file: ArrowInvalid, OSError, ValueError
+        raise ValueError(f"the stored tuples in {folder} are damaged ({type(err).__name__}: {err}); remove that "
+                         "folder and pass --resume again: the iteration collects its tuples again") from None

@@ -322,7 +322,8 @@ class RefuelTrainer:
     def train(self) -> Path:
         cfg = self.config
         state = self.setup()
-        logger = MetricsLogger(self.run_dir, enabled=self.engine.is_main, resume_step=state["global_step"] if cfg.resume else None)
+        logger = MetricsLogger(self.run_dir, enabled=self.engine.is_main, resume_step=state["global_step"] if cfg.resume else None,
+                               report_to=cfg.report_to)
         summary = state.setdefault("summary", [])
         if not summary and cfg.eval_prompts > 0:
             self.plan.heldout()  # a bad eval_prompts fails before anything is played
@@ -441,16 +442,27 @@ class RefuelTrainer:
         return dist.load_tuples(mine).to_list() if rows else rows
 
     def _resume_or_start(self) -> dict:
+        """The loop state: the latest checkpoint's with --resume, or a new run's.
+
+        A run folder without a checkpoint yet (stopped in its first iteration, or by an error
+        before its first checkpoint was complete) resumes from the start, with the initial weights;
+        the tuples it stored are used, not collected again.
+        """
         cfg = self.config
         total_steps = self.iterations * self._planned_steps()
         optim = OptimConfig(lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay,
                             warmup_ratio=cfg.warmup_ratio, schedule=cfg.lr_schedule, max_grad_norm=cfg.max_grad_norm,
                             grad_accum_steps=self.rank_batch_size // cfg.micro_batch_size)
+        latest, state = None, {"iteration": 0, "step_in_iteration": 0, "global_step": 0}
         if cfg.resume:
+            ckpt.check_resumable(self.run_dir, ckpt.run_record(self.agent, self.mode, cfg))
             latest = ckpt.latest_checkpoint(self.run_dir)
-            if latest is None:
-                raise FileNotFoundError(f"--resume: {self.run_dir} has no complete checkpoint to continue from")
-            ckpt.load_weights(self.model, latest / "model")
+            if latest is not None:
+                state = ckpt.load_state(latest)
+                ckpt.load_weights(self.model, latest / "model")
+            # the tuples the resumed iteration trains on, if it stored them: refused now when damaged
+            ckpt.check_stored_tuples(dist.shard_dir(self.run_dir / f"iteration_{state['iteration']:03d}" / "tuples",
+                                                    self.rank, self.world))
         self.engine = TrainEngine(self.model, optim, total_steps, deepspeed_config=cfg.deepspeed,
                                   gradient_checkpointing=cfg.gradient_checkpointing, last_k_layers=cfg.last_k_layers,
                                   micro_batch_size=2 * cfg.micro_batch_size, device=None if cfg.deepspeed else self.device)
@@ -463,8 +475,17 @@ class RefuelTrainer:
             if self.engine.is_main:
                 ckpt.remove_partial_writes(self.run_dir)
             self.engine.barrier()
-            self.engine.load(latest / "engine")
-            state = ckpt.load_state(latest)
+            if latest is None:
+                print(f"resuming {self.run_dir} from its start (it has no checkpoint yet); tuples it stored are "
+                      "used, not collected again", flush=True)
+                return state
+            try:
+                self.engine.load(latest / "engine")
+            except (ValueError, FileNotFoundError):
+                raise
+            except Exception as err:  # torch.load / DeepSpeed on a cut file: EOFError, RuntimeError, UnpicklingError
+                raise ValueError(f"{latest / 'engine'} is damaged ({type(err).__name__}: {err}); "
+                                 f"{ckpt.damaged_advice(latest)}") from None
             ckpt.set_rng_states(state.pop("rng"))
             print(f"resuming {self.run_dir} at iteration {state['iteration']}, step {state['global_step']}", flush=True)
             return state
@@ -476,7 +497,7 @@ class RefuelTrainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             ckpt.write_json_atomic(self.run_dir / "config.json", {"agent": self.agent, "mode": self.mode, **asdict(cfg)})
         self.engine.barrier()
-        return {"iteration": 0, "step_in_iteration": 0, "global_step": 0}
+        return state
 
     def _checkpoint(self, state: dict) -> None:
         name = f"step_{state['global_step']:07d}"

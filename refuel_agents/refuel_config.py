@@ -7,12 +7,16 @@ settings are presets of ``scripts/train_agent.py`` (their sources: ``docs/traini
 
 from __future__ import annotations
 
+import json
+import math
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
 from refuel_agents.collection import PENALTY_TURNS
 from refuel_agents.engine import LR_SCHEDULES
 from refuel_agents.losses import LOSS_SCALES
+from refuel_agents.tracking import parse_report_to
 
 
 @dataclass
@@ -127,43 +131,129 @@ class RefuelConfig:
     """Continue the run in <output_dir>/<run_name> from its latest checkpoint."""
     progress: bool = True
     """Show progress bars."""
+    report_to: str = "tensorboard"
+    """Where metrics go besides metrics.jsonl: 'tensorboard', 'wandb' or 'trackio' (each in its offline mode, its files
+    in the run folder; wandb and trackio are the extras refuel-gym[wandb] / [trackio]), several comma-separated, or
+    'none'."""
 
     def validate(self) -> None:
+        """Every problem at once, each naming its flag, the value given and what to pass; nothing is loaded."""
         problems = []
+
+        def bad(name: str, value: Any, what: str) -> None:
+            problems.append(f"--{name.replace('_', '-')} {_shown(value)}: {what}")
+
+        def at_least(name: str, low: int, what: str) -> None:
+            value = getattr(self, name)
+            if not (isinstance(value, int) and not isinstance(value, bool) and value >= low):
+                bad(name, value, f"pass an integer >= {low} ({what})")
+
         if self.iterations < 0:
-            problems.append(f"iterations must be >= 1, or 0 for one pass over the split, got {self.iterations}")
+            bad("iterations", self.iterations, "pass an integer >= 1, or 0 for one pass over the split")
+        at_least("epochs", 1, "passes over each iteration's tuples")
+        at_least("batch_size", 1, "pairs per optimizer update, over all ranks")
+        at_least("micro_batch_size", 1, "pairs per forward/backward on one rank")
+        if not problems and self.batch_size % self.micro_batch_size:
+            bad("batch_size", self.batch_size, f"must be a positive multiple of micro_batch_size ({self.micro_batch_size})")
+        at_least("max_seq_len", 1, "the longest state + response in tokens that training keeps")
+        at_least("max_new_tokens", 1, "the longest policy response in tokens")
+        at_least("seed", 0, "seeds are non-negative")
+        at_least("save_every", 0, "0 = checkpoint only after each iteration")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            bad("lr", self.lr, "pass a finite learning rate > 0, e.g. 1e-6")
+        if not (math.isfinite(self.eta) and self.eta > 0):
+            bad("eta", self.eta, "pass a finite number > 0")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            bad("temperature", self.temperature, "pass a finite number >= 0 (0 = greedy)")
+        if not (0 <= self.warmup_ratio <= 1):
+            bad("warmup_ratio", self.warmup_ratio, "pass a fraction in [0, 1]")
         if self.loss_scale not in LOSS_SCALES:
-            problems.append(f"loss_scale must be one of {list(LOSS_SCALES)}, got {self.loss_scale!r}")
+            bad("loss_scale", self.loss_scale, f"pass one of {list(LOSS_SCALES)}")
         if self.lr_schedule not in LR_SCHEDULES:
-            problems.append(f"lr_schedule must be one of {list(LR_SCHEDULES)}, got {self.lr_schedule!r}")
+            bad("lr_schedule", self.lr_schedule, f"pass one of {list(LR_SCHEDULES)}")
         if self.schedule_scope not in ("run", "iteration"):
-            problems.append(f"schedule_scope must be 'run' or 'iteration', got {self.schedule_scope!r}")
+            bad("schedule_scope", self.schedule_scope, "pass 'run' or 'iteration'")
         if self.penalty_turns not in PENALTY_TURNS:
-            problems.append(f"penalty_turns must be one of {list(PENALTY_TURNS)}, got {self.penalty_turns!r}")
+            bad("penalty_turns", self.penalty_turns, f"pass one of {list(PENALTY_TURNS)}")
         if self.logprob_temperature is not None and not self.logprob_temperature > 0:
-            problems.append(f"logprob_temperature must be > 0 (or None for the sampling temperature), got {self.logprob_temperature}")
-        for key, value in (self.max_new_tokens_by_h or {}).items():
+            bad("logprob_temperature", self.logprob_temperature, "pass a number > 0, or none for the sampling temperature")
+        if not isinstance(self.max_new_tokens_by_h, dict | None):
+            bad("max_new_tokens_by_h", self.max_new_tokens_by_h, 'pass a JSON object {"H": tokens}, e.g. {"1": 1024}')
+        for key, value in (self.max_new_tokens_by_h if isinstance(self.max_new_tokens_by_h, dict) else {}).items():
             if not (str(key).isdigit() and int(key) >= 1 and isinstance(value, int) and value >= 1):
-                problems.append(f"max_new_tokens_by_h needs entries H >= 1 -> tokens >= 1, got {key!r}: {value!r}")
+                bad("max_new_tokens_by_h", self.max_new_tokens_by_h,
+                    f"needs entries H >= 1 -> tokens >= 1, got {key!r}: {value!r}")
         if self.eval_prompts < 0:
-            problems.append(f"eval_prompts must be >= 0 (0 = no evaluation), got {self.eval_prompts}")
+            bad("eval_prompts", self.eval_prompts, "pass an integer >= 0 (0 = no evaluation)")
         if self.eval_every < 1:
-            problems.append(f"eval_every must be >= 1 (1 = after every iteration), got {self.eval_every}")
-        if self.eval_temperature is not None and self.eval_temperature < 0:
-            problems.append(f"eval_temperature must be >= 0 (0 = greedy) or None, got {self.eval_temperature}")
+            bad("eval_every", self.eval_every, "pass an integer >= 1 (1 = after every iteration)")
+        if self.eval_temperature is not None and not self.eval_temperature >= 0:
+            bad("eval_temperature", self.eval_temperature, "pass a number >= 0 (0 = greedy), or none")
         if self.eval_split not in ("test", "train"):
-            problems.append(f"eval_split must be 'test' or 'train', got {self.eval_split!r}")
+            bad("eval_split", self.eval_split, "pass 'test' or 'train'")
         if self.keep_checkpoints < 1:
-            problems.append(f"keep_checkpoints must be >= 1 (a resume needs the newest), got {self.keep_checkpoints}")
-        if self.eta <= 0:
-            problems.append(f"eta must be > 0, got {self.eta}")
-        if self.micro_batch_size < 1 or self.batch_size % self.micro_batch_size:
-            problems.append(f"batch_size ({self.batch_size}) must be a positive multiple of micro_batch_size ({self.micro_batch_size})")
+            bad("keep_checkpoints", self.keep_checkpoints, "pass an integer >= 1 (a resume needs the newest)")
         if self.prompts_per_iteration < 0:
-            problems.append("prompts_per_iteration must be >= 0")
+            bad("prompts_per_iteration", self.prompts_per_iteration, "pass an integer >= 1, or 0 for the whole split")
         if self.policy_backend not in ("transformers", "vllm"):
-            problems.append(f"policy_backend must be 'transformers' or 'vllm', got {self.policy_backend!r}")
+            bad("policy_backend", self.policy_backend, "pass 'transformers' or 'vllm'")
+        problems += _env_problems(self.env_id, self.env_preset, self.env_kwargs)
+        problems += _device_problems(self.device)
+        problems += _run_name_problems(self.run_name)
+        try:
+            parse_report_to(self.report_to)
+        except ValueError as err:
+            problems.append(f"--report-to {self.report_to}: {err}")
         if self.resume and not self.run_name:
             problems.append("--resume needs --run-name (the run folder to continue)")
         if problems:
             raise ValueError("invalid REFUEL configuration: " + "; ".join(problems))
+
+
+def _shown(value: Any) -> str:
+    return json.dumps(value) if isinstance(value, dict | list) else str(value)
+
+
+def _env_problems(env_id: str, preset: str | None, env_kwargs: Any) -> list[str]:
+    """The environment arguments, checked as the environment will read them (no model or data is loaded)."""
+    from refuel_env import ENV_IDS
+    from refuel_env.components import make_config
+
+    if env_id not in ENV_IDS:
+        return [f"--env-id {env_id}: pass one of {sorted(ENV_IDS)}"]
+    if not isinstance(env_kwargs, dict):
+        return [f"--env-kwargs {_shown(env_kwargs)}: pass a JSON object of environment arguments, "
+                'e.g. \'{"max_turns": 3}\'']
+    try:
+        make_config(preset, **{k: v for k, v in env_kwargs.items() if k != "preset"})
+    except (TypeError, ValueError) as err:
+        flag = "--env-preset" if preset and "preset" in str(err) and "argument" not in str(err) else "--env-kwargs"
+        value = preset if flag == "--env-preset" else _shown(env_kwargs)
+        return [f"{flag} {value}: {err}"]
+    return []
+
+
+def _device_problems(device: str | None) -> list[str]:
+    if device is None:
+        return []
+    import torch
+
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, TypeError) as err:
+        return [f"--device {device}: not a device ({err}); pass cpu, cuda or cuda:N, or leave it out"]
+    if kind == "cuda" and not torch.cuda.is_available():
+        return [f"--device {device}: this machine has no CUDA device (torch.cuda.is_available() is False); "
+                "pass --device cpu, or leave --device out"]
+    return []
+
+
+def _run_name_problems(run_name: str | None) -> list[str]:
+    """A run name is one folder name inside --output-dir: never a path that leads out of it."""
+    if run_name is None:
+        return []
+    if (not run_name.strip() or run_name in (".", "..") or "/" in run_name or "\\" in run_name
+            or (os.sep in run_name) or (os.altsep and os.altsep in run_name) or "\0" in run_name):
+        return [f"--run-name {run_name!r}: a run name is one folder name inside --output-dir (no path separator, "
+                "not '.' or '..'); pass e.g. --run-name my-run, and --output-dir for where it goes"]
+    return []

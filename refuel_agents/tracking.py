@@ -1,4 +1,6 @@
-"""Metrics: one line per step to stdout, a JSONL file, TensorBoard, and a PNG plot at the end.
+"""Metrics: one line per step to stdout, a JSONL file, the trackers of ``--report-to`` (TensorBoard,
+Weights & Biases, Trackio, each in its offline mode with its files in the run folder), and a PNG plot
+at the end.
 
 Tags follow CleanRL's habit: ``losses/...`` for what is optimised, ``charts/...`` for what is
 watched. Only the main process writes.
@@ -6,20 +8,42 @@ watched. Only the main process writes.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+#: --report-to's trackers, and the pip extra that installs each one's library (None: a required dependency).
+TRACKERS = {"tensorboard": None, "wandb": "wandb", "trackio": "trackio"}
+
+
+def parse_report_to(text: str) -> list[str]:
+    """The trackers of a ``--report-to`` value ('none', one name, or several comma-separated)."""
+    names = [n.strip() for n in str(text).split(",") if n.strip()]
+    if names == ["none"]:
+        return []
+    unknown = [n for n in names if n not in TRACKERS]
+    if unknown or not names:
+        raise ValueError(f"pass 'none' or one or more of {list(TRACKERS)}, comma-separated")
+    for name in names:
+        extra = TRACKERS[name]
+        if extra and importlib.util.find_spec(name) is None:
+            raise ValueError(f"the {name} package is not installed; install the extra (pip install "
+                             f"'refuel-gym[{extra}]') or pass --report-to tensorboard")
+    return names
+
 
 class MetricsLogger:
-    def __init__(self, run_dir: Path, *, enabled: bool = True, resume_step: int | None = None):
+    def __init__(self, run_dir: Path, *, enabled: bool = True, resume_step: int | None = None,
+                 report_to: str = "tensorboard"):
         self.enabled = enabled
         self.path = run_dir / "metrics.jsonl"
-        self.writer = None
+        self.trackers: list[Any] = []
         if not enabled:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -27,9 +51,7 @@ class MetricsLogger:
             # Steps after the checkpoint are done again: drop their old lines so none repeats.
             kept = [line for line in self.path.read_text().splitlines() if _step_of(line) <= resume_step]
             self.path.write_text("".join(line + "\n" for line in kept))
-        from torch.utils.tensorboard import SummaryWriter
-
-        self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+        self.trackers = [_TRACKER_CLASSES[name](run_dir) for name in parse_report_to(report_to)]
 
     def log(self, step: int, metrics: dict[str, Any], *, echo: bool = True) -> None:
         if not self.enabled:
@@ -37,16 +59,69 @@ class MetricsLogger:
         record = {"step": step, "time": round(time.time(), 3), **{k: _plain(v) for k, v in metrics.items()}}
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
-        for key, value in record.items():
-            if key not in ("step", "time") and isinstance(value, int | float) and math.isfinite(value):
-                self.writer.add_scalar(key, value, step)
+        scalars = {k: v for k, v in record.items()
+                   if k not in ("step", "time") and isinstance(v, int | float) and math.isfinite(v)}
+        for tracker in self.trackers:
+            tracker.log(scalars, step)
         if echo:
             shown = "  ".join(f"{k.split('/')[-1]}={_fmt(v)}" for k, v in metrics.items() if isinstance(v, int | float))
             print(f"step {step:>5}  {shown}", flush=True)
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+        for tracker in self.trackers:
+            tracker.close()
+        self.trackers = []
+
+
+class _TensorBoard:
+    def __init__(self, run_dir: Path):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def log(self, scalars: dict[str, float], step: int) -> None:
+        for key, value in scalars.items():
+            self.writer.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class _Wandb:
+    """Weights & Biases in offline mode (``wandb sync <run>/wandb/offline-run-*`` uploads it later);
+    a WANDB_MODE set in the environment wins."""
+
+    def __init__(self, run_dir: Path):
+        import wandb
+
+        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "refuel-gym"), name=run_dir.name,
+                              dir=str(run_dir), mode=os.environ.get("WANDB_MODE", "offline"))
+
+    def log(self, scalars: dict[str, float], step: int) -> None:
+        self.run.log(scalars, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+class _Trackio:
+    """Trackio, local (its SQLite database in <run>/trackio unless TRACKIO_DIR is set)."""
+
+    def __init__(self, run_dir: Path):
+        os.environ.setdefault("TRACKIO_DIR", str(run_dir / "trackio"))
+        import trackio
+
+        self.trackio = trackio
+        trackio.init(project=os.environ.get("TRACKIO_PROJECT", "refuel-gym"), name=run_dir.name, resume="allow")
+
+    def log(self, scalars: dict[str, float], step: int) -> None:
+        self.trackio.log(scalars, step=step)
+
+    def close(self) -> None:
+        self.trackio.finish()
+
+
+_TRACKER_CLASSES = {"tensorboard": _TensorBoard, "wandb": _Wandb, "trackio": _Trackio}
 
 
 def _step_of(line: str) -> float:

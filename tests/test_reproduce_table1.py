@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shlex
 from pathlib import Path
@@ -14,10 +13,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("reproduce_table1", ROOT / "scripts" / "reproduce_table1.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from refuel_agents.commands import reproduce_table1
+
+    return reproduce_table1
 
 
 def _flag(cmd: list[str], name: str) -> str | None:
@@ -77,33 +75,45 @@ def test_finished_rows_are_reused_and_checkpointed_ones_resumed(script, tmp_path
     assert "--resume" in by_name["rebel-lt-online"] and "--resume" not in by_name["dpo-lt-mixed"]
 
 
-def test_a_run_interrupted_before_its_first_checkpoint_starts_afresh(script, tmp_path, monkeypatch):
-    """Only config.json (and maybe collected tuples): --resume would fail (no checkpoint), and
-    train_agent.py refuses a non-empty folder without it; the folder is moved aside, nothing lost."""
-    argv = ["--output-dir", str(tmp_path), "--methods", "rebel-lt-online"]
-    run_dir = _earlier_run(script, tmp_path, "rebel-lt-online", argv, checkpoint=False)
-    (run_dir / "iteration_000").mkdir()
-    (run_dir / "iteration_000" / "collection.json").write_text("{}")
-    seen: list[tuple[list[str], bool]] = []
-
-    def fake_run(cmd, log):  # records the command and whether the folder was free when it ran
-        seen.append((cmd, not run_dir.exists()))
+def _fake_run(tmp_path: Path, method: str, seen: list):
+    def fake_run(cmd, log):  # records the command; the evaluation writes a results.json
+        seen.append(cmd)
         if cmd[1].endswith("evaluate.py"):
             eval_dir = tmp_path / "eval"
             eval_dir.mkdir()
             turn = {"win_rate": 0.5, "n": 4}
-            results = {"config": {"horizon": 3}, "policies": {"rebel-lt-online": {"win_rate": {
+            results = {"config": {"horizon": 3}, "policies": {method: {"win_rate": {
                 "per_turn": {"1": turn, "2": turn, "3": turn}, "average": 0.5}}}}
             (eval_dir / "results.json").write_text(json.dumps(results))
 
-    monkeypatch.setattr(script, "run", fake_run)
+    return fake_run
+
+
+def test_a_run_interrupted_before_its_first_checkpoint_is_resumed(script, tmp_path, monkeypatch):
+    """config.json and collected tuples, no checkpoint: resumed (train_agent.py continues from the stored
+    tuples), not moved aside and trained again."""
+    argv = ["--output-dir", str(tmp_path), "--methods", "rebel-lt-online"]
+    run_dir = _earlier_run(script, tmp_path, "rebel-lt-online", argv, checkpoint=False)
+    (run_dir / "iteration_000").mkdir()
+    seen: list[list[str]] = []
+    monkeypatch.setattr(script, "run", _fake_run(tmp_path, "rebel-lt-online", seen))
     script.main(argv)
-    (train, free), (evaluation, _) = seen
-    assert _flag(train, "--run-name") == "rebel-lt-online" and "--resume" not in train and free
+    train, evaluation = seen
+    assert _flag(train, "--run-name") == "rebel-lt-online" and "--resume" in train and run_dir.is_dir()
     assert evaluation[1].endswith("evaluate.py")
-    aside = [p for p in tmp_path.iterdir() if p.name.startswith("rebel-lt-online.no-checkpoint-")]
-    assert len(aside) == 1 and (aside[0] / "iteration_000" / "collection.json").read_text() == "{}"
     assert "| rebel-lt-online | 50.0 | 50.0 | 50.0 | 50.00 |" in (tmp_path / "table1.md").read_text()
+
+
+def test_a_folder_that_is_not_a_run_is_moved_aside(script, tmp_path, monkeypatch):
+    argv = ["--output-dir", str(tmp_path), "--methods", "refuel"]
+    (tmp_path / "refuel").mkdir()
+    (tmp_path / "refuel" / "notes.txt").write_text("mine")
+    seen: list[list[str]] = []
+    monkeypatch.setattr(script, "run", _fake_run(tmp_path, "refuel", seen))
+    script.main(argv)
+    assert "--resume" not in seen[0]
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("refuel.not-a-run-")]
+    assert len(aside) == 1 and (aside[0] / "notes.txt").read_text() == "mine"
 
 
 def test_flags_that_differ_from_the_earlier_run_are_an_error_naming_the_fields(script, tmp_path):

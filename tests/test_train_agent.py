@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -101,10 +102,40 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(word_lm_dir, tmp_path, 
     assert all(torch.equal(mine[k], theirs[k]) for k in mine), "the resumed run diverged from the uninterrupted one"
 
 
-def test_resume_without_checkpoint_and_existing_run_fail_clearly(word_lm_dir, tmp_path, reference_run):
+def _file_size_limit(limit: int):
+    def apply():  # the child's writes past ``limit`` bytes fail (EFBIG; Python ignores SIGXFSZ)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return apply
+
+
+def test_a_run_that_fails_before_its_first_checkpoint_resumes_from_its_stored_tuples(word_lm_dir, tmp_path,
+                                                                                      reference_run):
+    """The first checkpoint's write fails (a file-size limit smaller than the model), after iteration 0 stored
+    its tuples: --resume finishes the run without collecting them again, as the uninterrupted run."""
+    args = [sys.executable, SCRIPT, *flags(word_lm_dir, tmp_path, "stopped")]
+    failed = subprocess.run(args, capture_output=True, text=True, timeout=900, env=ENV,
+                            preexec_fn=_file_size_limit(200_000))
+    run = tmp_path / "stopped"
+    arrow = next((run / "iteration_000" / "tuples").glob("*.arrow"))
+    stored = arrow.stat()
+    assert failed.returncode != 0 and not (run / "checkpoints" / "latest").exists(), failed.stderr[-2000:]
+
+    resumed = subprocess.run(args + ["--resume"], capture_output=True, text=True, timeout=900, env=ENV)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "from its start (it has no checkpoint yet)" in resumed.stdout
+    now = arrow.stat()
+    assert (now.st_ino, now.st_mtime_ns) == (stored.st_ino, stored.st_mtime_ns)  # not collected again
+    straight, _ = reference_run
+    assert steps(run) == steps(straight)
+    mine, theirs = weights(run), weights(straight)
+    assert all(torch.equal(mine[k], theirs[k]) for k in theirs), "the resumed run diverged from the uninterrupted one"
+
+
+def test_resume_of_a_missing_run_and_a_plain_rerun_fail_clearly(word_lm_dir, tmp_path, reference_run):
     result = subprocess.run([sys.executable, SCRIPT, *flags(word_lm_dir, tmp_path, "nothing"), "--resume"],
                             capture_output=True, text=True, timeout=300, env=ENV)
-    assert result.returncode != 0 and "no complete checkpoint" in result.stderr
+    assert result.returncode != 0 and "does not exist, so there is no run to continue" in result.stderr
     straight, _ = reference_run
     result = subprocess.run([sys.executable, SCRIPT, *flags(word_lm_dir, straight.parent, "straight")],
                             capture_output=True, text=True, timeout=300, env=ENV)
