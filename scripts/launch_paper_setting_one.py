@@ -110,11 +110,19 @@ def _gpus(text: str, flag: str) -> list[str]:
     return gpus
 
 
+def _gpu_sets(args: argparse.Namespace) -> tuple[list[str], list[str]]:
+    user, train = _gpus(args.user_gpus, "--user-gpus"), _gpus(args.train_gpus, "--train-gpus")
+    if set(user) & set(train):
+        raise SystemExit(f"error: --user-gpus {args.user_gpus} and --train-gpus {args.train_gpus} overlap; the user's "
+                         "server needs GPUs of its own")
+    return user, train
+
+
 def plan(args: argparse.Namespace, train_args: list[str]) -> memory_plan.Setting:
     """The memory plan of this launch (every node alike); a phase that does not fit is an error naming it."""
     import memory_plan  # the plan reads the trainer's configuration: imported only when planning
 
-    user, train = _gpus(args.user_gpus, "--user-gpus"), _gpus(args.train_gpus, "--train-gpus")
+    user, train = _gpu_sets(args)
     setting = memory_plan.setting(PRESET, len(user) + len(train), args.gpu_memory_gb, user_gpus=len(user),
                                   nodes=args.nnodes, train_args=train_args)
     failing = setting.failing()
@@ -129,10 +137,7 @@ def plan(args: argparse.Namespace, train_args: list[str]) -> memory_plan.Setting
 def commands(args: argparse.Namespace, train_args: list[str],
              setting: memory_plan.Setting | None = None) -> tuple[list[str], dict, list[str], dict]:
     """The server's and the trainer's command lines, and the variables each adds to the environment."""
-    user, train = _gpus(args.user_gpus, "--user-gpus"), _gpus(args.train_gpus, "--train-gpus")
-    if set(user) & set(train):
-        raise SystemExit(f"error: --user-gpus {args.user_gpus} and --train-gpus {args.train_gpus} overlap; the user's "
-                         "server needs GPUs of its own")
+    user, train = _gpu_sets(args)
     import memory_plan
 
     setting = setting or plan(args, train_args)
