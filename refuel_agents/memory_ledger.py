@@ -9,8 +9,10 @@ byte accounting (deepspeed/runtime/zero/stage3.py, 0.19):
   parameter, plus the whole of each parameter at or under ``stage3_param_persistence_threshold``;
 * ``gradients``: the gradient partition (``grad_partitions_flat_buffer``, the model's dtype) and
   the reduce bucket (``reduce_bucket_size`` elements);
-* ``optimizer``: the fp32 master partition (none when the weights are fp32 already: DeepSpeed
-  reuses them) and AdamW's fp32 ``exp_avg`` and ``exp_avg_sq``;
+* ``optimizer``: the fp32 master partition and AdamW's fp32 ``exp_avg`` and ``exp_avg_sq`` (created at the
+  first step). The master is a copy even when the weights are fp32: ``_create_fp32_partitions`` would reuse
+  them only when ``tensor.device == current_device_name()``, a ``torch.device`` against a string, which is
+  never equal (measured on 2 gloo ranks: a separate fp32 copy);
 * ``activations`` in training: the larger of the backward pass's working set and the optimizer
   step's, where DeepSpeed casts one sub-group's gradients to fp32 (``sub_group_size`` elements
   at most, plus the parameter that crossed it) and torch's AdamW takes a square root of the same size.
@@ -320,7 +322,7 @@ def plan_for(
         if bucket:
             persistent.append(Row("gradients", "reduce bucket", f"{bucket:,} x {lp} B", bucket * lp))
         opt_part = grad_part if stage else T
-        master = 4 if (stage and lp == 2) else 0
+        master = 4 if stage else 0  # the plain path's AdamW updates the fp32 weights themselves
         persistent.append(Row("optimizer", f"fp32 master ({master} B) + AdamW m, v (8 B) on the {optim_dev}",
                               f"{opt_part:,} x {master + 8} B", opt_part * (master + 8)))
     if config.reference_kl:

@@ -85,7 +85,7 @@ def test_tiny_zero3_fp32_cpu_plan_by_hand():
     # partition 46,624 + the five 64-element norms kept whole (under the 10 x hidden threshold), fp32
     assert items["policy"] == (46_624 + 5 * 64) * 4
     assert items["gradients"] == 46_624 * 4 + 64 * 64 * 4  # fp32 gradient partition + reduce bucket (hidden^2)
-    assert items["optimizer"] == 46_624 * 8  # AdamW m and v; fp32 weights are their own master copy
+    assert items["optimizer"] == 46_624 * 12  # fp32 master (a copy even of fp32 weights) + AdamW m and v
     assert items["reference"] == 46_624 * 4
     assert "gathered" not in items and "replica" not in items and "reward" not in items
     # collection with the transformers backend under ZeRO-3 on 2 ranks runs inside the full-weight gather
