@@ -358,7 +358,7 @@ def plan_for(
         if given is None:
             given = config.policy_vllm_kwargs.get("gpu_memory_utilization")
         if given is None:
-            utilization = min(VLLM_MAX_UTILIZATION, math.floor((gpu_memory_gb * GB - fixed) / (gpu_memory_gb * GB) * 100) / 100)
+            utilization = max(0.0, min(VLLM_MAX_UTILIZATION, math.floor((gpu_memory_gb * GB - fixed) / (gpu_memory_gb * GB) * 100) / 100))
         else:
             utilization = float(given)
         budget = int(max(utilization, 0.0) * gpu_memory_gb * GB)
