@@ -328,7 +328,8 @@ def plan_for(
     if config.reference_kl:
         if stage == 3:
             ref = sum(math.ceil(n / W) for n in numels)
-            persistent.append(Row("reference", "pi_0, ZeRO-3 partition (parameters only)", f"{ref:,} x {lp} B", ref * lp))
+            persistent.append(Row("reference", "pi_0, ZeRO-3 partition (parameters only, small ones whole)",
+                                  f"{ref:,} x {lp} B + {whole:,} x {lp} B", (ref + whole) * lp))
         else:
             persistent.append(Row("reference", "pi_0, a whole copy", f"{P:,} x {lp} B", P * lp))
     if reward is not None:
