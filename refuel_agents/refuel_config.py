@@ -68,6 +68,15 @@ class RefuelConfig:
     """Recompute activations in the backward pass to save memory."""
     last_k_layers: int | None = None
     """Train only the last k decoder layers (plus final norm and lm_head); None = all."""
+    lora_r: int = 0
+    """LoRA rank (peft): train rank-r adapters instead of the weights; pi_0 is the same module with its adapters off,
+    so reference_kl keeps no frozen copy. Checkpoints and final_model hold the adapter (PeftModel.from_pretrained);
+    the vLLM policy replica gets the merged weights. With last_k_layers the adapters go into those layers only. 0 = off."""
+    lora_alpha: float = 16.0
+    """LoRA alpha: the adapters' output is scaled by lora_alpha / lora_r."""
+    lora_target_modules: str = "all-linear"
+    """Linear layers that get adapters: comma-separated names (e.g. q_proj,v_proj; each must name a linear layer of the
+    policy) or 'all-linear' (every linear layer but lm_head)."""
     max_new_tokens: int = 32
     """Longest policy response during collection, in tokens."""
     max_new_tokens_by_h: dict[str, int] | None = None
@@ -163,6 +172,9 @@ class RefuelConfig:
             problems.append("prompts_per_iteration must be >= 0")
         if self.policy_backend not in ("transformers", "vllm"):
             problems.append(f"policy_backend must be 'transformers' or 'vllm', got {self.policy_backend!r}")
+        if self.lora_r < 0 or (self.lora_r and not self.lora_alpha > 0) or not self.lora_target_modules.strip(" ,"):
+            problems.append(f"LoRA needs lora_r > 0 (0 = off), lora_alpha > 0 and lora_target_modules, got {self.lora_r}, "
+                            f"{self.lora_alpha}, {self.lora_target_modules!r}")
         if self.resume and not self.run_name:
             problems.append("--resume needs --run-name (the run folder to continue)")
         if problems:
