@@ -3,6 +3,10 @@ adapter is what a run saves and resumes from, and the vLLM replica's merged weig
 
 from __future__ import annotations
 
+import importlib.util
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -62,6 +66,7 @@ def lora_run(word_lm_dir, tmp_path_factory):
     return trainer, before
 
 
+@pytest.mark.slow
 def test_a_lora_run_trains_only_the_adapters_and_keeps_no_frozen_copy(lora_run):
     trainer, before = lora_run
     assert trainer._state["global_step"] == 2
@@ -77,6 +82,7 @@ def test_a_lora_run_trains_only_the_adapters_and_keeps_no_frozen_copy(lora_run):
             assert torch.equal(p, before[name]), f"base weight {name} changed"
 
 
+@pytest.mark.slow
 def test_pi_0_is_the_loaded_model_and_the_log_ratio_starts_at_exactly_zero(word_lm_dir, tmp_path):
     trainer = make_trainer("refuel", None, **small(word_lm_dir, tmp_path, micro_batch_size=2, batch_size=4))
     trainer.setup()
@@ -93,6 +99,7 @@ def test_pi_0_is_the_loaded_model_and_the_log_ratio_starts_at_exactly_zero(word_
         assert torch.equal(scores(base, trainer, members), ref)  # adapters off = the model as loaded
 
 
+@pytest.mark.slow
 def test_the_saved_adapter_loads_with_peft_and_gives_the_trained_log_probs(lora_run, word_lm_dir):
     trainer, _ = lora_run
     final = trainer.run_dir / "final_model"
@@ -107,6 +114,7 @@ def test_the_saved_adapter_loads_with_peft_and_gives_the_trained_log_probs(lora_
     assert not torch.equal(trained, scores(base, trainer, rows))
 
 
+@pytest.mark.slow
 def test_resume_loads_the_adapter_and_the_optimizer(lora_run):
     trainer, _ = lora_run
     resumed = make_trainer("refuel", None, **{**small(trainer.config.policy_model, trainer.config.output_dir), "resume": True})
@@ -155,12 +163,41 @@ def test_last_k_layers_puts_the_adapters_into_those_layers_only(word_lm_dir):
                                                                              if ".lora_" in n}
 
 
+@pytest.mark.slow
 def test_dpo_against_pi_0_trains_a_lora_policy(word_lm_dir, tmp_path):
     trainer = make_trainer("dpo", "lt-online", reward_model=WordCountReward(),
-                           **small(word_lm_dir, tmp_path, reference_policy="initial", prompts_per_iteration=6))
+                           **small(word_lm_dir, tmp_path, reference_policy="initial"))
     trainer.setup()
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     trainer.train()
     assert trainer._state["global_step"] >= 1
     changed = {n for n, p in trainer.model.named_parameters() if not torch.equal(p, before[n])}
     assert changed and all(".lora_" in n for n in changed)
+
+
+def test_benchmark_lora_prints_both_figures_the_ratio_and_the_load(tmp_path, monkeypatch, capsys):
+    """The script's real main, with the two spawned runs replaced by their reports (no benchmark runs here)."""
+    spec = importlib.util.spec_from_file_location("benchmark_lora", Path(__file__).parents[1] / "scripts/benchmark_lora.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    runs = []
+
+    def run(name, settings, threads, work):
+        runs.append((name, settings["lora_r"], settings.get("reference_kl", True)))
+        peak = {"full": 3000, "lora": 1200}[name] * bench.MIB
+        return {"configuration": name, "peak_rss": peak, "rss_before_trainer": 600 * bench.MIB, "run_rss": peak - 600 * bench.MIB,
+                "parameters": 100, "trainable_parameters": 100 if name == "full" else 10, "reference_copy_parameters": 0,
+                "state_bytes_by_count": 1, "optimizer_steps": 2}
+
+    monkeypatch.setattr(bench, "in_fresh_process", run)
+    out = tmp_path / "lora.json"
+    bench.main(["--lora-r", "8", "--json", str(out)])
+    assert runs == [("full", 0, True), ("lora", 8, True)]
+    report = json.loads(out.read_text())
+    assert report["ratio_lora_to_full"] == {"peak_rss": 0.4, "run_rss": 0.25}
+    assert set(report["load"]) == {"before", "after", "cores_used", "cpu_count", "busy"}
+    printed = capsys.readouterr().out
+    assert "| full | 100 of 100 |" in printed and "LoRA / full: peak RSS 0.40x, the run's own memory 0.25x" in printed
+    assert "load average (1 min) before / after:" in printed
+    with pytest.raises(SystemExit):
+        bench.main(["--lora-r", "0"])
