@@ -59,7 +59,7 @@ def scores(model, trainer, rows):
 def lora_run(word_lm_dir, tmp_path_factory):
     """A finished LoRA REFUEL run (1 iteration, 2 updates), its base weights before training, and its probe rows."""
     trainer = make_trainer("refuel", None, reward_model=WordCountReward(),
-                           **small(word_lm_dir, tmp_path_factory.mktemp("runs")))
+                           **small(word_lm_dir, tmp_path_factory.mktemp("runs"), save_every=1, keep_checkpoints=3))
     trainer.setup()
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     trainer.train()
@@ -124,6 +124,27 @@ def test_resume_loads_the_adapter_and_the_optimizer(lora_run):
         assert torch.equal(p, q), name
     old, new = trainer.engine.state_dict()["optimizer"]["state"], resumed.engine.state_dict()["optimizer"]["state"]
     assert old.keys() == new.keys() and all(torch.equal(old[k]["exp_avg"], new[k]["exp_avg"]) for k in old)
+
+
+@pytest.mark.slow
+def test_a_run_resumed_after_its_first_update_ends_with_the_same_adapter(lora_run, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    trainer, _ = lora_run
+    copy = tmp_path / "lora"
+    shutil.copytree(trainer.run_dir, copy)
+    shutil.rmtree(copy / "final_model")
+    (copy / "checkpoints" / "latest").write_text("step_0000001")  # as if killed after the first update
+    shutil.rmtree(copy / "checkpoints" / "step_0000002")
+    resumed = make_trainer("refuel", None, reward_model=WordCountReward(),
+                           **{**small(trainer.config.policy_model, tmp_path), "resume": True})
+    resumed.train()
+    assert resumed._state["global_step"] == 2
+    final = load_file(str(copy / "final_model" / "adapter_model.safetensors"))
+    expected = load_file(str(trainer.run_dir / "final_model" / "adapter_model.safetensors"))
+    assert final.keys() == expected.keys() and all(torch.equal(final[k], expected[k]) for k in final)
 
 
 def test_merged_weights_are_the_base_models_names_and_the_policys_outputs(word_lm_dir):
