@@ -220,6 +220,10 @@ def load_weights(model: torch.nn.Module, model_dir: Path) -> None:
     """Load a checkpoint's safetensors weights in place; only tied weights may be absent."""
     from safetensors.torch import load_file
 
+    if hasattr(model, "peft_config"):  # a LoRA policy: the checkpoint holds its adapter
+        from refuel_agents.lora import load_adapter
+
+        return load_adapter(model, model_dir)
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"{model_dir} holds no safetensors weights; the checkpoint is incomplete")

@@ -171,6 +171,8 @@ def trainable_parameters(model: nn.Module, last_k_layers: int | None) -> list[nn
     that shared matrix stays frozen too, as in the original release (training it would
     change the input of the frozen bottom layers).
     """
+    if hasattr(model, "peft_config"):  # a LoRA policy (refuel_agents.lora.wrap chose its adapters and layers)
+        return [p for p in model.parameters() if p.requires_grad]
     if last_k_layers is None:
         for p in model.parameters():
             p.requires_grad_(True)
@@ -432,8 +434,9 @@ class TrainEngine:
         self.bf16 = self.device.type == "cuda" if bf16 is None else bf16
         self.rank, self.world_size, self.zero_stage = 0, 1, 0
         model.to(self.device, dtype=torch.float32)
-        if self.bf16:
-            model.forward = torch.autocast(self.device.type, dtype=torch.bfloat16)(model.forward)
+        if self.bf16:  # (a LoRA policy: on the transformers module inside, which its generator calls too)
+            inner = model.get_base_model() if hasattr(model, "peft_config") else model
+            inner.forward = torch.autocast(self.device.type, dtype=torch.bfloat16)(inner.forward)
         self.model = model
         self._module = model
         self._optimizer = self._adamw(params)

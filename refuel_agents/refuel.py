@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from refuel_agents import checkpoint as ckpt
 from refuel_agents import distributed as dist
-from refuel_agents import heldout
+from refuel_agents import heldout, lora
 from refuel_agents.collection import (
     CollectionStats,
     Penalties,
@@ -97,7 +97,7 @@ class RefuelTrainer:
         self.tokenizer = self.generator.tokenizer
         # Training reads right-padded batches; generation pads on the left: separate tokenizer copies.
         self.train_tokenizer = copy.copy(self.tokenizer)
-        self.model = self.generator.model
+        self.model = lora.apply(self.generator.model, config)  # LoRA: adapters in place, the generator samples with them
         self.rollout_generator: TextGenerator = self.generator
         self.weight_pushes = 0  # vLLM backend: how often the trained weights were pushed into the engine
         self.pushed_group_numel = 0  # vLLM backend: the most parameter elements gathered at once by the last push
@@ -109,8 +109,8 @@ class RefuelTrainer:
                              "no CUDA device, and vLLM refuses it on CPU. Drop --policy-vllm-sleep here")
         if config.policy_backend == "vllm" and self.world == 1:
             self.rollout_generator = self._start_policy_engine()
-        # pi_0, frozen; put in the trained model's precision once the engine exists (match_precision).
-        self.reference = copy.deepcopy(self.model).eval().requires_grad_(False) if config.reference_kl else None
+        # pi_0, frozen (LoRA: the module, adapters off); put in the trained model's precision once the engine exists.
+        self.reference = lora.initial_policy(self.model) if config.reference_kl else None
         self.pad_id = self.tokenizer.pad_token_id
         self.logprob_temperature = config.logprob_temperature or (config.temperature if config.temperature > 0 else 1.0)
         self.sampling = SamplingParams(max_new_tokens=config.max_new_tokens, temperature=config.temperature)
@@ -174,8 +174,8 @@ class RefuelTrainer:
         return rows, stats
 
     def _start_policy_engine(self) -> TextGenerator:
-        return dist.start_policy_replica(self._policy_path, self.config.policy_vllm_kwargs, self.rank, self.world,
-                                         sleep=self.config.policy_vllm_sleep)
+        return lora.merged_replica(self.model, dist.start_policy_replica(  # (LoRA: it takes merged weights)
+            self._policy_path, self.config.policy_vllm_kwargs, self.rank, self.world, sleep=self.config.policy_vllm_sleep))
 
     def rollout_policy(self) -> TextGenerator:
         """The generator that plays the policy, holding the current weights.

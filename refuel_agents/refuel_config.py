@@ -72,6 +72,15 @@ class RefuelConfig:
     """Recompute activations in the backward pass to save memory."""
     last_k_layers: int | None = None
     """Train only the last k decoder layers (plus final norm and lm_head); None = all."""
+    lora_r: int = 0
+    """LoRA rank (peft): train rank-r adapters instead of the weights; pi_0 is the same module with its adapters off,
+    so reference_kl keeps no frozen copy. Checkpoints and final_model hold the adapter (PeftModel.from_pretrained);
+    the vLLM policy replica gets the merged weights. With last_k_layers the adapters go into those layers only. 0 = off."""
+    lora_alpha: float = 16.0
+    """LoRA alpha: the adapters' output is scaled by lora_alpha / lora_r."""
+    lora_target_modules: str = "all-linear"
+    """Linear layers that get adapters: comma-separated names (e.g. q_proj,v_proj; each must name a linear layer of the
+    policy) or 'all-linear' (every linear layer but lm_head)."""
     max_new_tokens: int = 32
     """Longest policy response during collection, in tokens."""
     max_new_tokens_by_h: dict[str, int] | None = None
@@ -204,6 +213,12 @@ class RefuelConfig:
             parse_report_to(self.report_to)
         except ValueError as err:
             problems.append(f"--report-to {self.report_to}: {err}")
+        if self.lora_r < 0:
+            bad("lora_r", self.lora_r, "pass an integer >= 1 for rank-r adapters, or 0 to train the full weights")
+        if self.lora_r and not self.lora_alpha > 0:
+            bad("lora_alpha", self.lora_alpha, "pass a number > 0 (the adapters are scaled by alpha / r), e.g. 32")
+        if self.lora_r and not self.lora_target_modules.strip(" ,"):
+            bad("lora_target_modules", self.lora_target_modules, "pass 'all-linear' or names such as q_proj,v_proj")
         if self.resume and not self.run_name:
             problems.append("--resume needs --run-name (the run folder to continue)")
         if problems:
