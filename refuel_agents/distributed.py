@@ -108,8 +108,9 @@ def merge_stats(parts: Sequence[Any]) -> Any:
 
 
 @contextmanager
-def full_weights(engine: Any, enabled: bool = True) -> Iterator[None]:
-    """Hold the trained module's full weights on every rank while the body runs (ZeRO-3, W > 1).
+def full_weights(engine: Any, enabled: bool = True, module: Any = None) -> Iterator[None]:
+    """Hold the trained module's full weights on every rank while the body runs (ZeRO-3, W > 1);
+    with ``module``, those of a frozen copy that ``engine.match_precision`` sharded (pi_0) instead.
 
     Under ZeRO-3 every forward pass gathers each layer's shards from all ranks, so all ranks
     must run the same number of forward passes. Sharded collection, scoring and evaluation do
@@ -124,8 +125,14 @@ def full_weights(engine: Any, enabled: bool = True) -> Iterator[None]:
         return
     import deepspeed
 
-    offload = engine.model.optimizer.parameter_offload
-    params = list(engine.unwrapped.parameters())
+    if module is None:
+        offload, target = engine.model.optimizer.parameter_offload, engine.unwrapped
+    elif id(module) in engine.frozen_engines:
+        offload, target = engine.frozen_engines[id(module)].optimizer, module  # (DeepSpeedZeRoOffload)
+    else:  # a full copy: nothing to gather
+        yield
+        return
+    params = list(target.parameters())
     with deepspeed.zero.GatheredParameters(params):
         for p in params:
             p.ds_active_sub_modules.clear()
