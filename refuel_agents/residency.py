@@ -246,7 +246,8 @@ def parameter_bytes(module: torch.nn.Module | None) -> tuple[int, int]:
 def optimizer_bytes(engine: Any) -> tuple[int, int]:
     """(gradient bytes, optimizer-state bytes) that ``engine`` (a :class:`TrainEngine`) keeps on this rank.
 
-    ZeRO-3: the gradient partitions, and the fp32 master partitions plus AdamW's moments. Plain
+    ZeRO-3: the gradient partitions and the reduce bucket, and the fp32 master partitions (none apart from
+    fp32 weights) plus AdamW's moments. Plain
     path: the parameters' ``.grad`` and AdamW's moments (the weights are the master copy).
     """
     if engine is None:
@@ -255,7 +256,11 @@ def optimizer_bytes(engine: Any) -> tuple[int, int]:
         zero = engine.model.optimizer
         if engine.zero_stage == 3:
             grads = _nbytes(getattr(zero, "grad_partitions_flat_buffer", None))
-            masters = sum(_nbytes(t) for t in getattr(zero, "fp32_partitioned_groups_flat", []))
+            grads += sum(_nbytes(getattr(b, "buffer", None)) for b in getattr(zero, "ipg_buckets", {}).values())
+            weights = {t.data_ptr() for t in getattr(zero, "fp16_partitioned_groups_flat", [])}
+            # fp32 weights are their own master copy (DeepSpeed shares the storage): counted once, as the policy
+            masters = sum(_nbytes(t) for t in getattr(zero, "fp32_partitioned_groups_flat", [])
+                          if t.data_ptr() not in weights)
         else:
             grads = sum(_nbytes(g) for g in getattr(zero, "averaged_gradients", {}).values() if isinstance(g, torch.Tensor))
             grads += sum(_nbytes(p.grad) for p in getattr(zero, "single_partition_of_fp32_groups", []))
