@@ -63,7 +63,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from refuel_agents.refuel import RefuelConfig, RefuelTrainer
-    from refuel_env.components import _reward_model, make_config, user_generator
+    from refuel_env.components import _reward_model, user_generator
 
     rank = int(os.environ["RANK"])
     common = dict(policy_model=args.policy, iterations=1, prompts_per_iteration=2, batch_size=2, micro_batch_size=1,
