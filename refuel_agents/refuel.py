@@ -358,6 +358,7 @@ class RefuelTrainer:
         """Create the run folder or load its latest checkpoint; returns the loop state."""
         if self._state is None:
             self._state = self._resume_or_start()
+            dist.check_shared_folder(self.run_dir, self.rank, self.world)  # checkpoints need one shared folder
         return self._state
 
     def train(self) -> Path:

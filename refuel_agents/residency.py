@@ -189,7 +189,7 @@ def zero3_config(deepspeed_config: str | os.PathLike | dict | None, world: int, 
 @contextmanager
 def sharded_loading(ds_config: dict | None) -> Iterator[bool]:
     """Models built from ``from_pretrained`` inside this context are partitioned as they are built
-    (transformers' ``HfDeepSpeedConfig`` kept alive, so ``from_pretrained`` enters ``deepspeed.zero.Init``;
+    (transformers' DeepSpeed integration told that ZeRO-3 is on, so ``from_pretrained`` enters ``deepspeed.zero.Init``;
     rank 0 reads the checkpoint, each rank keeps its shard). Yields whether it is on (``ds_config`` not None).
 
     Only inside: left on, transformers would also partition the user's and the reward model's
@@ -199,15 +199,27 @@ def sharded_loading(ds_config: dict | None) -> Iterator[bool]:
         yield False
         return
     import deepspeed
-    from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+    from transformers.integrations.deepspeed import set_hf_deepspeed_config, unset_hf_deepspeed_config
 
     deepspeed.init_distributed()
-    keep = HfDeepSpeedConfig(ds_config)  # noqa: F841 (transformers holds only a weak reference)
+    keep = _Zero3Config(ds_config)  # transformers holds only a weak reference: kept alive here
+    set_hf_deepspeed_config(keep)
     try:
         yield True
     finally:
         unset_hf_deepspeed_config()
         del keep
+
+
+class _Zero3Config:
+    """What transformers reads of its ``HfDeepSpeedConfig`` (``is_deepspeed_zero3_enabled()``, ``deepspeed_config()``):
+    the config and that it is ZeRO-3. ``HfDeepSpeedConfig`` itself also insists on accelerate being installed."""
+
+    def __init__(self, config: dict):
+        self.config = config
+
+    def is_zero3(self) -> bool:
+        return True
 
 
 def is_sharded(module: torch.nn.Module) -> bool:
