@@ -14,6 +14,7 @@ per rank, ``rank_<r>-of-<W>``; :func:`load_tuples` reads either as one ``dataset
 
 from __future__ import annotations
 
+import json
 import os
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -108,8 +109,9 @@ def merge_stats(parts: Sequence[Any]) -> Any:
 
 
 @contextmanager
-def full_weights(engine: Any, enabled: bool = True) -> Iterator[None]:
-    """Hold the trained module's full weights on every rank while the body runs (ZeRO-3, W > 1).
+def full_weights(engine: Any, enabled: bool = True, module: Any = None) -> Iterator[None]:
+    """Hold the trained module's full weights on every rank while the body runs (ZeRO-3, W > 1);
+    with ``module``, those of a frozen copy that ``engine.match_precision`` sharded (pi_0) instead.
 
     Under ZeRO-3 every forward pass gathers each layer's shards from all ranks, so all ranks
     must run the same number of forward passes. Sharded collection, scoring and evaluation do
@@ -124,8 +126,14 @@ def full_weights(engine: Any, enabled: bool = True) -> Iterator[None]:
         return
     import deepspeed
 
-    offload = engine.model.optimizer.parameter_offload
-    params = list(engine.unwrapped.parameters())
+    if module is None:
+        offload, target = engine.model.optimizer.parameter_offload, engine.unwrapped
+    elif id(module) in engine.frozen_engines:
+        offload, target = engine.frozen_engines[id(module)].optimizer, module  # (DeepSpeedZeRoOffload)
+    else:  # a full copy: nothing to gather
+        yield
+        return
+    params = list(target.parameters())
     with deepspeed.zero.GatheredParameters(params):
         for p in params:
             p.ds_active_sub_modules.clear()
@@ -172,6 +180,45 @@ def push_weights(engine: Any, generator: Any, group_bytes: int = 2**30) -> int:
 
 
 # ------------------------------------------------------------------------------ storage
+
+
+SHARED_MARKER = ".shared-filesystem"
+
+
+def check_shared_folder(folder: Path, rank: int, world: int) -> None:
+    """Fail on every rank, before any work, unless all ranks see ``folder`` as one folder.
+
+    Checkpoints of several nodes need a filesystem they all share: every rank writes its shard
+    into the same temporary folder, which rank 0 then renames. Rank 0 writes a marker holding a
+    fresh token into ``folder``, and every rank reads it back; a rank that does not find the
+    token (a node-local disk) makes every rank stop with an error that says so. The marker is
+    removed afterwards. One rank: nothing to check.
+    """
+    if world == 1 or not torch.distributed.is_initialized():
+        return
+    import secrets
+
+    from refuel_agents.checkpoint import write_json_atomic
+
+    marker = Path(folder) / SHARED_MARKER
+    token = all_gather_objects(secrets.token_hex(16))[0]  # rank 0's
+    if rank == 0:
+        write_json_atomic(marker, {"token": token})
+    torch.distributed.barrier()
+    try:
+        seen = json.loads(marker.read_text()).get("token") == token
+    except (OSError, ValueError):
+        seen = False
+    blind = [r for r, ok in enumerate(all_gather_objects(seen)) if not ok]  # (every rank has read before the removal)
+    if rank == 0:
+        marker.unlink(missing_ok=True)
+    torch.distributed.barrier()  # removed before any rank goes on
+    if blind:
+        raise RuntimeError(
+            f"rank(s) {blind} of {world} cannot see the marker rank 0 wrote to {marker}: the run folder is not on a "
+            "filesystem that every node shares, so checkpoints would be lost (each rank writes its shard there, rank 0 "
+            "renames the folder). Pass --output-dir on a shared filesystem (NFS, Lustre, ...) mounted at the same path "
+            "on every node")
 
 
 def shard_dir(tuples_dir: Path, rank: int, world: int) -> Path:

@@ -154,7 +154,7 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
             f"cannot find the decoder layers of {type(model).__name__}: no nn.ModuleList inside "
             f"{type(decoder).__name__}; train all parameters (last_k_layers=None) instead"
         )
-    return max(lists, key=lambda m: sum(p.numel() for p in m.parameters()))
+    return max(lists, key=lambda m: sum(int(getattr(p, "ds_numel", p.numel())) for p in m.parameters()))  # ZeRO-3: full size
 
 
 def _final_norms(model: nn.Module) -> list[nn.Module]:
@@ -372,6 +372,7 @@ class TrainEngine:
         self._micro_steps = 0
         self._optimizer_steps = 0
         self._deepspeed = deepspeed_config is not None
+        self.frozen_engines: dict[int, Any] = {}  # id(module) -> the parameter-only ZeRO-3 engine of a frozen copy
         if deepspeed_config is None:
             self._init_plain(model, params, bf16, device)
         else:
@@ -410,7 +411,19 @@ class TrainEngine:
     def match_precision(self, module: nn.Module) -> nn.Module:
         """Put a frozen copy of the policy (pi_0) in the trained model's precision: the same weight
         dtype and device, and on the plain path the same bf16 autocast, so that its log-probs and
-        the trained model's agree where the weights do."""
+        the trained model's agree where the weights do.
+
+        Under ZeRO-3 a copy built sharded (``refuel_agents.residency.sharded_loading``) goes into a
+        parameter-only ZeRO-3 engine of its own, with no optimizer: it stays a shard on every rank,
+        gathered layer by layer in a forward pass, or whole in ``distributed.full_weights(engine,
+        module=...)``. The module itself is returned; :attr:`frozen_engines` keeps its engine."""
+        if self.zero_stage == 3 and any(hasattr(p, "ds_id") for p in module.parameters()):
+            import deepspeed
+
+            frozen, _, _, _ = deepspeed.initialize(model=module.requires_grad_(False), config=self.deepspeed_config)
+            frozen.eval()
+            self.frozen_engines[id(frozen.module)] = frozen
+            return frozen.module
         dtype = next(self._module.parameters()).dtype
         module.to(self.device, dtype=dtype)
         if not self.is_deepspeed and self.bf16:

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from refuel_agents import checkpoint as ckpt
 from refuel_agents import distributed as dist
-from refuel_agents import heldout, lora
+from refuel_agents import heldout, lora, residency
 from refuel_agents.collection import (
     CollectionStats,
     Penalties,
@@ -54,7 +54,6 @@ from refuel_env.generation import (
     SamplingParams,
     TextGenerator,
     TransformersGenerator,
-    default_device,
     load_causal_lm,
 )
 
@@ -81,18 +80,28 @@ class RefuelTrainer:
         self.config = config
         self.rank, self.world = dist.rank_and_world()
         self.rank_batch_size = dist.rank_batch_size(config.batch_size, config.micro_batch_size, self.world)
-        self.device = torch.device(config.device or default_device())
         torch.manual_seed(config.seed)
         self.env_kwargs = dict(config.env_kwargs)
         if config.env_preset:
             self.env_kwargs["preset"] = config.env_preset
         if reward_model is not None:
             self.env_kwargs["reward_model"] = reward_model
+        # Where every model of this rank goes, decided before any is loaded; the rank's GPU is made current.
+        self.placement = residency.placement(config.device, self._env_config(), vllm=config.policy_backend == "vllm")
+        self.residency = residency.Residency(self.placement)  # and what is resident in each phase
+        self.env_kwargs.update(self.placement.env_kwargs())  # the reward model and a transformers user: the rank's GPU
+        self.device = self.placement.policy
         self.run_dir = Path(config.output_dir) / (config.run_name or self._default_run_name())
         path = str(embedded.smollm2_path()) if config.policy_model == "embedded" else config.policy_model
         # A private copy: the process-wide model cache may hold the same checkpoint for the simulated
-        # user (the embedded default uses SmolLM2 for both), which training must not change.
-        model, tokenizer = load_causal_lm.__wrapped__(path, str(self.device), "auto")
+        # user (the embedded default uses SmolLM2 for both), which training must not change. Under
+        # ZeRO-3 the policy and pi_0 are built sharded (each rank keeps its partition of each).
+        reference, zero3 = None, residency.zero3_config(config.deepspeed, self.world, path)
+        dtype = "auto" if zero3 is None else "bfloat16" if zero3["bf16"]["enabled"] else "float32"  # (the engine's)
+        with residency.sharded_loading(zero3) as sharded:
+            model, tokenizer = load_causal_lm.__wrapped__(path, str(self.device), dtype)
+            if sharded and config.reference_kl and not config.lora_r:
+                reference = load_causal_lm.__wrapped__(path, str(self.device), dtype)[0]
         self.generator = TransformersGenerator(model, tokenizer, name=path)
         self.tokenizer = self.generator.tokenizer
         # Training reads right-padded batches; generation pads on the left: separate tokenizer copies.
@@ -109,8 +118,15 @@ class RefuelTrainer:
                              "no CUDA device, and vLLM refuses it on CPU. Drop --policy-vllm-sleep here")
         if config.policy_backend == "vllm" and self.world == 1:
             self.rollout_generator = self._start_policy_engine()
-        # pi_0, frozen (LoRA: the module, adapters off); put in the trained model's precision once the engine exists.
-        self.reference = lora.initial_policy(self.model) if config.reference_kl else None
+        # pi_0, frozen: the copy built sharded above (ZeRO-3), the module with its adapters off (LoRA: no copy), or a
+        # frozen copy; put in the trained model's precision once the engine exists (match_precision; under ZeRO-3 a
+        # parameter-only engine of its own keeps it sharded).
+        if not config.reference_kl:
+            self.reference = None
+        elif reference is not None:
+            self.reference = reference.eval().requires_grad_(False)
+        else:
+            self.reference = lora.initial_policy(self.model)
         self.pad_id = self.tokenizer.pad_token_id
         self.logprob_temperature = config.logprob_temperature or (config.temperature if config.temperature > 0 else 1.0)
         self.sampling = SamplingParams(max_new_tokens=config.max_new_tokens, temperature=config.temperature)
@@ -161,7 +177,12 @@ class RefuelTrainer:
         return mine, iteration_seed(self.config.seed, iteration) + start
 
     def collect(self, iteration: int) -> tuple[list[dict], CollectionStats]:
-        """This rank's tuples of iteration ``iteration`` (its shard of :meth:`prompt_indices`)."""
+        """This rank's tuples of iteration ``iteration`` (its shard of :meth:`prompt_indices`).
+
+        Phase 'collection' (``residency.py``), resident on a training GPU: the policy shard with its gradient and
+        optimizer partitions, the pi_0 shard, the reward model; the awake vLLM replica, or (transformers backend,
+        ZeRO-3, W > 1) the policy's gathered weights; with the environment's KL penalty, pi_0's gathered too.
+        """
         cfg = self.config
         self.model.eval()
         indices, seed = self.rank_prompts(self.prompt_indices(iteration), iteration)
@@ -184,10 +205,12 @@ class RefuelTrainer:
         up first if it sleeps) gets the trained weights when they changed since the last push:
         every rank pushes into its own engine, one group of whole decoder layers at a time, gathered
         from the ZeRO-3 shards and released before the next (:func:`distributed.push_weights`).
+        Cached allocator blocks go back to the device before the wake-up, so vLLM finds them free.
         """
         step = self._state["global_step"] if self._state else 0
         if self.rollout_generator is not self.generator:
             if self._asleep:
+                residency.empty_cache()
                 self.rollout_generator.llm.wake_up()
                 self._asleep = False
             if step != self._pushed_step:
@@ -197,10 +220,24 @@ class RefuelTrainer:
         return self.rollout_generator
 
     def _sleep_rollout(self) -> None:
-        """Free the vLLM engine's GPU memory (weights offloaded, KV cache dropped) while DeepSpeed trains."""
+        """Free the vLLM engine's GPU memory (weights offloaded, KV cache dropped) for scoring and training, and
+        return the freed blocks to the device (``empty_cache``)."""
         if self.config.policy_vllm_sleep and self.rollout_generator is not self.generator and not self._asleep:
             self.rollout_generator.llm.sleep(level=1)
             self._asleep = True
+            residency.empty_cache()
+
+    def _record(self, phase: str) -> None:
+        """Measure what is resident on this rank now, as ``phase``'s peak if it is the largest so far."""
+        from refuel_env.components import _reward_model
+
+        env = self._env_config()
+        reward = env.reward_model if not isinstance(env.reward_model, str) else _reward_model(env.reward_model,
+                                                                                              env.reward_device)
+        asleep = self._asleep if self.rollout_generator is not self.generator else None
+        self.residency.record(phase, self.residency.measure(policy=self.model, engine=self.engine,
+                                                            reference=self.reference, reward=reward,
+                                                            replica_asleep=asleep))
 
     def _env_config(self) -> Any:
         from refuel_env.components import make_config
@@ -242,26 +279,33 @@ class RefuelTrainer:
         return rows, too_long
 
     def score(self, rows: list[dict], iteration: int, global_pairs: int) -> None:
-        """Add log pi_t (and log pi_0) of both responses to encoded rows, in training's micro-batches."""
+        """Add log pi_t (and log pi_0) of both responses to encoded rows, in training's micro-batches.
+
+        Phase 'scoring' (``residency.py``): the vLLM replica asleep; pi_t scored inside the policy's gather
+        (ZeRO-3, W > 1), then, that released, pi_0 inside its own: at most one full copy at a time. Every rank
+        takes part in both gathers, with or without rows.
+        """
         models = [("logp_t", self.model)] + ([("logp_ref", self.reference)] if self.reference is not None else [])
         micro = self.config.micro_batch_size
         order = self._minibatch_order(iteration, len(rows), self._steps_for(global_pairs)) if rows else []
         batches = [order[i : i + micro] for i in range(0, len(order), micro)]
         batches += [list(range(i, min(i + micro, len(rows)))) for i in range(0, len(rows), micro)]  # never-trained rows
-        done: set[int] = set()
         was_training = self.model.training
         self.model.train()  # as in training (dropout-free models: the mode changes nothing else)
         with torch.no_grad():
-            for members in tqdm(batches, desc="score pi_t" + (", pi_0" if len(models) > 1 else ""), unit="batch",
-                                disable=not self._bars, leave=False):
-                if done.issuperset(members):
-                    continue
-                for key, model in models:
-                    logp = self.pair_logprobs(model, [rows[i] for i in members]).float().cpu().tolist()
-                    for j, i in enumerate(members):
-                        if i not in done:
-                            rows[i][key], rows[i][f"{key}_prime"] = logp[j], logp[len(members) + j]
-                done.update(members)
+            for key, model in models:
+                done: set[int] = set()
+                with dist.full_weights(self.engine, module=None if model is self.model else model):
+                    for members in tqdm(batches, desc=f"score {'pi_t' if key == 'logp_t' else 'pi_0'}", unit="batch",
+                                        disable=not self._bars, leave=False):
+                        if done.issuperset(members):
+                            continue
+                        logp = self.pair_logprobs(model, [rows[i] for i in members]).float().cpu().tolist()
+                        for j, i in enumerate(members):
+                            if i not in done:
+                                rows[i][key], rows[i][f"{key}_prime"] = logp[j], logp[len(members) + j]
+                        done.update(members)
+                    self._record("scoring")
         self.model.train(was_training)
 
     def _global_pairs(self, pairs: int, iteration: int) -> int:
@@ -282,6 +326,7 @@ class RefuelTrainer:
         policy = self.rollout_policy()
         rows: list[dict] = []
         with dist.full_weights(self.engine, enabled=self.rollout_generator is self.generator):
+            self._record("evaluation")
             if end > start:
                 rows = play_dialogues(
                     env_id=cfg.env_id, env_kwargs={**self.env_kwargs, "split": cfg.eval_split}, policy=policy,
@@ -317,6 +362,7 @@ class RefuelTrainer:
         """Create the run folder or load its latest checkpoint; returns the loop state."""
         if self._state is None:
             self._state = self._resume_or_start()
+            dist.check_shared_folder(self.run_dir, self.rank, self.world)  # checkpoints need one shared folder
         return self._state
 
     def train(self) -> Path:
@@ -347,6 +393,7 @@ class RefuelTrainer:
                 info: dict[str, float] = {}
                 for m in range(0, len(idx), cfg.micro_batch_size):
                     metrics.append(self.train_step([rows[i] for i in idx[m : m + cfg.micro_batch_size]]))
+                    self._record("training")  # (after a backward: gradients and, after the first update, AdamW's state)
                     info = self.engine.step() or info  # updates at the accumulation boundary
                 state["global_step"] += 1
                 state["step_in_iteration"] = step_in_iter + 1
@@ -416,11 +463,15 @@ class RefuelTrainer:
             rows = dist.load_tuples(mine).to_list()
             self._collected = [r for part in dist.all_gather_objects([light_row(r) for r in rows]) for r in part]
             return rows
-        self.rollout_policy()  # (vLLM: push the weights before the ZeRO-3 gather below)
-        with dist.full_weights(self.engine):
+        self.rollout_policy()  # (vLLM: wake the replica and push the weights, outside any full gather)
+        kl = self._env_has_kl()  # (pi_t and pi_0 forwards during collection: both gathered)
+        with (dist.full_weights(self.engine, enabled=self.rollout_generator is self.generator or kl),
+              dist.full_weights(self.engine, enabled=kl and self.reference is not None, module=self.reference)):
             rows, stats = self.collect(t)
-            rows, too_long = self.prepare(rows, t)
+            self._record("collection")
         self.generator.clear_kv_cache()  # the KV kept between generation calls is of no use to training
+        self._sleep_rollout()  # the replica sleeps before scoring
+        rows, too_long = self.prepare(rows, t)
         rows = [{**r, "rank": self.rank} for r in rows]
         parts = dist.all_gather_objects((stats, too_long, [light_row(r) for r in rows], sorted({k for r in rows for k in r})))
         stats, too_long = dist.merge_stats([p[0] for p in parts]), sum(p[1] for p in parts)
@@ -459,14 +510,15 @@ class RefuelTrainer:
             latest = ckpt.latest_checkpoint(self.run_dir)
             if latest is not None:
                 state = ckpt.load_state(latest)
-                ckpt.load_weights(self.model, latest / "model")
+                if not residency.is_sharded(self.model):  # (ZeRO-3 shards: the engine's checkpoint restores them)
+                    ckpt.load_weights(self.model, latest / "model")
             # the tuples the resumed iteration trains on, if it stored them: refused now when damaged
             ckpt.check_stored_tuples(dist.shard_dir(self.run_dir / f"iteration_{state['iteration']:03d}" / "tuples",
                                                     self.rank, self.world))
         self.engine = TrainEngine(self.model, optim, total_steps, deepspeed_config=cfg.deepspeed,
                                   gradient_checkpointing=cfg.gradient_checkpointing, last_k_layers=cfg.last_k_layers,
                                   micro_batch_size=2 * cfg.micro_batch_size, device=None if cfg.deepspeed else self.device)
-        if self.reference is not None:
+        if self.reference is not None and not lora.is_lora(self.model):  # (LoRA: pi_0 is the trained module itself)
             self.reference = self.engine.match_precision(self.reference)
         if cfg.policy_backend == "vllm" and self.world > 1:
             # after DeepSpeed has set up the process group that the external launcher joins

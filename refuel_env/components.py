@@ -88,7 +88,8 @@ class EnvConfig:
     """'embedded' (all-MiniLM-L6-v2 relevance), 'armorm', 'fsfairx', a path / hub id, or a ready
     :class:`TrajectoryRewardModel`."""
     reward_device: str | None = None
-    """Device of the reward model."""
+    """Device of the reward model (default: the model's own; ArmoRM, FsfairX or a checkpoint: the current CUDA
+    device if there is one, else cpu; the embedded MiniLM: cpu). A trainer puts it on its rank's GPU."""
     kl_coef: float = 0.0
     """KL penalty coefficient gamma of eq. 11 (log-probs come from ``set_logprobs``)."""
     truncation_penalty: float | None = None

@@ -217,7 +217,7 @@ class _ChatTemplateRewardModel(TrajectoryRewardModel):
         self,
         model_name_or_path: str | Path,
         *,
-        device: str | torch.device = "cpu",
+        device: str | torch.device | None = None,
         dtype: torch.dtype | str | None = None,
         batch_size: int = 8,
         max_length: int | None = None,
@@ -226,7 +226,8 @@ class _ChatTemplateRewardModel(TrajectoryRewardModel):
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         self.name = str(model_name_or_path)
-        self.device = torch.device(device)
+        # An 8B reward model belongs on a GPU: by default the current CUDA device when there is one.
+        self.device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
         self.batch_size = batch_size
         self.tokenizer, self.model = self._load(dtype, local_files_only)
         if self.tokenizer.chat_template is None:
@@ -302,14 +303,15 @@ class SequenceClassificationReward(_ChatTemplateRewardModel):
     """A scalar reward head (``num_labels == 1``), FsfairX style: score = ``logits[:, 0]``.
 
     ``max_length=None`` takes the model's ``max_position_embeddings``. ``dtype=None`` keeps the
-    checkpoint's default. ``local_files_only=True`` never contacts the Hub.
+    checkpoint's default. ``device=None`` is the current CUDA device when there is one, else the CPU.
+    ``local_files_only=True`` never contacts the Hub.
     """
 
     def __init__(
         self,
         model_name_or_path: str | Path,
         *,
-        device: str | torch.device = "cpu",
+        device: str | torch.device | None = None,
         dtype: torch.dtype | str | None = None,
         batch_size: int = 8,
         max_length: int | None = None,
@@ -350,7 +352,7 @@ class ArmoRMReward(_ChatTemplateRewardModel):
         self,
         model_name_or_path: str | Path = ARMORM_ID,
         *,
-        device: str | torch.device = "cpu",
+        device: str | torch.device | None = None,
         dtype: torch.dtype | str | None = None,
         batch_size: int = 8,
         max_length: int | None = None,
