@@ -185,6 +185,30 @@ def test_sync_async_and_vector_entry_point_agree(env_id):
     assert any(any(r[1][1]) for r in first[1:]), "some episode should have ended (autoreset covered)"
 
 
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_refused_step_changes_no_sub_env_in_gymnasiums_modes(mode):
+    """Gymnasium's sync and async vector envs step their sub-envs one by one: a bad action for env 1
+    must be refused before env 0 steps (it went from turn 1 to 2), and async must stay usable."""
+    vec = gym.make_vec(SYNTHETIC, num_envs=2, vectorization_mode=mode)
+    try:
+        vec.reset(seed=0, options={"horizon": 3})
+        before = vec.call("snapshot")
+        for actions, error, match in (
+            (["ask", "x\ud800"], ValueError, r"env 1: the action is outside the action space \(Prose\): it is not valid Unicode"),
+            (["ask", "x" * 100_001], ValueError, "env 1: the action is outside the action space .*100,001 characters"),
+            (["ask", 7], TypeError, "env 1: the action must be the assistant's message as a str, got int"),
+            (["ask"], ValueError, r"step\(\) takes a sequence of 2 actions \(one per sub-environment\)"),
+            ("ab", ValueError, r"step\(\) takes a sequence of 2 actions"),
+        ):
+            with pytest.raises(error, match=match):
+                vec.step(actions)
+            assert vec.call("snapshot") == before, f"{actions!r:.40} changed a sub-environment"
+        vec.step(["ask", "hint"])
+        assert [snap.turn for snap in vec.call("snapshot")] == [2, 2]
+    finally:
+        vec.close()
+
+
 # ---------------------------------------------------------------- one table of bad inputs
 
 
