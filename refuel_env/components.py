@@ -7,7 +7,6 @@ per process and shared by every environment that names the same one.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 from dataclasses import dataclass, fields, replace
@@ -29,6 +28,7 @@ from refuel_env.generation import (
     load_causal_lm,
 )
 from refuel_env.rewards import TrajectoryReward, TrajectoryRewardModel, load_reward_model
+from refuel_env.snapshot import config_digest
 from refuel_env.types import DialogueItem
 from refuel_env.users import InstantUser, LLMUser, PresampledUser, UserSimulator
 
@@ -107,10 +107,10 @@ class EnvConfig:
     ``max_dialogue_tokens``, ``max_prompt_tokens``, ``max_response_tokens``, each a number or {turns K: number}."""
 
     def config_id(self) -> str:
-        """A short digest of the configuration; model objects count by their ``name``."""
-        named = {k: getattr(v, "name", v) if not isinstance(v, str | int | float | None) else v for k, v in vars(self).items()}
-        text = repr(sorted(named.items()))
-        return hashlib.sha1(text.encode()).hexdigest()[:16]
+        """A short digest of the configuration (:func:`refuel_env.snapshot.config_digest`): equal
+        arguments give equal ids (``0`` and ``0.0``, ``np.int64(5)`` and ``5``, dicts in any order);
+        model objects count by their ``name``."""
+        return config_digest("refuel-gym", vars(self))
 
 
 PRESETS: dict[str, dict[str, Any]] = {

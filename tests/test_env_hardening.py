@@ -209,6 +209,32 @@ def test_a_refused_step_changes_no_sub_env_in_gymnasiums_modes(mode):
         vec.close()
 
 
+# ---------------------------------------------------------------- snapshots between equal configurations
+
+_FILTERS = {"max_prompt_tokens": 600, "max_dialogue_tokens": 2000}
+
+
+@pytest.mark.parametrize(
+    ("env_id", "first", "second"),
+    [
+        (PRESAMPLED, {"kl_coef": 0}, {"kl_coef": 0.0}),
+        (PRESAMPLED, {"max_turns": np.int64(5)}, {"max_turns": 5}),
+        (PRESAMPLED, {"data_filters": _FILTERS}, {"data_filters": dict(reversed(_FILTERS.items()))}),
+        (SYNTHETIC, {"kl_coef": 0, "max_turns": np.int64(2)}, {"kl_coef": 0.0, "max_turns": 2}),
+    ],
+    ids=["kl_coef 0 and 0.0", "max_turns np.int64", "data_filters order", "synthetic"],
+)
+def test_a_snapshot_restores_into_an_env_made_with_equal_arguments(env_id, first, second):
+    source, target = make(env_id, **first), make(env_id, **second)
+    source.reset(seed=0)
+    snap = source.snapshot()
+    target.reset(options={"snapshot": snap})
+    assert target.snapshot() == snap
+    other = make(env_id, kl_coef=0.5)  # a different configuration is still refused
+    with pytest.raises(SnapshotError, match="restore it into an environment made with the same id and arguments"):
+        other.reset(options={"snapshot": snap})
+
+
 # ---------------------------------------------------------------- one table of bad inputs
 
 
