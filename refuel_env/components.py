@@ -211,8 +211,9 @@ def validate_config(config: EnvConfig) -> None:
     """Raise a ``ValueError`` (``TypeError`` for a wrong type) naming the argument, its value and what
     to pass, for any argument that is invalid or that would silently do nothing."""
     for name, choices in _CHOICES.items():
-        if getattr(config, name) not in choices:
-            raise ValueError(f"{name} must be one of {list(choices)}, got {getattr(config, name)!r}")
+        value = getattr(config, name)
+        if not isinstance(value, str | None) or value not in choices:
+            raise ValueError(f"{name} must be one of {list(choices)}, got {type(value).__name__} {value!r:.80}")
     if not isinstance(config.data_source, str | os.PathLike):
         raise TypeError(f"data_source must be 'sample', 'hub' or a path, got {config.data_source!r:.80}")
     for name in ("max_turns", "user_tensor_parallel_size"):
@@ -380,7 +381,20 @@ def _transformers_user(path: str, device: str, name: str) -> TransformersGenerat
     user's rendering of the dialogue grows turn by turn) follows it. User requests are seeded, so
     sharing changes no text.
     """
-    model, tokenizer = load_causal_lm(path, device, "auto")
+    what = ("pass 'embedded', a folder written by save_pretrained (config.json, weights and a tokenizer with a "
+            "chat template), a hub id in the local cache, or a TextGenerator")
+    if os.path.isdir(path) and not os.path.exists(os.path.join(path, "config.json")):
+        raise OSError(
+            f"user_model={name!r} is a folder without a model: it holds {sorted(os.listdir(path))[:8]!r:.200} "
+            f"and no config.json; {what}"
+        )
+    try:
+        model, tokenizer = load_causal_lm(path, device, "auto")
+    except Exception as err:  # a hub id without network, a broken checkpoint
+        raise OSError(
+            f"user_model={name!r} cannot be loaded as a causal language model ({type(err).__name__}: "
+            f"{str(err)[:300]}); {what}"
+        ) from err
     return TransformersGenerator(model, tokenizer, name=name)
 
 
