@@ -343,10 +343,13 @@ def _model_path(name: str) -> str:
 
 @lru_cache(maxsize=2)
 def _vllm_engine(model: str, tensor_parallel_size: int, options: tuple[tuple[str, Any], ...]) -> TextGenerator:
-    """One in-process vLLM engine per model and settings, shared by every environment that names it."""
+    """One in-process vLLM engine per model and settings, shared by every environment that names it.
+
+    Its prompts hold the policy's actions: special tokens' text in them is read as text (``literal_content``).
+    """
     from refuel_env.backends.vllm_backend import VLLMGenerator
 
-    return VLLMGenerator(model, tensor_parallel_size=tensor_parallel_size, **dict(options))
+    return VLLMGenerator(model, tensor_parallel_size=tensor_parallel_size, literal_content=True, **dict(options))
 
 
 def user_generator(config: EnvConfig) -> TextGenerator:
@@ -379,23 +382,17 @@ def _transformers_user(path: str, device: str, name: str) -> TransformersGenerat
     Collection steps each turn's dialogues in a vector environment of the size it needs, so a
     dialogue moves between environments; with one generator its KV kept between calls (the
     user's rendering of the dialogue grows turn by turn) follows it. User requests are seeded, so
-    sharing changes no text.
+    sharing changes no text. Special tokens' text in the dialogue (the policy's actions) is read
+    as text (``literal_content``): an action cannot open or close a turn of the user's prompt.
     """
-    what = ("pass 'embedded', a folder written by save_pretrained (config.json, weights and a tokenizer with a "
-            "chat template), a hub id in the local cache, or a TextGenerator")
     if os.path.isdir(path) and not os.path.exists(os.path.join(path, "config.json")):
         raise OSError(
             f"user_model={name!r} is a folder without a model: it holds {sorted(os.listdir(path))[:8]!r:.200} "
-            f"and no config.json; {what}"
+            "and no config.json; pass 'embedded', a folder written by save_pretrained (config.json, weights and "
+            "a tokenizer with a chat template), a hub id in the local cache, or a TextGenerator"
         )
-    try:
-        model, tokenizer = load_causal_lm(path, device, "auto")
-    except Exception as err:  # a hub id without network, a broken checkpoint
-        raise OSError(
-            f"user_model={name!r} cannot be loaded as a causal language model ({type(err).__name__}: "
-            f"{str(err)[:300]}); {what}"
-        ) from err
-    return TransformersGenerator(model, tokenizer, name=name)
+    model, tokenizer = load_causal_lm(path, device, "auto")  # a GenerationError naming the model otherwise
+    return TransformersGenerator(model, tokenizer, name=name, literal_content=True)
 
 
 def build_user(config: EnvConfig) -> UserSimulator:
