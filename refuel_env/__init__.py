@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from gymnasium.envs.registration import register, registry
 
+from refuel_env import vectorize
+
 ENV_IDS = {
     # Setting one: an LLM plays the user, starting from UltraInteract prompts.
     "UltraInteractDialogue-v0": {"dataset": "ultrainteract", "user": "llm"},
@@ -46,5 +48,6 @@ def register_envs() -> None:
 
 
 register_envs()
+vectorize.install()  # async workers of refuel-gym ids start safely after torch ran (see refuel_env.vectorize)
 
 __all__ = ["ENV_IDS", "SYNTHETIC_ENV_IDS", "register_envs"]

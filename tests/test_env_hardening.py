@@ -235,6 +235,54 @@ def test_a_snapshot_restores_into_an_env_made_with_equal_arguments(env_id, first
         other.reset(options={"snapshot": snap})
 
 
+class TorchReward(TrajectoryRewardModel):
+    """A reward computed by a small torch model: a forward big enough to run on torch's thread pool."""
+
+    name = "torch-sum"
+    max_length = None
+
+    def _score(self, dialogues):
+        import torch
+
+        torch.manual_seed(0)
+        layer = torch.nn.Linear(256, 256)
+        with torch.no_grad():
+            out = layer(torch.ones(512, 256) * float(len(dialogues[0][-1]["content"])))
+        return [float(out.mean()) + len(d[-1]["content"]) for d in dialogues]
+
+    def count_tokens(self, dialogue):
+        return 1
+
+
+@pytest.mark.slow
+def test_async_workers_do_not_hang_after_the_parent_ran_torch():
+    """A forked worker hangs in its first parallel torch op once the parent has run one; refuel-gym ids start
+    async workers with forkserver (or spawn) unless the caller names a start method."""
+    import torch
+
+    from refuel_env.vectorize import SAFE_START_METHOD
+
+    torch.nn.Linear(256, 256)(torch.ones(512, 256))  # the parent's thread pool is now running
+    kwargs = {"user": "instant", "reward_model": TorchReward()}
+    results = {}
+    for mode in ("sync", "async"):
+        vec = gym.make_vec(PRESAMPLED, num_envs=2, vectorization_mode=mode, **kwargs)
+        try:
+            vec.reset(seed=1, options={"horizon": 1})
+            if mode == "async":
+                assert vec.unwrapped.context == SAFE_START_METHOD != "fork"
+                vec.step_async(["a short reply", "a longer reply, with more words"])
+                results[mode] = vec.step_wait(timeout=240)[1].tolist()  # raises multiprocessing.TimeoutError on a hang
+            else:
+                results[mode] = vec.step(["a short reply", "a longer reply, with more words"])[1].tolist()
+        finally:
+            vec.close(terminate=True) if mode == "async" else vec.close()
+    assert results["async"] == results["sync"] and results["sync"][0] != results["sync"][1]
+    chosen = gym.make_vec(SYNTHETIC, num_envs=1, vectorization_mode="async", vector_kwargs={"context": "fork"})
+    assert chosen.unwrapped.context == "fork"  # the caller's start method is kept
+    chosen.close()
+
+
 # ---------------------------------------------------------------- one table of bad inputs
 
 
