@@ -28,7 +28,7 @@ from refuel_env.generation import (
     load_causal_lm,
 )
 from refuel_env.rewards import TrajectoryReward, TrajectoryRewardModel, load_reward_model
-from refuel_env.snapshot import config_digest
+from refuel_env.snapshot import canonical, config_digest
 from refuel_env.types import DialogueItem
 from refuel_env.users import InstantUser, LLMUser, PresampledUser, UserSimulator
 
@@ -163,7 +163,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 def make_config(preset: str | None = None, **kwargs: Any) -> EnvConfig:
-    """An :class:`EnvConfig` from a preset name and keyword arguments (arguments win)."""
+    """An :class:`EnvConfig` from a preset name and keyword arguments (arguments that differ from
+    :class:`EnvConfig`'s defaults win over the preset; one left at its default takes the preset's value)."""
     names = {f.name for f in fields(EnvConfig)}
     unknown = set(kwargs) - names
     if unknown:
@@ -171,6 +172,14 @@ def make_config(preset: str | None = None, **kwargs: Any) -> EnvConfig:
     if preset is not None and (not isinstance(preset, str) or preset not in PRESETS):
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
     preset_values = PRESETS.get(preset or "embedded", {})
+    if preset is not None:
+        # The registered ids pass every argument (gym.spec(id).kwargs shows them): with a preset, an
+        # argument left at its default takes the preset's value.
+        defaults = {f.name: f.default for f in fields(EnvConfig)}
+        kwargs = {
+            k: v for k, v in kwargs.items()
+            if k in ("dataset", "user") or k not in preset_values or canonical(v) != canonical(defaults[k])
+        }
     for key in ("dataset", "user"):  # an id's dataset and user come in as arguments
         if key in preset_values and key in kwargs and kwargs[key] != preset_values[key]:
             from refuel_env import ENV_IDS
