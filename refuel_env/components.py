@@ -7,7 +7,6 @@ per process and shared by every environment that names the same one.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 from dataclasses import dataclass, fields, replace
@@ -29,6 +28,7 @@ from refuel_env.generation import (
     load_causal_lm,
 )
 from refuel_env.rewards import TrajectoryReward, TrajectoryRewardModel, load_reward_model
+from refuel_env.snapshot import canonical, config_digest
 from refuel_env.types import DialogueItem
 from refuel_env.users import InstantUser, LLMUser, PresampledUser, UserSimulator
 
@@ -108,10 +108,10 @@ class EnvConfig:
     ``max_dialogue_tokens``, ``max_prompt_tokens``, ``max_response_tokens``, each a number or {turns K: number}."""
 
     def config_id(self) -> str:
-        """A short digest of the configuration; model objects count by their ``name``."""
-        named = {k: getattr(v, "name", v) if not isinstance(v, str | int | float | None) else v for k, v in vars(self).items()}
-        text = repr(sorted(named.items()))
-        return hashlib.sha1(text.encode()).hexdigest()[:16]
+        """A short digest of the configuration (:func:`refuel_env.snapshot.config_digest`): equal
+        arguments give equal ids (``0`` and ``0.0``, ``np.int64(5)`` and ``5``, dicts in any order);
+        model objects count by their ``name``."""
+        return config_digest("refuel-gym", vars(self))
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -164,7 +164,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 def make_config(preset: str | None = None, **kwargs: Any) -> EnvConfig:
-    """An :class:`EnvConfig` from a preset name and keyword arguments (arguments win)."""
+    """An :class:`EnvConfig` from a preset name and keyword arguments (arguments that differ from
+    :class:`EnvConfig`'s defaults win over the preset; one left at its default takes the preset's value)."""
     names = {f.name for f in fields(EnvConfig)}
     unknown = set(kwargs) - names
     if unknown:
@@ -172,6 +173,14 @@ def make_config(preset: str | None = None, **kwargs: Any) -> EnvConfig:
     if preset is not None and (not isinstance(preset, str) or preset not in PRESETS):
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
     preset_values = PRESETS.get(preset or "embedded", {})
+    if preset is not None:
+        # The registered ids pass every argument (gym.spec(id).kwargs shows them): with a preset, an
+        # argument left at its default takes the preset's value.
+        defaults = {f.name: f.default for f in fields(EnvConfig)}
+        kwargs = {
+            k: v for k, v in kwargs.items()
+            if k in ("dataset", "user") or k not in preset_values or canonical(v) != canonical(defaults[k])
+        }
     for key in ("dataset", "user"):  # an id's dataset and user come in as arguments
         if key in preset_values and key in kwargs and kwargs[key] != preset_values[key]:
             from refuel_env import ENV_IDS
@@ -212,8 +221,9 @@ def validate_config(config: EnvConfig) -> None:
     """Raise a ``ValueError`` (``TypeError`` for a wrong type) naming the argument, its value and what
     to pass, for any argument that is invalid or that would silently do nothing."""
     for name, choices in _CHOICES.items():
-        if getattr(config, name) not in choices:
-            raise ValueError(f"{name} must be one of {list(choices)}, got {getattr(config, name)!r}")
+        value = getattr(config, name)
+        if not isinstance(value, str | None) or value not in choices:
+            raise ValueError(f"{name} must be one of {list(choices)}, got {type(value).__name__} {value!r:.80}")
     if not isinstance(config.data_source, str | os.PathLike):
         raise TypeError(f"data_source must be 'sample', 'hub' or a path, got {config.data_source!r:.80}")
     for name in ("max_turns", "user_tensor_parallel_size"):
@@ -343,10 +353,13 @@ def _model_path(name: str) -> str:
 
 @lru_cache(maxsize=2)
 def _vllm_engine(model: str, tensor_parallel_size: int, options: tuple[tuple[str, Any], ...]) -> TextGenerator:
-    """One in-process vLLM engine per model and settings, shared by every environment that names it."""
+    """One in-process vLLM engine per model and settings, shared by every environment that names it.
+
+    Its prompts hold the policy's actions: special tokens' text in them is read as text (``literal_content``).
+    """
     from refuel_env.backends.vllm_backend import VLLMGenerator
 
-    return VLLMGenerator(model, tensor_parallel_size=tensor_parallel_size, **dict(options))
+    return VLLMGenerator(model, tensor_parallel_size=tensor_parallel_size, literal_content=True, **dict(options))
 
 
 def user_generator(config: EnvConfig) -> TextGenerator:
@@ -379,10 +392,17 @@ def _transformers_user(path: str, device: str, name: str) -> TransformersGenerat
     Collection steps each turn's dialogues in a vector environment of the size it needs, so a
     dialogue moves between environments; with one generator its KV kept between calls (the
     user's rendering of the dialogue grows turn by turn) follows it. User requests are seeded, so
-    sharing changes no text.
+    sharing changes no text. Special tokens' text in the dialogue (the policy's actions) is read
+    as text (``literal_content``): an action cannot open or close a turn of the user's prompt.
     """
-    model, tokenizer = load_causal_lm(path, device, "auto")
-    return TransformersGenerator(model, tokenizer, name=name)
+    if os.path.isdir(path) and not os.path.exists(os.path.join(path, "config.json")):
+        raise OSError(
+            f"user_model={name!r} is a folder without a model: it holds {sorted(os.listdir(path))[:8]!r:.200} "
+            "and no config.json; pass 'embedded', a folder written by save_pretrained (config.json, weights and "
+            "a tokenizer with a chat template), a hub id in the local cache, or a TextGenerator"
+        )
+    model, tokenizer = load_causal_lm(path, device, "auto")  # a GenerationError naming the model otherwise
+    return TransformersGenerator(model, tokenizer, name=name, literal_content=True)
 
 
 def build_user(config: EnvConfig) -> UserSimulator:

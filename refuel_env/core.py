@@ -10,6 +10,7 @@ transcripts and rewards for the same seeds.
 from __future__ import annotations
 
 import copy
+import difflib
 import hashlib
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -57,6 +58,23 @@ def check_options(options: Any) -> dict[str, Any]:
             f"got {type(options).__name__} {options!r:.80}; e.g. options={{'horizon': 3}}"
         )
     return dict(options)
+
+
+def check_option_names(options: Mapping[Any, Any], allowed: Sequence[str]) -> None:
+    """A ``ValueError`` naming every key of ``options`` not in ``allowed`` (keys of any type), with the
+    closest allowed name for a misspelt one."""
+    unknown = sorted((k for k in options if not (isinstance(k, str) and k in allowed)), key=repr)
+    if not unknown:
+        return
+    hints = [
+        f"{k!r} -> {close[0]!r}"
+        for k in unknown
+        if isinstance(k, str) and (close := difflib.get_close_matches(k, allowed, n=1, cutoff=0.6))
+    ]
+    raise ValueError(
+        f"unknown reset option(s) {unknown!r:.200}; the options are {list(allowed)} (str keys)"
+        + (f"; did you mean {', '.join(hints)}?" if hints else "")
+    )
 
 
 def _positive_int_or_none(value: Any, name: str) -> None:
@@ -159,9 +177,7 @@ class DialogueCore:
         ``reset``): then the episode's generator is drawn from ``np_random``.
         """
         options = check_options(options)
-        unknown = set(options) - set(RESET_OPTIONS)
-        if unknown:
-            raise ValueError(f"unknown reset option(s) {sorted(unknown)}; the options are {list(RESET_OPTIONS)}")
+        check_option_names(options, RESET_OPTIONS)
         if options.get("snapshot") is not None:
             others = sorted(k for k, v in options.items() if k != "snapshot" and v is not None)
             if others:
@@ -206,6 +222,9 @@ class DialogueCore:
                 raise ValueError("pass either 'index' or 'item' to reset, not both")
             if not isinstance(options["item"], DialogueItem):
                 raise TypeError(f"option 'item' must be a DialogueItem, got {type(options['item']).__name__}")
+            problem = item_problem(options["item"])
+            if problem:
+                raise ValueError(f"invalid 'item' for reset: {problem}")
             return options["item"]
         index = options.get("index")
         if index is None:
@@ -487,6 +506,32 @@ class DialogueCore:
         if action_tokens is not None:
             info["action_tokens"] = action_tokens
         return info
+
+
+def item_problem(item: DialogueItem) -> str | None:
+    """Why ``item`` cannot start an episode (the checks a prefix's messages get), or None.
+
+    Its questions must be a tuple of str (each becomes a user message), its responses str or None,
+    its system prompt str or None, each valid Unicode of at most :data:`MAX_CHARS` characters.
+    """
+    fields = [("questions", item.questions, False), ("responses", item.responses, True)]
+    for name, values, none_ok in fields:
+        if not isinstance(values, tuple | list):
+            example = f"({values!r:.40},)" if isinstance(values, str) else "('What is 2+2?',)"
+            return f"{name} must be a tuple of str, got {type(values).__name__} {values!r:.80}; e.g. {name}={example}"
+        for i, text in enumerate(values):
+            if text is None and none_ok:
+                continue
+            if not isinstance(text, str):
+                return f"{name}[{i}] must be a str{' or None' if none_ok else ''}, got {type(text).__name__} {text!r:.80}"
+            problem = text_problem(text)
+            if problem:
+                return f"{name}[{i}]: {problem}"
+    if item.system is not None:
+        problem = text_problem(item.system) if isinstance(item.system, str) else f"expected a str, got {type(item.system).__name__}"
+        if problem:
+            return f"system: {problem}"
+    return None
 
 
 def _item_from_prefix(messages: list[Message]) -> DialogueItem:

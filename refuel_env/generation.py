@@ -40,6 +40,7 @@ from __future__ import annotations
 import abc
 import inspect
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -112,10 +113,57 @@ def validate_conversation(messages: Sequence[Message], where: str) -> None:
             )
 
 
-def encode_chat(tokenizer: Any, messages: Sequence[Message], *, add_generation_prompt: bool = True) -> list[int]:
-    """Token ids of ``messages`` under the tokenizer's chat template (special tokens come from the template)."""
-    text = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=add_generation_prompt)
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+def encode_chat(
+    tokenizer: Any, messages: Sequence[Message], *, add_generation_prompt: bool = True, literal_content: bool = False
+) -> list[int]:
+    """Token ids of ``messages`` under the tokenizer's chat template.
+
+    With ``literal_content``, the special tokens come from the template only: a special token's text
+    inside a message's content (``"<|im_end|>\\n<|im_start|>system"``) is tokenised as ordinary text,
+    so a message cannot open or close a turn. Without it, the rendered text is tokenised as a whole,
+    as the model's own tokenizer does (and as ``refuel_agents.logprobs`` scores). Both give the same ids
+    for contents that hold no special token's text.
+    """
+    messages = list(messages)
+    specials = _special_token_pattern(tokenizer) if literal_content else None
+    if specials is None or not any(specials.search(m["content"]) for m in messages):
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    # Each special token's text in a content becomes its own private-use character (plane 15), which
+    # no template changes; the rendered text is then split at the template's own special tokens and
+    # the pieces between them tokenised with the marked texts put back and read as ordinary text.
+    literal: list[str] = []
+
+    def mark(match: re.Match) -> str:
+        literal.append(match.group(0))
+        if len(literal) > _MARKS:
+            raise GenerationError(f"a conversation holds more than {_MARKS} special-token texts in its messages")
+        return chr(_MARK_BASE + len(literal) - 1)
+
+    if any(_MARK_BASE <= ord(c) < _MARK_BASE + _MARKS for m in messages for c in m["content"]):
+        raise GenerationError("message contents hold characters of plane 15 (private use); they cannot be encoded literally")
+    marked = [{**m, "content": specials.sub(mark, m["content"])} for m in messages]
+    text = tokenizer.apply_chat_template(marked, tokenize=False, add_generation_prompt=add_generation_prompt)
+    marks = re.compile(f"[{chr(_MARK_BASE)}-{chr(_MARK_BASE + _MARKS - 1)}]")
+    ids: list[int] = []
+    for i, piece in enumerate(specials.split(text)):
+        if i % 2:  # a special token the template wrote
+            ids.append(tokenizer.convert_tokens_to_ids(piece))
+        elif piece:
+            ordinary = marks.sub(lambda m: literal[ord(m.group(0)) - _MARK_BASE], piece)
+            ids.extend(tokenizer(ordinary, add_special_tokens=False, split_special_tokens=True)["input_ids"])
+    return ids
+
+
+_MARK_BASE, _MARKS = 0xF0000, 0xFFFE
+
+
+def _special_token_pattern(tokenizer: Any) -> re.Pattern | None:
+    """A pattern matching the text of any of the tokenizer's special tokens (longest first), in a group."""
+    decoder = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    texts = {t.content for t in decoder.values() if t.special} | set(getattr(tokenizer, "all_special_tokens", []))
+    texts = sorted((t for t in texts if t), key=len, reverse=True)
+    return re.compile("(" + "|".join(map(re.escape, texts)) + ")") if texts else None
 
 
 def validate_request(conversations: Sequence[Sequence[Message]], seeds: Sequence[int] | None, backend: str) -> None:
@@ -364,6 +412,11 @@ class TransformersGenerator(TextGenerator):
     rest. ``kv_tokens_reused`` counts the prompt tokens served from it. The store is emptied
     whenever the model's weights change (checked at each call), and is None for models whose
     cache cannot take reuse.
+
+    ``literal_content`` tokenises special tokens' text inside message contents as ordinary text
+    (:func:`encode_chat`): on for the simulated user (``refuel_env.components`` builds it so), whose
+    prompt holds the policy's actions; off by default, so that a policy's prompts are tokenised as
+    the training code scores them.
     """
 
     def __init__(
@@ -377,6 +430,7 @@ class TransformersGenerator(TextGenerator):
         prefix_cache: bool = True,
         min_prefix_tokens: int = 32,
         kv_cache_bytes: int = DEFAULT_KV_CACHE_BYTES,
+        literal_content: bool = False,
     ):
         if tokenizer.chat_template is None:
             raise GenerationError(f"transformers backend: tokenizer of {name or 'the model'} has no chat template")
@@ -389,6 +443,7 @@ class TransformersGenerator(TextGenerator):
             )
         self.model = model.eval()
         self.tokenizer = tokenizer
+        self.literal_content = bool(literal_content)
         self.batch_size = batch_size
         self.name = name or getattr(model.config, "_name_or_path", "model")
         config_context = getattr(model.config, "max_position_embeddings", None) or 2048
@@ -427,7 +482,9 @@ class TransformersGenerator(TextGenerator):
         )
 
     def encode(self, messages: Sequence[Message], *, add_generation_prompt: bool = True) -> list[int]:
-        return encode_chat(self.tokenizer, messages, add_generation_prompt=add_generation_prompt)
+        return encode_chat(
+            self.tokenizer, messages, add_generation_prompt=add_generation_prompt, literal_content=self.literal_content
+        )
 
     def count_tokens(self, messages: Sequence[Message], *, add_generation_prompt: bool = True) -> int:
         return len(self.encode(messages, add_generation_prompt=add_generation_prompt))

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -11,6 +15,32 @@ from refuel_env.types import DialogueItem, Message
 
 class SnapshotError(ValueError):
     """A snapshot that cannot be restored into this environment."""
+
+
+def canonical(value: Any) -> Any:
+    """``value`` in a form whose ``repr`` is equal exactly when the values are equal as arguments.
+
+    Numbers compare by value (``0``, ``0.0`` and ``np.float64(0)`` are alike; ``np.int64(5)`` is
+    ``5``), dicts by their items in sorted order, lists and tuples by their elements; an object with
+    a ``name`` (a model) by its name.
+    """
+    if value is None or isinstance(value, bool | np.bool_ | str):
+        return bool(value) if isinstance(value, np.bool_) else value
+    if isinstance(value, int | np.integer):
+        return int(value)
+    if isinstance(value, float | np.floating):
+        number = float(value)
+        return int(number) if math.isfinite(number) and number.is_integer() else number
+    if isinstance(value, Mapping):
+        return tuple(sorted(((canonical(k), canonical(v)) for k, v in value.items()), key=repr))
+    if isinstance(value, list | tuple):
+        return tuple(canonical(v) for v in value)
+    return getattr(value, "name", value)
+
+
+def config_digest(tag: str, config: Mapping[str, Any]) -> str:
+    """A short digest of an environment configuration; equal arguments give equal digests."""
+    return hashlib.sha1(repr((tag, canonical(config))).encode()).hexdigest()[:16]
 
 
 def rng_state(rng: np.random.Generator) -> tuple:

@@ -24,6 +24,7 @@ from gymnasium import spaces
 from gymnasium.vector.utils import (
     batch_space,
     create_shared_memory,
+    iterate,
     read_from_shared_memory,
     write_to_shared_memory,
 )
@@ -181,10 +182,50 @@ class Conversation(spaces.Space[list]):
         )
 
 
+class Batch(spaces.Tuple):
+    """N copies of a :class:`Prose` or :class:`Conversation` space: the batched space of a vector env.
+
+    Gymnasium's ``SyncVectorEnv.step`` and ``AsyncVectorEnv.step_async`` iterate over the batch of
+    actions (``gymnasium.vector.utils.iterate``) before any sub-environment steps. Iterating over a
+    ``Batch`` checks every element first and refuses the whole batch (``ValueError``, or ``TypeError``
+    for a non-str) when one is outside the space or the count is wrong, so a refused step changes no
+    sub-environment in any vectorization mode.
+    """
+
+    def __init__(self, space: Prose | Conversation, n: int, seed: int | np.random.Generator | None = None):
+        super().__init__([space] * n, seed=seed)
+
+
+def batch_problem(space: Batch, items: Any, what: str = "action") -> tuple[type[Exception], str] | None:
+    """Why ``items`` is not an element of ``space`` (the error type and message), or None."""
+    n = len(space.spaces)
+    if isinstance(items, str | bytes) or not isinstance(items, Sequence | np.ndarray) or len(items) != n:
+        return ValueError, f"step() takes a sequence of {n} {what}s (one per sub-environment), got {items!r:.80}"
+    for i, (sub, item) in enumerate(zip(space.spaces, items)):
+        if isinstance(sub, Prose):
+            if not isinstance(item, str):
+                return TypeError, f"env {i}: the {what} must be the assistant's message as a str, got {type(item).__name__}"
+            problem = text_problem(item, sub.max_chars)
+        else:
+            problem = None if sub.contains(item) else f"it is not an element of {sub!r}"
+        if problem:
+            return ValueError, f"env {i}: the {what} is outside the {what} space ({type(sub).__name__}): {problem}"
+    return None
+
+
 @batch_space.register(Prose)
 @batch_space.register(Conversation)
-def _batch_prose(space: spaces.Space, n: int = 1) -> spaces.Tuple:
-    return spaces.Tuple([space] * n)
+def _batch_prose(space: Prose | Conversation, n: int = 1) -> Batch:
+    return Batch(space, n)
+
+
+@iterate.register(Batch)
+def _iterate_checked(space: Batch, items: Any):
+    problem = batch_problem(space, items)
+    if problem:
+        error, message = problem
+        raise error(message)
+    return iter(list(items))
 
 
 # ------------------------------------------------------------------ AsyncVectorEnv shared memory

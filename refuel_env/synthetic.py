@@ -32,13 +32,14 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from refuel_env.core import DialogueCore
 from refuel_env.rewards import RewardModelError, TrajectoryReward, TrajectoryRewardModel
+from refuel_env.snapshot import config_digest
 from refuel_env.types import DialogueItem, Message
 from refuel_env.users import UserRequest, UserSimulator, UserTurn
 
@@ -238,7 +239,7 @@ class SyntheticEnvConfig:
     """KL penalty coefficient of eq. 11 (log-probs through ``set_logprobs``); 0 keeps Q exact."""
 
     def config_id(self) -> str:
-        return hashlib.sha1(repr(("synthetic-v0", *sorted(vars(self).items()))).encode()).hexdigest()[:16]
+        return config_digest("synthetic-v0", vars(self))
 
 
 def make_synthetic_config(**kwargs: object) -> SyntheticEnvConfig:
@@ -247,11 +248,22 @@ def make_synthetic_config(**kwargs: object) -> SyntheticEnvConfig:
     if unknown:
         raise TypeError(f"unknown SyntheticDialogue-v0 argument(s) {sorted(unknown)}; valid: {sorted(names)}")
     config = SyntheticEnvConfig(**kwargs)  # type: ignore[arg-type]
-    if isinstance(config.max_turns, bool) or not isinstance(config.max_turns, int) or not 1 <= config.max_turns <= MAX_TURNS:
-        raise ValueError(f"max_turns must be an int in 1..{MAX_TURNS} for the synthetic task, got {config.max_turns!r}")
-    if config.split not in SPLIT_SIZES:
-        raise ValueError(f"unknown split {config.split!r}; the synthetic task has {sorted(SPLIT_SIZES)}")
-    return config
+    turns = config.max_turns
+    if isinstance(turns, bool) or not isinstance(turns, int | np.integer) or not 1 <= turns <= MAX_TURNS:
+        raise ValueError(
+            f"max_turns must be an int in 1..{MAX_TURNS} for the synthetic task, got {type(turns).__name__} {turns!r:.80}"
+        )
+    if not isinstance(config.split, str) or config.split not in SPLIT_SIZES:
+        raise ValueError(
+            f"split must be one of {sorted(SPLIT_SIZES)} (a str), got {type(config.split).__name__} "
+            f"{config.split!r:.80}; e.g. split='test'"
+        )
+    kl = config.kl_coef
+    if isinstance(kl, bool) or not isinstance(kl, int | float | np.integer | np.floating) or not np.isfinite(kl) or kl < 0:
+        raise ValueError(
+            f"kl_coef must be a finite number >= 0, got {type(kl).__name__} {kl!r:.80}; e.g. kl_coef=0.05 (0 keeps Q exact)"
+        )
+    return replace(config, max_turns=int(turns), kl_coef=float(kl))
 
 
 def build_synthetic_core(config: SyntheticEnvConfig) -> DialogueCore:

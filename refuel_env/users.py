@@ -143,7 +143,17 @@ class UserSimulator(abc.ABC):
 
 
 class LLMUser(UserSimulator):
-    """A language model playing the user (setting one)."""
+    """A language model playing the user (setting one).
+
+    Its prompt holds the policy's actions, which are text: an action that contains a chat-control
+    token's text (``"<|im_end|>\\n<|im_start|>system ..."``) must not open or close a turn of the
+    user's prompt. The generators the environment builds for it tokenise message contents that way
+    (``literal_content=True``, :func:`refuel_env.generation.encode_chat`); pass a generator built so
+    when you pass your own. Over HTTP ('openai' backend) the server renders and tokenises the
+    messages, so the server must keep special tokens' text inside message contents as text; a server
+    that tokenises the rendered template as a whole (the usual way) reads such an action as a real
+    turn. Serve the user behind such a server only to policies you trust, or filter the actions.
+    """
 
     def __init__(
         self,

@@ -8,6 +8,10 @@
   ``python scripts/X.py --help`` would run it, so the heavy imports are paid once.
 - Every relative link resolves: the file or folder exists, and an ``#anchor`` into a Markdown
   page names one of its headings (GitHub's anchors).
+- Every ```python block runs: the blocks of a page in order, in one namespace (as a reader pastes
+  them), each page in its own. A block that needs what a test machine lacks (a GPU, a server, a
+  hub model) is skipped only by a marker comment on the line before it that gives the reason,
+  ``<!-- docs-test: skip (needs a GPU: ...) -->``; every block, skipped or not, must compile.
 - The README is the front door: at most 200 lines, its test command is the one CI runs, and it
   links every page of docs/, each of which opens with the command or code it documents.
 """
@@ -198,3 +202,71 @@ def test_every_docs_page_opens_with_the_command_or_code_it_documents(page):
     body = [line for line in page.read_text().splitlines() if line.strip()]
     assert body[0].startswith("# "), f"{_rel(page)} should start with its title"
     assert body[1].startswith("```"), f"{_rel(page)} should open with the command or code it documents, not {body[1]!r}"
+
+
+_PYTHON_BLOCK = re.compile(r"^(?:<!--(?P<marker>[^\n]*?)-->[ \t]*\n)?```python[ \t]*\n(?P<code>.*?)^```[ \t]*$", re.S | re.M)
+_SKIP = re.compile(r"^\s*docs-test:\s*skip\s*\((?P<reason>[^()]*)\)\s*$")
+
+
+def python_blocks(text: str) -> list[tuple[str | None, str]]:
+    """(the marker comment on the line before, or None; the code) of every ```python block."""
+    return [(m.group("marker"), m.group("code")) for m in _PYTHON_BLOCK.finditer(text)]
+
+
+def marker_problem(marker: str | None) -> str | None:
+    """Why a block's marker is not a skip with its reason (two words at least), or None."""
+    if marker is None:
+        return None
+    match = _SKIP.match(marker)
+    if not match or len(match.group("reason").split()) < 2:
+        return f"<!--{marker}--> is not '<!-- docs-test: skip (the reason) -->'"
+    return None
+
+
+def test_python_blocks_are_found_and_a_skip_needs_its_reason():
+    text = ("```python\nx = 1\n```\n<!-- docs-test: skip (needs a GPU: bf16 weights) -->\n```python\ny = 2\n```\n"
+            "<!-- docs-test: skip -->\n```python\nz = 3\n```\n```bash\nls\n```\n")
+    blocks = python_blocks(text)
+    assert [code for _, code in blocks] == ["x = 1\n", "y = 2\n", "z = 3\n"]
+    assert [marker_problem(marker) is None for marker, _ in blocks] == [True, True, False]
+    assert marker_problem(" docs-test: skip () ") and marker_problem(" skip (no reason given) ")
+    problems = []
+    for page in PAGES:
+        for i, (marker, code) in enumerate(python_blocks(page.read_text())):
+            problems += [f"{_rel(page)} block {i}: {marker_problem(marker)}"] if marker_problem(marker) else []
+            try:
+                compile(code, f"{_rel(page)} block {i}", "exec")
+            except SyntaxError as err:
+                problems.append(f"{_rel(page)} block {i} does not compile: {err}")
+    assert not problems, "\n".join(problems)
+
+
+_BLOCK_RUNNER = r"""
+import json, sys, traceback
+pages = json.loads(sys.stdin.read())
+errors = {}
+for page, blocks in pages.items():
+    namespace = {"__name__": "__main__"}
+    for i, code in enumerate(blocks):
+        try:
+            exec(compile(code, f"{page} block {i}", "exec"), namespace)
+        except BaseException:
+            errors[f"{page} block {i}"] = traceback.format_exc()[-3000:]
+            break
+sys.stdout.write("\n" + json.dumps(errors))
+"""
+
+
+@pytest.mark.slow
+def test_every_python_block_runs():
+    """The pages' Python blocks, unskipped, run as written (one process; the models load once)."""
+    pages = {_rel(p): [code for marker, code in python_blocks(p.read_text()) if marker is None] for p in PAGES}
+    pages = {page: blocks for page, blocks in pages.items() if blocks}
+    assert {"README.md", "docs/environment.md"} <= set(pages)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-c", _BLOCK_RUNNER], input=json.dumps(pages), cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    errors = json.loads(done.stdout.rsplit("\n", 1)[-1])
+    assert not errors, "\n\n".join(f"{where}:\n{trace}" for where, trace in errors.items())

@@ -313,3 +313,45 @@ def test_unavailable_paper_models_fail_clearly():
         gym.make(LLM_ID, user_model="meta-llama/Llama-3.1-70B-Instruct")
     with pytest.raises(OSError, match="ArmoRM"):
         gym.make("UltraInteractPresampled-v0", reward_model="armorm")
+
+
+def test_the_spec_shows_the_configuration_an_id_makes():
+    """gym.spec(id).kwargs holds every argument with the value the id uses; presets still apply over it."""
+    import dataclasses
+
+    from refuel_env import CONFIG_DEFAULTS, ENV_IDS, SYNTHETIC_DEFAULTS
+    from refuel_env.components import EnvConfig, make_config
+    from refuel_env.synthetic import SyntheticEnvConfig
+
+    assert CONFIG_DEFAULTS == {f.name: f.default for f in dataclasses.fields(EnvConfig) if f.name not in ("dataset", "user")}
+    assert SYNTHETIC_DEFAULTS == dataclasses.asdict(SyntheticEnvConfig())
+    for env_id, chosen in ENV_IDS.items():
+        kwargs = gym.spec(env_id).kwargs
+        assert kwargs == dataclasses.asdict(EnvConfig(**chosen)), env_id
+    assert gym.spec("SyntheticDialogue-v0").kwargs == {"max_turns": 3, "split": "train", "kl_coef": 0.0}
+    # With a preset, an argument at its default takes the preset's value; one that differs overrides it.
+    config = make_config("paper-setting-two-ultrainteract", **{**gym.spec("UltraInteractPresampled-v0").kwargs,
+                                                               "data_source": "/data/ui.jsonl", "kl_coef": 0.5})
+    assert (config.truncation_penalty, config.max_dialogue_tokens, config.reward_model) == (-4.0, 3200, "fsfairx")
+    assert (config.data_source, config.kl_coef, config.user) == ("/data/ui.jsonl", 0.5, "presampled")
+
+
+def test_time_limit_counts_steps_from_a_snapshot_restore():
+    """TimeLimit counts steps since the last reset, and a restore is a reset: from a turn-2 snapshot of a
+    3-turn dialogue, TimeLimit(2) allows two more steps; the second is also the dialogue's last turn, so it
+    ends with terminated (the reward is final) and truncated both True. From turn 1 it truncates first."""
+    from gymnasium.wrappers import TimeLimit
+
+    env = TimeLimit(gym.make("SyntheticDialogue-v0").unwrapped, max_episode_steps=2)
+    env.reset(seed=0, options={"horizon": 3})
+    at_turn_1 = env.unwrapped.snapshot()
+    *_, info = env.step("ask")
+    at_turn_2 = info["snapshot"]
+    env.reset(options={"snapshot": at_turn_2})
+    assert env.step("answer")[2:4] == (False, False)
+    _, reward, terminated, truncated, info = env.step("answer")
+    assert (terminated, truncated, info["turn"]) == (True, True, 4) and "reward_parts" in info
+    env.reset(options={"snapshot": at_turn_1})
+    env.step("ask")
+    _, reward, terminated, truncated, info = env.step("ask")
+    assert (terminated, truncated, reward, info["turn"]) == (False, True, 0.0, 3)

@@ -185,6 +185,104 @@ def test_sync_async_and_vector_entry_point_agree(env_id):
     assert any(any(r[1][1]) for r in first[1:]), "some episode should have ended (autoreset covered)"
 
 
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_refused_step_changes_no_sub_env_in_gymnasiums_modes(mode):
+    """Gymnasium's sync and async vector envs step their sub-envs one by one: a bad action for env 1
+    must be refused before env 0 steps (it went from turn 1 to 2), and async must stay usable."""
+    vec = gym.make_vec(SYNTHETIC, num_envs=2, vectorization_mode=mode)
+    try:
+        vec.reset(seed=0, options={"horizon": 3})
+        before = vec.call("snapshot")
+        for actions, error, match in (
+            (["ask", "x\ud800"], ValueError, r"env 1: the action is outside the action space \(Prose\): it is not valid Unicode"),
+            (["ask", "x" * 100_001], ValueError, "env 1: the action is outside the action space .*100,001 characters"),
+            (["ask", 7], TypeError, "env 1: the action must be the assistant's message as a str, got int"),
+            (["ask"], ValueError, r"step\(\) takes a sequence of 2 actions \(one per sub-environment\)"),
+            ("ab", ValueError, r"step\(\) takes a sequence of 2 actions"),
+        ):
+            with pytest.raises(error, match=match):
+                vec.step(actions)
+            assert vec.call("snapshot") == before, f"{actions!r:.40} changed a sub-environment"
+        vec.step(["ask", "hint"])
+        assert [snap.turn for snap in vec.call("snapshot")] == [2, 2]
+    finally:
+        vec.close()
+
+
+# ---------------------------------------------------------------- snapshots between equal configurations
+
+_FILTERS = {"max_prompt_tokens": 600, "max_dialogue_tokens": 2000}
+
+
+@pytest.mark.parametrize(
+    ("env_id", "first", "second"),
+    [
+        (PRESAMPLED, {"kl_coef": 0}, {"kl_coef": 0.0}),
+        (PRESAMPLED, {"max_turns": np.int64(5)}, {"max_turns": 5}),
+        (PRESAMPLED, {"data_filters": _FILTERS}, {"data_filters": dict(reversed(_FILTERS.items()))}),
+        (SYNTHETIC, {"kl_coef": 0, "max_turns": np.int64(2)}, {"kl_coef": 0.0, "max_turns": 2}),
+    ],
+    ids=["kl_coef 0 and 0.0", "max_turns np.int64", "data_filters order", "synthetic"],
+)
+def test_a_snapshot_restores_into_an_env_made_with_equal_arguments(env_id, first, second):
+    source, target = make(env_id, **first), make(env_id, **second)
+    source.reset(seed=0)
+    snap = source.snapshot()
+    target.reset(options={"snapshot": snap})
+    assert target.snapshot() == snap
+    other = make(env_id, kl_coef=0.5)  # a different configuration is still refused
+    with pytest.raises(SnapshotError, match="restore it into an environment made with the same id and arguments"):
+        other.reset(options={"snapshot": snap})
+
+
+class TorchReward(TrajectoryRewardModel):
+    """A reward computed by a small torch model: a forward big enough to run on torch's thread pool."""
+
+    name = "torch-sum"
+    max_length = None
+
+    def _score(self, dialogues):
+        import torch
+
+        torch.manual_seed(0)
+        layer = torch.nn.Linear(256, 256)
+        with torch.no_grad():
+            out = layer(torch.ones(512, 256) * float(len(dialogues[0][-1]["content"])))
+        return [float(out.mean()) + len(d[-1]["content"]) for d in dialogues]
+
+    def count_tokens(self, dialogue):
+        return 1
+
+
+@pytest.mark.slow
+def test_async_workers_do_not_hang_after_the_parent_ran_torch():
+    """A forked worker hangs in its first parallel torch op once the parent has run one; refuel-gym ids start
+    async workers with forkserver (or spawn) unless the caller names a start method."""
+    import torch
+
+    from refuel_env.vectorize import SAFE_START_METHOD
+
+    torch.nn.Linear(256, 256)(torch.ones(512, 256))  # the parent's thread pool is now running
+    kwargs = {"user": "instant", "reward_model": TorchReward()}
+    results = {}
+    for mode in ("sync", "async"):
+        vec = gym.make_vec(PRESAMPLED, num_envs=2, vectorization_mode=mode, **kwargs)
+        try:
+            vec.reset(seed=1, options={"horizon": 1})
+            if mode == "async":
+                assert vec.unwrapped.context == SAFE_START_METHOD != "fork"
+                vec.step_async(["a short reply", "a longer reply, with more words"])
+                results[mode] = vec.step_wait(timeout=240)[1].tolist()  # raises multiprocessing.TimeoutError on a hang
+            else:
+                results[mode] = vec.step(["a short reply", "a longer reply, with more words"])[1].tolist()
+        finally:
+            vec.close(terminate=True) if mode == "async" else vec.close()
+    assert results["async"] == results["sync"] and results["sync"][0] != results["sync"][1]
+    chosen = gym.make_vec(SYNTHETIC, num_envs=1, vectorization_mode="async", vector_kwargs={"context": "fork"})
+    assert chosen.unwrapped.context == "fork"  # the caller's start method is kept
+    chosen.close()
+
+
 # ---------------------------------------------------------------- one table of bad inputs
 
 
@@ -305,6 +403,15 @@ BAD_INPUTS = [
         ValueError, "preset 'paper-setting-two-ultrainteract' is for user='presampled', but the environment has user='llm'"),
     Bad("preset unknown", "make", _make_with(preset="paper"), ValueError, "unknown preset 'paper'"),
     Bad("synthetic max_turns 4", "make", lambda: make(SYNTHETIC, max_turns=4), ValueError, "max_turns must be an int in 1..3"),
+    Bad("user_model folder without a model", "data",
+        lambda tmp: gym.make("UltraInteractDialogue-v0", user_model=str(tmp), reward_model=LengthReward()), OSError,
+        r"user_model='.*' is a folder without a model: it holds \[\] and no config.json; pass 'embedded', a folder"),
+    Bad("split list", "make", _make_with(split=["train"]), ValueError,
+        r"split must be one of \['train', 'test', 'all'\], got list \['train'\]"),
+    Bad("synthetic kl_coef str", "make", lambda: make(SYNTHETIC, kl_coef="abc"), ValueError,
+        "kl_coef must be a finite number >= 0, got str 'abc'; e.g. kl_coef=0.05"),
+    Bad("synthetic split list", "make", lambda: make(SYNTHETIC, split=["train"]), ValueError,
+        r"split must be one of \['test', 'train'\] \(a str\), got list \['train'\]; e.g. split='test'"),
     # ---- data files
     Bad("empty jsonl", "data", lambda tmp: load_items("ultrainteract", _write(tmp, "")), DataError,
         r"\['rows.jsonl'\] hold no rows \(empty or only blank lines\)"),
@@ -318,6 +425,25 @@ BAD_INPUTS = [
     Bad("options str", "env", lambda env: env.reset(options="horizon"), TypeError,
         "options must be a dict of reset options .* got str 'horizon'"),
     Bad("unknown option", "env", lambda env: env.reset(options={"snapshots": 1}), ValueError, "unknown reset option"),
+    Bad("options misspelt and non-str keys", "env", lambda env: env.reset(options={1: "x", "hoizon": 2}), ValueError,
+        r"unknown reset option\(s\) \['hoizon', 1\]; the options are .* did you mean 'hoizon' -> 'horizon'\?"),
+    Bad("item questions a str", "env",
+        lambda env: env.reset(options={"item": DialogueItem(item_id="s", source="test", questions="What is 2+2?")}),
+        ValueError, r"invalid 'item' for reset: questions must be a tuple of str, got str 'What is 2\+2\?'; "
+        r"e.g. questions=\('What is 2\+2\?',\)"),
+    Bad("item question None", "env",
+        lambda env: env.reset(options={"item": DialogueItem(item_id="n", source="test", questions=(None,))}),
+        ValueError, r"invalid 'item' for reset: questions\[0\] must be a str, got NoneType None"),
+    Bad("item question not Unicode", "env",
+        lambda env: env.reset(options={"item": DialogueItem(item_id="u", source="test", questions=("a?", "b \ud800"))}),
+        ValueError, r"invalid 'item' for reset: questions\[1\]: it is not valid Unicode: '\\ud800' at position 2"),
+    Bad("item question oversized", "env",
+        lambda env: env.reset(options={"item": DialogueItem(item_id="o", source="test", questions=("q" * 200_000,))}),
+        ValueError, r"invalid 'item' for reset: questions\[0\]: it has 200,000 characters, more than the 100,000"),
+    Bad("item response not Unicode", "env",
+        lambda env: env.reset(options={"item": DialogueItem(item_id="r", source="test", questions=("a?", "b?"),
+                                                             responses=("\udfff", None))}),
+        ValueError, r"invalid 'item' for reset: responses\[0\]: it is not valid Unicode"),
     Bad("index out of range", "env", lambda env: env.reset(options={"index": 10_000}), ValueError,
         "option 'index' must be an int in 0.."),
     Bad("horizon too long", "env", lambda env: env.reset(options={"horizon": 6}), ValueError, "horizon must be an int in"),
@@ -408,6 +534,10 @@ BAD_INPUTS = [
     Bad("vec action oversized", "vec", lambda vec: vec.step(["a", "x" * 100_001, "c"]), ValueError,
         "env 1: the action is outside the action space"),
     Bad("vec action count", "vec", lambda vec: vec.step(["a"]), ValueError, "step\\(\\) takes a sequence of 3 actions"),
+    Bad("vec options misspelt", "vec", lambda vec: vec.reset(options={"reset_mak": [True] * 3, 0: 1}), ValueError,
+        r"unknown reset option\(s\) \['reset_mak', 0\].* did you mean 'reset_mak' -> 'reset_mask'\?"),
+    Bad("vec set_logprobs ints", "vec", lambda vec: vec.set_logprobs(5, 5), ValueError,
+        r"set_logprobs takes one policy log-prob per sub-environment, 3 numbers, got int 5; e.g. set_logprobs\(\[-1.5\] \* 3"),
     Bad("vec log-prob nan in one env", "vec", lambda vec: vec.set_logprobs([0.0, 0.0, float("nan")], [0.0] * 3),
         ValueError, "env 2: the policy log-prob must be a finite number", kwargs={"kl_coef": 0.1}),
 ]

@@ -93,6 +93,8 @@ class VLLMGenerator(TextGenerator):
     - ``dtype``: ``"auto"`` (the checkpoint's, bf16 for most chat models), ``"bfloat16"``,
       ``"float32"``, ...
     - ``seed``: the engine's seed, which unseeded requests draw from.
+    - ``literal_content``: tokenise special tokens' text inside message contents as ordinary text
+      (:func:`refuel_env.generation.encode_chat`); the simulated user's engine has it on.
     - ``engine_kwargs``: any other ``vllm.LLM`` / ``EngineArgs`` option, e.g. ``enforce_eager``.
     """
 
@@ -106,9 +108,11 @@ class VLLMGenerator(TextGenerator):
         dtype: str = "auto",
         seed: int = 0,
         name: str | None = None,
+        literal_content: bool = False,
         **engine_kwargs: Any,
     ):
         vllm = import_vllm()
+        self.literal_content = bool(literal_content)
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         self.llm = vllm.LLM(
             model=str(model),
@@ -132,7 +136,9 @@ class VLLMGenerator(TextGenerator):
 
     def encode(self, messages: Sequence[Message], *, add_generation_prompt: bool = True) -> list[int]:
         """Token ids of ``messages`` under the chat template (what the engine is given)."""
-        return encode_chat(self.tokenizer, messages, add_generation_prompt=add_generation_prompt)
+        return encode_chat(
+            self.tokenizer, messages, add_generation_prompt=add_generation_prompt, literal_content=self.literal_content
+        )
 
     def count_tokens(self, messages: Sequence[Message], *, add_generation_prompt: bool = True) -> int:
         return len(self.encode(messages, add_generation_prompt=add_generation_prompt))

@@ -16,6 +16,7 @@ from refuel_env.core import (
     Episode,
     EpisodeError,
     StepResult,
+    check_option_names,
     check_options,
     check_seed,
     copy_messages,
@@ -66,10 +67,8 @@ class DialogueVectorEnv(VectorEnv):
     def reset(self, *, seed: int | Sequence[int | None] | None = None, options: dict[str, Any] | None = None):
         seeds = self._seeds(seed)
         options = check_options(options)
+        check_option_names(options, (*RESET_OPTIONS, "reset_mask"))
         mask = self._reset_mask(options.pop("reset_mask", None))
-        unknown = set(options) - set(RESET_OPTIONS)
-        if unknown:
-            raise ValueError(f"unknown reset option(s) {sorted(unknown)}; the options are {list(RESET_OPTIONS)} and reset_mask")
         per_env = {k: self._per_env(v, k) for k, v in options.items()}
         # Build every new episode, from copies of the random streams, before replacing any, so
         # that a bad option loses nothing.
@@ -178,8 +177,12 @@ class DialogueVectorEnv(VectorEnv):
 
     def set_logprobs(self, policy: Sequence[float], reference: Sequence[float]) -> None:
         """Log-probs of the next actions under the policy and the reference (for the KL penalty)."""
-        if len(policy) != self.num_envs or len(reference) != self.num_envs:
-            raise ValueError(f"set_logprobs takes {self.num_envs} policy and {self.num_envs} reference values")
+        for name, values in (("policy", policy), ("reference", reference)):
+            if isinstance(values, str) or not isinstance(values, Sequence | np.ndarray) or len(values) != self.num_envs:
+                raise ValueError(
+                    f"set_logprobs takes one {name} log-prob per sub-environment, {self.num_envs} numbers, got "
+                    f"{type(values).__name__} {values!r:.80}; e.g. set_logprobs([-1.5] * {self.num_envs}, [-1.7] * {self.num_envs})"
+                )
         if any(ep is None for ep in self._episodes):
             raise EpisodeError("set_logprobs() called before reset(); call reset() first")
         for i, (p, r) in enumerate(zip(policy, reference)):  # check all before setting any
