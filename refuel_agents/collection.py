@@ -43,8 +43,10 @@ from tqdm import tqdm
 
 from refuel_env.generation import Completion, SamplingParams, TextGenerator
 
-#: Computes per-response log-probs (policy, reference) for the KL penalty: (states, responses) -> two lists.
-LogprobFn = Callable[[list[list[dict]], list[str]], tuple[list[float], list[float]]]
+#: Computes per-response log-probs (policy, reference) for the KL penalty: (states, responses, completions) ->
+#: two lists. ``completions[k]`` is the policy's :class:`Completion` of response k (its sampled token ids are
+#: what must be scored), or None for a response the policy did not sample.
+LogprobFn = Callable[[list[list[dict]], list[str], list[Completion | None]], tuple[list[float], list[float]]]
 
 
 #: Which of a branch's policy responses the KL penalty and Gamma cover (see the module docstring).
@@ -204,7 +206,9 @@ def collect_refuel_tuples(
 
 
 def _covered(slot: _Slot, penalties: Penalties | None) -> bool:
-    """Whether the penalties cover the response this slot gives next (module docstring)."""
+    """Whether the penalties cover the response this slot gives next (module docstring).
+
+    A given response (a dataset reply, lt-offline) is not the policy's and gets no penalty."""
     if slot.branch < 0:
         return False
     return slot.steps == 0 or penalties is None or penalties.turns == "rollout"
@@ -234,7 +238,8 @@ def _run(
             logprobs = ([0.0] * len(slots), [0.0] * len(slots))
             wanted = [k for k, c in enumerate(covered) if c]
             if wanted:
-                pol, ref = kl_logprobs([states[k] for k in wanted], [replies[k] for k in wanted])
+                pol, ref = kl_logprobs([states[k] for k in wanted], [replies[k] for k in wanted],
+                                       [completions[k] for k in wanted])
                 for j, k in enumerate(wanted):
                     logprobs[0][k], logprobs[1][k] = pol[j], ref[j]
                     slots[k].kl_sum += pol[j] - ref[j]
@@ -357,11 +362,13 @@ def play_dialogues(
     horizon: int | Sequence[int] | None = None,
     prompt_indices: Sequence[int] | None = None,
     progress: bool = False,
+    kl_logprobs: LogprobFn | None = None,
 ) -> list[dict[str, Any]]:
     """Play whole dialogues with ``policy`` (no branching), batched like the collection.
 
     One row per dialogue: ``item_id``, ``H``, ``reward`` (None when truncated, with
-    ``truncation_reason``), ``dialogue``.
+    ``truncation_reason``), ``dialogue``. ``kl_logprobs`` is needed when the environment has a KL
+    penalty: it scores every policy response, as the environment's reward then asks.
     """
     rng = np.random.default_rng(seed)
     batcher = StepBatcher(env_id, env_kwargs)
@@ -375,7 +382,7 @@ def play_dialogues(
     slots = [_Slot(i, 0, info["snapshot"][i]) for i in range(num_dialogues)]
     stats = CollectionStats(prompts=num_dialogues)
     bar = tqdm(total=sum(r["H"] for r in rows), desc="evaluate", unit="resp", disable=not progress, leave=False)
-    _run(slots, rows, batcher, policy, sampling, rng, stats, None, bar)
+    _run(slots, rows, batcher, policy, sampling, rng, stats, kl_logprobs, bar)
     bar.close()
     batcher.close()
     return [

@@ -42,6 +42,7 @@ from refuel_agents.engine import OptimConfig, TrainEngine
 from refuel_agents.logprobs import (
     batched_logprobs,
     encode_response,
+    encode_sampled_response,
     sequence_logprobs,
     sequence_logprobs_and_entropy,
 )
@@ -212,11 +213,17 @@ class RefuelTrainer:
         return self.penalties.kl_coef > 0  # read from the environment's configuration once, in __init__
 
     @torch.no_grad()
-    def _kl_logprobs(self, states: list[list[dict]], responses: list[str]) -> tuple[list[float], list[float]]:
+    def _kl_logprobs(self, states: list[list[dict]], responses: list[str],
+                     completions: list[Any] | None = None) -> tuple[list[float], list[float]]:
+        """log pi_t and log pi_0 of each response for eq. 11's KL: the sampled token ids where the policy
+        reports them (as training scores them), else the text through the chat template."""
         if self.reference is None:
             raise ValueError("the environment has a KL penalty: enable reference_kl to keep the initial policy")
-        rows = [{"input_ids": e.input_ids, "response_mask": e.response_mask} for e in
-                (encode_response(self.train_tokenizer, s, r) for s, r in zip(states, responses))]
+        completions = completions or [None] * len(responses)
+        encoded = [encode_sampled_response(self.train_tokenizer, s, c.token_ids, c.finish_reason)
+                   if c is not None and c.token_ids is not None else encode_response(self.train_tokenizer, s, r)
+                   for s, r, c in zip(states, responses, completions)]
+        rows = [{"input_ids": e.input_ids, "response_mask": e.response_mask} for e in encoded]
         kw = {"suffix": "", "batch_size": self.config.micro_batch_size * 2,
               "temperature": self.logprob_temperature, "device": self.device}
         return batched_logprobs(self.model, rows, self.pad_id, **kw), batched_logprobs(self.reference, rows, self.pad_id, **kw)
@@ -287,6 +294,7 @@ class RefuelTrainer:
                     env_id=cfg.env_id, env_kwargs={**self.env_kwargs, "split": cfg.eval_split}, policy=policy,
                     sampling=self.eval_sampling, num_dialogues=end - start, seed=cfg.seed + 10_000 + start,
                     horizon=horizons[start:end], prompt_indices=prompts[start:end], progress=self._bars,
+                    kl_logprobs=self._kl_logprobs if self._env_has_kl() else None,
                 )
         return [row for part in dist.all_gather_objects(rows) for row in part]
 

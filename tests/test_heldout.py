@@ -8,6 +8,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 from refuel_agents import heldout
 from refuel_agents.evaluation.stats import bootstrap_interval
@@ -105,11 +106,11 @@ def test_the_sweep_chooses_the_best_mean_within_the_budget(tmp_path):
 def small_trainer(word_lm_dir, tmp_path, name, **overrides):
     from refuel_agents.refuel import RefuelConfig, RefuelTrainer
 
-    config = RefuelConfig(
-        env_id="UltraInteractDialogue-v0", env_kwargs={"user": "instant", "max_turns": 2, "tokenizer": None},
-        policy_model=str(word_lm_dir), iterations=3, prompts_per_iteration=4, epochs=1, batch_size=2,
-        micro_batch_size=2, lr=1e-3, max_new_tokens=5, temperature=1.0, eval_prompts=2, output_dir=str(tmp_path),
-        run_name=name, progress=False, device="cpu", **overrides)
+    fields = dict(env_id="UltraInteractDialogue-v0", env_kwargs={"user": "instant", "max_turns": 2, "tokenizer": None},
+                  policy_model=str(word_lm_dir), iterations=3, prompts_per_iteration=4, epochs=1, batch_size=2,
+                  micro_batch_size=2, lr=1e-3, max_new_tokens=5, temperature=1.0, eval_prompts=2,
+                  output_dir=str(tmp_path), run_name=name, progress=False, device="cpu")
+    config = RefuelConfig(**{**fields, **overrides})
     return RefuelTrainer(config)
 
 
@@ -189,3 +190,47 @@ def test_paired_change_resamples_prompts_with_all_their_dialogues():
     assert change["n"] == 8 and change["clusters"] == 4
     assert change == {**bootstrap_interval([1.0, 1.0, -1.0, -1.0] * 2, groups=["q0", "q1", "q2", "q3"] * 2),
                       "dropped": 0, "level": 0.95, "from_iteration": 0, "to_iteration": 1}
+
+
+def test_the_heldout_evaluation_runs_with_a_kl_penalty_and_charges_it(word_lm_dir, tmp_path):
+    env_kwargs = {"user": "instant", "max_turns": 2, "tokenizer": None}
+    plain = small_trainer(word_lm_dir, tmp_path, "nokl", iterations=1, eval_temperature=0.0).evaluate()
+    trainer = small_trainer(word_lm_dir, tmp_path, "kl", iterations=1, eval_temperature=0.0,
+                            env_kwargs={**env_kwargs, "kl_coef": 0.05})
+    calls = []
+    score = trainer._kl_logprobs
+    trainer._kl_logprobs = lambda *a: calls.append(len(a[1])) or score(*a)
+    rows = trainer.evaluate()  # raised ValueError (no set_logprobs) before the evaluation scored the KL
+    assert [r["H"] for r in rows] == [r["H"] for r in plain] == [1, 1, 2, 2]
+    assert sum(calls) == sum(r["H"] for r in rows)  # every policy response of every dialogue
+    # before any update pi_t = pi_0: the penalty is 0 and the rewards are those of the run without it
+    assert [r["reward"] for r in rows] == pytest.approx([r["reward"] for r in plain], abs=1e-5)
+
+
+def test_the_kl_penalty_scores_the_sampled_token_ids(word_lm_dir, tmp_path):
+    from refuel_agents.logprobs import batched_logprobs, encode_response, encode_sampled_response
+    from refuel_env.generation import Completion
+
+    trainer = small_trainer(word_lm_dir, tmp_path, "klids", iterations=1)
+    with torch.no_grad():  # pi_t away from pi_0, so that the log-ratio has a value to compare
+        for p in trainer.model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    tok = trainer.train_tokenizer
+    state = [{"role": "user", "content": "what is one"}]
+    ids = tok("yes no maybe", add_special_tokens=False)["input_ids"]
+    cut = Completion(text="yes no maybe", prompt_tokens=0, completion_tokens=3, finish_reason="length",
+                     token_ids=tuple(ids))
+    pol, ref = trainer._kl_logprobs([state], ["yes no maybe"], [cut])
+    sampled = encode_sampled_response(tok, state, ids, "length")
+    assert sampled.num_response_tokens == 3  # a cut reply: no end-of-turn token was sampled or is scored
+    kw = {"batch_size": 2, "temperature": 1.0, "device": torch.device("cpu")}
+    row = [{"input_ids": sampled.input_ids, "response_mask": sampled.response_mask}]
+    assert pol == pytest.approx(batched_logprobs(trainer.model, row, trainer.pad_id, **kw), abs=1e-5)
+    assert ref == pytest.approx(batched_logprobs(trainer.reference, row, trainer.pad_id, **kw), abs=1e-5)
+    text = encode_response(tok, state, "yes no maybe")
+    assert text.num_response_tokens == 4  # the text adds an end-of-turn token that was never sampled
+    retokenised = [{"input_ids": text.input_ids, "response_mask": text.response_mask}]
+    assert pol[0] != pytest.approx(batched_logprobs(trainer.model, retokenised, trainer.pad_id, **kw)[0], abs=1e-3)
+    # a dataset reply (no completion) is still scored through the template
+    assert trainer._kl_logprobs([state], ["yes no maybe"], [None])[0] == pytest.approx(
+        batched_logprobs(trainer.model, retokenised, trainer.pad_id, **kw), abs=1e-5)
