@@ -209,7 +209,7 @@ def _covered(slot: _Slot, penalties: Penalties | None) -> bool:
     """Whether the penalties cover the response this slot gives next (module docstring).
 
     A given response (a dataset reply, lt-offline) is not the policy's and gets no penalty."""
-    if slot.branch < 0:
+    if slot.branch < 0 or slot.given is not None:
         return False
     return slot.steps == 0 or penalties is None or penalties.turns == "rollout"
 
