@@ -427,6 +427,7 @@ class PromptPlan:
         self.env_id, self.env_kwargs, self.seed = env_id, env_kwargs, seed
         self.per_iteration, self.eval_split, self.eval_prompts = per_iteration, eval_split, eval_prompts
         self._iterations, self._sizes = iterations, {}
+        self._horizons: list[int] | None = None
 
     def split_size(self, split: str = "train") -> int:
         if split not in self._sizes:
@@ -454,6 +455,17 @@ class PromptPlan:
         from refuel_agents.heldout import heldout_prompts
 
         return heldout_prompts(self.eval_split, self.eval_prompts, self.split_size(self.eval_split))
+
+    def heldout_horizons(self) -> list[int]:
+        """The longest dialogue length H each held-out prompt allows (its turns, for pre-sampled questions)."""
+        if self._horizons is None:
+            env = gym.make(self.env_id, **{**self.env_kwargs, "split": self.eval_split})
+            try:
+                core = env.unwrapped.core
+                self._horizons = [int(core.max_horizon(core.items[i])) for i in self.heldout()]
+            finally:
+                env.close()
+        return list(self._horizons)
 
 
 def iteration_seed(seed: int, iteration: int) -> int:

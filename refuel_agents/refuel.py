@@ -279,12 +279,13 @@ class RefuelTrainer:
         return self.engine.device if self.engine is not None else self.device
 
     def evaluate(self) -> list[dict]:
-        """Play the held-out prompts at every H in 1..max_turns, with the same seeds every time (heldout.py)."""
+        """Play the held-out prompts at every H in 1..max_turns that each allows, with the same seeds every time
+        (heldout.py)."""
         cfg = self.config
         if cfg.eval_prompts <= 0:
             return []
         self.model.eval()
-        horizons, prompts = heldout.plan(self.plan.heldout(), self.max_turns)
+        horizons, prompts = heldout.plan(self.plan.heldout(), self.max_turns, self.plan.heldout_horizons())
         start, end = dist.shard_bounds(len(horizons), self.rank, self.world)  # each rank plays its block
         policy = self.rollout_policy()
         rows: list[dict] = []

@@ -12,6 +12,7 @@ import torch
 
 from refuel_agents import heldout
 from refuel_agents.evaluation.stats import bootstrap_interval
+from refuel_env.rewards import TrajectoryRewardModel
 
 
 def test_bootstrap_interval_covers_the_mean_at_its_nominal_rate():
@@ -103,15 +104,20 @@ def test_the_sweep_chooses_the_best_mean_within_the_budget(tmp_path):
     assert args.grid == [("lr", ["1e-5", "3e-5"]), ("last-k-layers", ["4"])] and args.base == [("iterations", "2")]
 
 
-def small_trainer(word_lm_dir, tmp_path, name, **overrides):
-    from refuel_agents.refuel import RefuelConfig, RefuelTrainer
+def _small_config(word_lm_dir, tmp_path, name, **overrides):
+    from refuel_agents.refuel import RefuelConfig
 
     fields = dict(env_id="UltraInteractDialogue-v0", env_kwargs={"user": "instant", "max_turns": 2, "tokenizer": None},
                   policy_model=str(word_lm_dir), iterations=3, prompts_per_iteration=4, epochs=1, batch_size=2,
                   micro_batch_size=2, lr=1e-3, max_new_tokens=5, temperature=1.0, eval_prompts=2,
                   output_dir=str(tmp_path), run_name=name, progress=False, device="cpu")
-    config = RefuelConfig(**{**fields, **overrides})
-    return RefuelTrainer(config)
+    return RefuelConfig(**{**fields, **overrides})
+
+
+def small_trainer(word_lm_dir, tmp_path, name, **overrides):
+    from refuel_agents.refuel import RefuelTrainer
+
+    return RefuelTrainer(_small_config(word_lm_dir, tmp_path, name, **overrides))
 
 
 def assistant_turns(rows):
@@ -192,19 +198,21 @@ def test_paired_change_resamples_prompts_with_all_their_dialogues():
                       "dropped": 0, "level": 0.95, "from_iteration": 0, "to_iteration": 1}
 
 
+@pytest.mark.slow
 def test_the_heldout_evaluation_runs_with_a_kl_penalty_and_charges_it(word_lm_dir, tmp_path):
-    env_kwargs = {"user": "instant", "max_turns": 2, "tokenizer": None}
-    plain = small_trainer(word_lm_dir, tmp_path, "nokl", iterations=1, eval_temperature=0.0).evaluate()
-    trainer = small_trainer(word_lm_dir, tmp_path, "kl", iterations=1, eval_temperature=0.0,
-                            env_kwargs={**env_kwargs, "kl_coef": 0.05})
+    from refuel_agents.refuel import RefuelTrainer
+
+    config = _small_config(word_lm_dir, tmp_path, "kl", iterations=1, eval_temperature=0.0,
+                           env_kwargs={"user": "instant", "max_turns": 2, "tokenizer": None, "kl_coef": 0.05})
+    trainer = RefuelTrainer(config, reward_model=WordsReward())
     calls = []
     score = trainer._kl_logprobs
     trainer._kl_logprobs = lambda *a: calls.append(len(a[1])) or score(*a)
     rows = trainer.evaluate()  # raised ValueError (no set_logprobs) before the evaluation scored the KL
-    assert [r["H"] for r in rows] == [r["H"] for r in plain] == [1, 1, 2, 2]
+    assert [r["H"] for r in rows] == [1, 1, 2, 2]
     assert sum(calls) == sum(r["H"] for r in rows)  # every policy response of every dialogue
-    # before any update pi_t = pi_0: the penalty is 0 and the rewards are those of the run without it
-    assert [r["reward"] for r in rows] == pytest.approx([r["reward"] for r in plain], abs=1e-5)
+    # before any update pi_t = pi_0: the penalty is 0 and each reward is the model's score
+    assert [r["reward"] for r in rows] == pytest.approx([WordsReward().score([r["dialogue"]])[0] for r in rows], abs=1e-5)
 
 
 def test_the_kl_penalty_scores_the_sampled_token_ids(word_lm_dir, tmp_path):
@@ -234,3 +242,38 @@ def test_the_kl_penalty_scores_the_sampled_token_ids(word_lm_dir, tmp_path):
     # a dataset reply (no completion) is still scored through the template
     assert trainer._kl_logprobs([state], ["yes no maybe"], [None])[0] == pytest.approx(
         batched_logprobs(trainer.model, retokenised, trainer.pad_id, **kw), abs=1e-5)
+
+
+class WordsReward(TrajectoryRewardModel):
+    """The number of words of the last response: cheap and deterministic."""
+
+    name = "last-response-words"
+    max_length = None
+
+    def _score(self, dialogues):
+        return np.asarray([float(len(d[-1]["content"].split())) for d in dialogues])
+
+    def count_tokens(self, dialogue):
+        return sum(len(m["content"].split()) for m in dialogue)
+
+
+@pytest.mark.slow
+def test_the_heldout_evaluation_plays_each_presampled_item_at_the_lengths_it_has(word_lm_dir, tmp_path):
+    from refuel_agents.refuel import RefuelConfig, RefuelTrainer
+
+    config = RefuelConfig(env_id="UltraInteractPresampled-v0", env_kwargs={"max_turns": 3, "tokenizer": None},
+                          policy_model=str(word_lm_dir), iterations=1, prompts_per_iteration=2, batch_size=2,
+                          micro_batch_size=2, max_new_tokens=3, eval_prompts=8, output_dir=str(tmp_path),
+                          progress=False, device="cpu")
+    trainer = RefuelTrainer(config, reward_model=WordsReward())
+    rows = trainer.evaluate()  # asked every item for H = 1..3 before, which a one-turn item refuses
+    turns = trainer.plan.heldout_horizons()
+    assert len(turns) == 8 and min(turns) == 1 and max(turns) == 2  # the test split's items have 1 or 2 turns
+    assert sorted((r["item_id"], r["H"]) for r in rows) == sorted(
+        (r["item_id"], H) for r, n in zip(rows, turns) for H in range(1, n + 1))
+    entry = heldout.record(0, rows, 3)
+    assert heldout.dialogues_by_h(entry) == {1: 8, 2: turns.count(2)}
+    results = heldout.write_summary(tmp_path, [entry, heldout.record(1, rows, 3)], max_turns=3, seed=0)
+    assert results["heldout"][0]["n_by_H"] == {1: 8, 2: turns.count(2)}
+    assert f"Held-out dialogues per H: H=1: 8, H=2: {turns.count(2)}" in (tmp_path / "summary.md").read_text()
+    assert heldout.plan([4, 5, 6], 3, [1, 3, 2]) == ([1, 1, 1, 2, 2, 3], [4, 5, 6, 5, 6, 5])
