@@ -416,10 +416,12 @@ def iteration_prompts(seed: int, num_items: int, iteration: int, per_iteration: 
 class PromptPlan:
     """Which dataset items a run trains on, iteration by iteration, and which it holds out.
 
-    Training walks the train split (:func:`iteration_prompts`), less its last ``eval_prompts``
-    items when ``eval_split`` is 'train' (they are the held-out prompts then; otherwise the
-    held-out prompts are the test split's first ``eval_prompts``). ``iterations=0`` means one pass
-    over the items training walks. Split sizes are read from the environment once.
+    Training walks its items of the train split (:func:`iteration_prompts`): all of them when
+    ``eval_split`` is 'test' (the held-out prompts are then the test split's first ``eval_prompts``);
+    with 'train', the split less ``eval_prompts`` held-out items and every item that shares a
+    ``parent_id`` or a first user message with one (:func:`refuel_agents.heldout.split_train`).
+    ``iterations=0`` means one pass over the items training walks. Split sizes are read from the
+    environment once.
     """
 
     def __init__(self, env_id: str, env_kwargs: dict[str, Any], seed: int, per_iteration: int, iterations: int,
@@ -428,17 +430,37 @@ class PromptPlan:
         self.per_iteration, self.eval_split, self.eval_prompts = per_iteration, eval_split, eval_prompts
         self._iterations, self._sizes = iterations, {}
         self._horizons: list[int] | None = None
+        self._train_split: tuple[list[int], list[int]] | None = None
+
+    def _items(self, split: str) -> list[Any]:
+        env = gym.make(self.env_id, **{**self.env_kwargs, "split": split})
+        try:
+            return list(env.unwrapped.core.items)
+        finally:
+            env.close()
 
     def split_size(self, split: str = "train") -> int:
         if split not in self._sizes:
-            env = gym.make(self.env_id, **{**self.env_kwargs, "split": split})
-            self._sizes[split] = len(env.unwrapped.core.items)
-            env.close()
+            self._sizes[split] = len(self._items(split))
         return self._sizes[split]
+
+    def training_indices(self) -> list[int]:
+        """The train split's items that training may use (every data mode draws from these only)."""
+        if self.eval_split != "train" or self.eval_prompts <= 0:
+            return list(range(self.split_size()))
+        return list(self._split_train()[1])
+
+    def _split_train(self) -> tuple[list[int], list[int]]:
+        from refuel_agents.heldout import heldout_prompts, item_keys, split_train
+
+        if self._train_split is None:
+            heldout_prompts("train", self.eval_prompts, self.split_size())  # the split's size first: a clear error
+            self._train_split = split_train([item_keys(item) for item in self._items("train")], self.eval_prompts)
+        return self._train_split
 
     @property
     def train_items(self) -> int:
-        return self.split_size() - (self.eval_prompts if self.eval_split == "train" else 0)
+        return len(self.training_indices())
 
     @property
     def iterations(self) -> int:
@@ -447,13 +469,16 @@ class PromptPlan:
         return self._iterations or (math.ceil(self.train_items / per) if per else 1)
 
     def prompts(self, iteration: int) -> list[int]:
-        """The dataset items of iteration ``iteration`` (:func:`iteration_prompts`)."""
-        return iteration_prompts(self.seed, self.train_items, iteration, self.per_iteration)
+        """The dataset items of iteration ``iteration`` (:func:`iteration_prompts` over :meth:`training_indices`)."""
+        training = self.training_indices()
+        return [training[i] for i in iteration_prompts(self.seed, len(training), iteration, self.per_iteration)]
 
     def heldout(self) -> list[int]:
         """The held-out prompts' indices in ``eval_split``; a clear error when the split is too small."""
         from refuel_agents.heldout import heldout_prompts
 
+        if self.eval_split == "train" and self.eval_prompts > 0:
+            return list(self._split_train()[0])
         return heldout_prompts(self.eval_split, self.eval_prompts, self.split_size(self.eval_split))
 
     def heldout_horizons(self) -> list[int]:

@@ -13,9 +13,10 @@ with all its dialogue pairs: the dialogues of one prompt at H = 1, 2, 3 share th
 and are not independent draws.
 
 The held-out prompts are the first ``eval_prompts`` items of the test split, or, with
-``eval_split="train"``, the last ``eval_prompts`` items of the train split, which training then
-never sees: a validation set for choosing hyperparameters without looking at the test split
-(``scripts/sweep_refuel.py``).
+``eval_split="train"``, ``eval_prompts`` items from the end of the train split
+(:func:`split_train`): no two of them, and no training item, share a ``parent_id`` or a first user
+message with one of them, and training (every data mode) never sees them: a validation set for
+choosing hyperparameters without looking at the test split (``scripts/sweep_refuel.py``).
 
 Written at the end of a run: ``summary.json`` (``heldout_improvement``: mean, ci_low, ci_high, n;
 ``heldout``: every evaluation's mean reward with its interval and its change from the first),
@@ -46,6 +47,37 @@ def heldout_prompts(split: str, count: int, split_size: int) -> list[int]:
                          + ("; some must be left for training" if split == "train" else "")
                          + f": pass --eval-prompts {split_size - (split == 'train')} or fewer")
     return list(range(split_size - count, split_size)) if split == "train" else list(range(count))
+
+
+def item_keys(item: Any) -> set[tuple[str, str]]:
+    """What ties a dataset item to others that ask the same thing: its ``parent_id`` (UltraInteract keeps it in
+    ``meta``) and its first user message."""
+    keys = {("first message", item.questions[0])}
+    parent = dict(item.meta).get("parent_id")
+    return keys | ({("parent_id", str(parent))} if parent is not None else set())
+
+
+def split_train(keys: list[set], count: int) -> tuple[list[int], list[int]]:
+    """(held-out, training) indices of a train split whose item i has the tie keys ``keys[i]`` (:func:`item_keys`).
+
+    The held-out items are taken from the end of the split, skipping any that shares a key with one already
+    taken, until there are ``count``; training keeps every item that shares no key with a held-out one.
+    """
+    held: list[int] = []
+    taken: set = set()
+    for i in range(len(keys) - 1, -1, -1):
+        if len(held) == count:
+            break
+        if not keys[i] & taken:
+            held.append(i)
+            taken |= keys[i]
+    training = [i for i in range(len(keys)) if not keys[i] & taken]
+    if len(held) < count or not training:
+        raise ValueError(f"eval_prompts={count} but the train split's {len(keys)} items hold "
+                         f"{len(held)} unrelated prompts (no shared parent_id or first message)"
+                         + ("" if training else " and none would be left for training")
+                         + f": pass --eval-prompts {max(len(held) - (not training), 0)} or fewer")
+    return sorted(held), training
 
 
 def plan(prompts: list[int], max_turns: int, longest: list[int] | None = None) -> tuple[list[int], list[int]]:

@@ -277,3 +277,26 @@ def test_the_heldout_evaluation_plays_each_presampled_item_at_the_lengths_it_has
     assert results["heldout"][0]["n_by_H"] == {1: 8, 2: turns.count(2)}
     assert f"Held-out dialogues per H: H=1: 8, H=2: {turns.count(2)}" in (tmp_path / "summary.md").read_text()
     assert heldout.plan([4, 5, 6], 3, [1, 3, 2]) == ([1, 1, 1, 2, 2, 3], [4, 5, 6, 5, 6, 5])
+
+
+def test_heldout_prompts_of_the_train_split_share_no_parent_or_first_message_with_training():
+    from refuel_agents.collection import PromptPlan
+    from refuel_agents.modes import dataset_items
+
+    env_kwargs = {"user": "instant", "tokenizer": None, "split": "train", "reward_model": WordsReward()}
+    plan = PromptPlan("UltraInteractDialogue-v0", env_kwargs, seed=0, per_iteration=0, iterations=1,
+                      eval_split="train", eval_prompts=8)
+    items = dataset_items("UltraInteractDialogue-v0", env_kwargs)[0]
+    held, trained = plan.heldout(), plan.prompts(0)  # per_iteration=0: iteration 0 is every training prompt
+    assert len(held) == 8 and not set(held) & set(trained)
+    first = lambda i: items[i].questions[0]  # noqa: E731
+    parent = lambda i: dict(items[i].meta).get("parent_id")  # noqa: E731
+    assert not {first(i) for i in held} & {first(i) for i in trained}
+    assert not {parent(i) for i in held} & {parent(i) for i in trained}
+    assert len({parent(i) for i in held}) == 8  # no two held-out prompts are the same question either
+    assert plan.train_items == len(trained) == len(plan.training_indices()) < len(items) - 8  # related items left out
+    keys = [{("parent_id", "a")}, {("parent_id", "b")}, {("parent_id", "a")}, {("parent_id", "c")}]
+    assert heldout.split_train(keys, 1) == ([3], [0, 1, 2])
+    assert heldout.split_train(keys, 2) == ([2, 3], [1])  # item 0 is item 2's question: neither side keeps it
+    with pytest.raises(ValueError, match="--eval-prompts 2 or fewer"):
+        heldout.split_train(keys, 3)
