@@ -180,19 +180,23 @@ def encode_sampled_response(
     """The generation prompt's tokens followed by exactly the tokens the policy sampled.
 
     ``token_ids`` and ``finish_reason`` come from a :class:`~refuel_env.generation.Completion`.
-    A response that ended on its own (``"stop"``) must end with its sampled end-of-turn token,
-    which is scored; a response cut by the token budget (``"length"``) is scored without one,
-    since none was sampled. Nothing is re-tokenised, so the scored tokens are the sampled ones.
+    A response that ended on its own (``"stop"``) must end with the end-of-turn token it sampled,
+    which is scored: the template's terminator, the tokenizer's eos, or any other special token,
+    since a generator stops on every eos id its generation config lists (Llama-3-Instruct lists
+    ``<|end_of_text|>`` beside the template's ``<|eot_id|>``). A response cut by the token budget
+    (``"length"``) is scored without one, since none was sampled. Nothing is re-tokenised, so the
+    scored tokens are the sampled ones.
     """
     if not prompt_messages or prompt_messages[-1]["role"] != "user":
         raise ResponseEncodingError("prompt_messages must be a non-empty dialogue ending with a user message")
     ids = [int(i) for i in token_ids]
     end_ids = end_of_turn_token_ids(tokenizer)
     if finish_reason == "stop":
-        if not ids or ids[-1] not in end_ids:
+        if not ids or (ids[-1] not in end_ids and ids[-1] not in _special_ids(tokenizer)):
             raise ResponseEncodingError(
                 f"a response with finish_reason 'stop' must end with its sampled end-of-turn token (one of "
-                f"{sorted(end_ids)}), got {ids[-3:]}; a response cut by a stop string has no token ids to score"
+                f"{sorted(end_ids)} or another special token), got {ids[-3:]}; a response cut by a stop string "
+                "has no token ids to score"
             )
     elif finish_reason != "length":
         raise ResponseEncodingError(f"finish_reason must be 'stop' or 'length', got {finish_reason!r}")
