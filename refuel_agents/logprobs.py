@@ -24,6 +24,7 @@ log-probabilities are those of the distribution the responses were sampled from.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -93,6 +94,26 @@ def end_of_turn_token_ids(tokenizer: Any) -> frozenset[int]:
             "has no eos token: the end of a response cannot be located"
         )
     return frozenset(ids)
+
+
+def generation_eos_ids(tokenizer: Any) -> frozenset[int]:
+    """The eos ids listed by the generation config saved with the tokenizer's checkpoint
+    (``generation_config.json`` beside it, read from local files only); empty when there is none."""
+    return _generation_eos_ids(str(getattr(tokenizer, "name_or_path", "") or ""))
+
+
+@functools.lru_cache(maxsize=16)
+def _generation_eos_ids(path: str) -> frozenset[int]:
+    if not path:
+        return frozenset()
+    from transformers import GenerationConfig
+
+    try:
+        eos = GenerationConfig.from_pretrained(path, local_files_only=True).eos_token_id
+    except (OSError, ValueError):
+        return frozenset()
+    eos = [eos] if isinstance(eos, int) else list(eos or [])
+    return frozenset(int(i) for i in eos)
 
 
 def _split_tokens(tokenizer: Any, prompt_text: str, full_text: str) -> tuple[list[int], list[int]]:
@@ -181,9 +202,10 @@ def encode_sampled_response(
 
     ``token_ids`` and ``finish_reason`` come from a :class:`~refuel_env.generation.Completion`.
     A response that ended on its own (``"stop"``) must end with the end-of-turn token it sampled,
-    which is scored: the template's terminator, the tokenizer's eos, or any other special token,
-    since a generator stops on every eos id its generation config lists (Llama-3-Instruct lists
-    ``<|end_of_text|>`` beside the template's ``<|eot_id|>``). A response cut by the token budget
+    which is scored: the template's terminator, the tokenizer's eos, or any other eos id that the
+    checkpoint's generation config lists (:func:`generation_eos_ids`), since a generator stops on
+    every one of them (Llama-3-Instruct lists ``<|end_of_text|>`` beside the template's
+    ``<|eot_id|>``). A response cut by the token budget
     (``"length"``) is scored without one, since none was sampled. Nothing is re-tokenised, so the
     scored tokens are the sampled ones.
     """
@@ -192,11 +214,11 @@ def encode_sampled_response(
     ids = [int(i) for i in token_ids]
     end_ids = end_of_turn_token_ids(tokenizer)
     if finish_reason == "stop":
-        if not ids or (ids[-1] not in end_ids and ids[-1] not in _special_ids(tokenizer)):
+        listed = end_ids | generation_eos_ids(tokenizer)
+        if not ids or ids[-1] not in listed:
             raise ResponseEncodingError(
                 f"a response with finish_reason 'stop' must end with its sampled end-of-turn token (one of "
-                f"{sorted(end_ids)} or another special token), got {ids[-3:]}; a response cut by a stop string "
-                "has no token ids to score"
+                f"{sorted(listed)}), got {ids[-3:]}; a response cut by a stop string has no token ids to score"
             )
     elif finish_reason != "length":
         raise ResponseEncodingError(f"finish_reason must be 'stop' or 'length', got {finish_reason!r}")

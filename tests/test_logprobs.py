@@ -266,8 +266,10 @@ def test_sequence_logprobs_reject_a_batch_without_response(chatml, tiny_lm):
         sequence_logprobs(tiny_lm, batch)
 
 
-def test_a_reply_ending_on_another_listed_eos_is_trained_and_an_unencodable_one_is_dropped(smollm2_dir):
+def test_a_reply_ending_on_another_listed_eos_is_trained_and_an_unencodable_one_is_dropped(smollm2_dir, tmp_path):
     from collections import Counter
+
+    from transformers import GenerationConfig
 
     from refuel_agents.tuples import encode_tuples
 
@@ -277,7 +279,10 @@ def test_a_reply_ending_on_another_listed_eos_is_trained_and_an_unencodable_one_
                                   "additional_special_tokens": ["<|start_header_id|>", "<|end_header_id|>",
                                                                 "<|end_of_text|>"]})
     tokenizer.chat_template = LLAMA3_TEMPLATE
-    end_of_text = tokenizer.convert_tokens_to_ids("<|end_of_text|>")
+    end_of_text, eot = tokenizer.convert_tokens_to_ids(["<|end_of_text|>", "<|eot_id|>"])
+    tokenizer.save_pretrained(tmp_path)
+    GenerationConfig(eos_token_id=[end_of_text, eot]).save_pretrained(tmp_path)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path)  # as the trainer loads it: beside its checkpoint
     words = tokenizer("It is six", add_special_tokens=False)["input_ids"]
     state = [{"role": "user", "content": "Hi"}]
 
