@@ -25,6 +25,7 @@ log-probabilities are those of the distribution the responses were sampled from.
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -316,11 +317,50 @@ def _unwrapped(model: Any) -> Any:
     return getattr(model, "module", model)  # a DeepSpeed engine holds the transformers model as .module
 
 
-def _shared_prefix_mask(model: Any, segment: torch.Tensor) -> torch.Tensor:
+@functools.lru_cache(maxsize=32)
+def _forward_source(cls: type) -> str:
+    try:
+        return inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return ""
+
+
+def attention_windows(model: Any) -> dict[str, int | None] | int | None:
+    """How the model's layers limit attention, as a custom mask must reproduce it.
+
+    None: every layer attends to the whole causal past. An int w: every layer sees the last w positions
+    (Mistral, Mixtral, Phi-3, Starcoder2: one mask for all layers, windowed when ``config.sliding_window`` is
+    set). A dict: the model takes one mask per layer type (``config.layer_types``: Gemma 2 / 3, Qwen2, ...),
+    each type's window (None = full). Raises ``ValueError`` naming the model type when a window is set but
+    the model's masking is neither of these, since a packed row's mask would then silently drop the window.
+    """
+    unwrapped = _unwrapped(model)
+    config = getattr(unwrapped, "config", None)
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    window = getattr(config, "sliding_window", None)
+    if not window:
+        return None
+    source = _forward_source(type(getattr(unwrapped, "base_model", unwrapped)))
+    types = set(getattr(config, "layer_types", None) or ())
+    if "causal_mask_mapping := attention_mask" in source and types <= {"full_attention", "sliding_attention"} and types:
+        if types == {"full_attention"}:
+            return None
+        return {t: window if t == "sliding_attention" else None for t in sorted(types)}
+    if "causal_mask_mapping" not in source and "create_sliding_window_causal_mask" in source:
+        return int(window)
+    raise ValueError(f"shared-prefix scoring builds its own attention mask, and cannot reproduce the sliding-window "
+                     f"attention of model type {getattr(config, 'model_type', '?')!r} (sliding_window={window}, "
+                     f"layer_types={sorted(types) or None}); turn shared_prefix off (--no-shared-prefix)")
+
+
+def _shared_prefix_mask(model: Any, segment: torch.Tensor, position_ids: torch.Tensor | None = None) -> Any:
     """The (B, 1, T, T) attention mask of a packed row: causal, within s or the query's own response.
 
     Padding attends to itself only (no row is fully masked). sdpa takes it as booleans (True = attend); the
-    eager implementation adds it to the scores, so it gets 0 / the dtype's minimum.
+    eager implementation adds it to the scores, so it gets 0 / the dtype's minimum. A sliding-window layer
+    also drops the keys w or more positions back (:func:`attention_windows`; positions from
+    ``position_ids``, which restart for y' as they do in its own sequence); a model with several layer
+    types gets one mask per type, as a dict.
     """
     attention = getattr(getattr(_unwrapped(model), "config", None), "_attn_implementation", None)
     if attention not in ("sdpa", "eager"):
@@ -331,12 +371,24 @@ def _shared_prefix_mask(model: Any, segment: torch.Tensor) -> torch.Tensor:
     query, key = segment.unsqueeze(2), segment.unsqueeze(1)
     causal = torch.ones(n, n, dtype=torch.bool, device=segment.device).tril()
     allowed = causal & (key >= 0) & ((key == 0) | (key == query))
-    allowed |= torch.eye(n, dtype=torch.bool, device=segment.device) & (query < 0)
-    allowed = allowed.unsqueeze(1)
-    if attention == "sdpa":
-        return allowed
-    dtype = next(_unwrapped(model).parameters()).dtype
-    return torch.zeros(allowed.shape, dtype=dtype, device=segment.device).masked_fill(~allowed, torch.finfo(dtype).min)
+    pad_self = torch.eye(n, dtype=torch.bool, device=segment.device) & (query < 0)
+    windows = attention_windows(model)
+    if windows is not None and position_ids is None:
+        raise ValueError("a sliding-window model's packed mask needs the rows' position_ids")
+
+    def finish(window: int | None) -> torch.Tensor:
+        mask = allowed
+        if window is not None:
+            mask = mask & (position_ids.unsqueeze(1) > position_ids.unsqueeze(2) - window)
+        mask = (mask | pad_self).unsqueeze(1)
+        if attention == "sdpa":
+            return mask
+        dtype = next(_unwrapped(model).parameters()).dtype
+        return torch.zeros(mask.shape, dtype=dtype, device=segment.device).masked_fill(~mask, torch.finfo(dtype).min)
+
+    if isinstance(windows, dict):
+        return {layer_type: finish(w) for layer_type, w in windows.items()}
+    return finish(windows)
 
 
 def _shared_response_logits(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
@@ -350,7 +402,7 @@ def _shared_response_logits(model: Any, batch: dict[str, torch.Tensor]) -> tuple
     source = torch.arange(length, device=input_ids.device).expand(n, -1) - 1
     source = torch.where(starts, (first_response - 1).unsqueeze(1).expand(n, -1), source)
     first = int(first_response.min()) - 1  # the output layer runs from here to the end only
-    logits = model(input_ids=input_ids, attention_mask=_shared_prefix_mask(model, segment),
+    logits = model(input_ids=input_ids, attention_mask=_shared_prefix_mask(model, segment, batch["position_ids"]),
                    position_ids=batch["position_ids"], logits_to_keep=length - first, use_cache=False).logits
     rows = torch.arange(n, device=input_ids.device).unsqueeze(1).expand(n, length)
     kept = logits[rows[response], source[response] - first]
