@@ -145,7 +145,8 @@ def test_eval_every_plays_the_evaluation_on_its_iterations_and_after_the_last(wo
 
 
 @pytest.mark.slow
-def test_the_reversed_reward_control_trains_on_negated_rewards_and_evaluates_on_true_ones(word_lm_dir, tmp_path):
+def test_the_reversed_reward_control_trains_on_negated_rewards_and_evaluates_on_true_ones(word_lm_dir, tmp_path,
+                                                                                          monkeypatch):
     import subprocess
     import sys
     from pathlib import Path
@@ -153,15 +154,30 @@ def test_the_reversed_reward_control_trains_on_negated_rewards_and_evaluates_on_
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
     from control_reversed_reward import ReversedRewardTrainer
 
-    from refuel_agents.refuel import RefuelConfig
+    from refuel_agents import checkpoint as ckpt
+    from refuel_agents.refuel import RefuelTrainer
+    from refuel_agents.tracking import reward_table
 
-    real = small_trainer(word_lm_dir, tmp_path, "real")
-    config = RefuelConfig(**{**real.config.__dict__, "run_name": "reversed"})
-    reversed_ = ReversedRewardTrainer(config)
-    (rows, _), (flipped, _) = real.collect(0), reversed_.collect(0)
-    assert [r["reward"] for r in rows] and [-r["reward"] for r in rows] == [r["reward"] for r in flipped]
-    assert [-r["reward_prime"] for r in rows] == [r["reward_prime"] for r in flipped]
-    assert [r["reward"] for r in real.evaluate()] == [r["reward"] for r in reversed_.evaluate()]  # true rewards
+    real = small_trainer(word_lm_dir, tmp_path, "real", iterations=1)
+    reversed_ = ReversedRewardTrainer(_small_config(word_lm_dir, tmp_path, "reversed", iterations=1))
+    rows = real.collect(0)[0]
+    true = [r["reward"] for r in rows]
+    assert [r["reward"] for r in rows] == [r["reward"] for r in reversed_.collect(0)[0]]  # collected: true rewards
+    assert [r["reward"] for r in real.evaluate()] == [r["reward"] for r in reversed_.evaluate()]  # evaluated: true
+    seen = []
+    with monkeypatch.context() as patch:  # what the loss of an update reads: the negated rewards
+        patch.setattr(RefuelTrainer, "train_step", lambda self, batch: seen.append(batch) or {})
+        reversed_.train_step(rows)
+    assert [r["reward"] for r in seen[0]] == [-x for x in true] and [r["reward"] for r in rows] == true  # no aliasing
+    assert [r["reward_prime"] for r in seen[0]] == [-r["reward_prime"] for r in rows]
+    reversed_.train()
+    metrics = [json.loads(line) for line in (reversed_.run_dir / "metrics.jsonl").read_text().splitlines()]
+    stored = ckpt.latest_checkpoint(reversed_.run_dir)
+    collected = [m["collect/reward_mean"] for m in metrics if "collect/reward_mean" in m]
+    assert collected == pytest.approx([np.mean([r["reward"] for r in rows])])  # the true rewards, as collected
+    summary = ckpt.load_state(stored)["summary"]
+    assert {int(h): v for h, v in summary[1]["collected"].items()} == {
+        h: pytest.approx(v, nan_ok=True) for h, v in reward_table(rows, "reward", 2).items()}
     script = Path(__file__).resolve().parents[1] / "scripts" / "control_reversed_reward.py"
     for agent in (["--agent", "dpo"], ["--agent=dpo"]):
         result = subprocess.run([sys.executable, str(script), *agent, "--mode", "online"], capture_output=True,
