@@ -289,7 +289,8 @@ class RefuelTrainer:
         start, end = dist.shard_bounds(len(horizons), self.rank, self.world)  # each rank plays its block
         policy = self.rollout_policy()
         rows: list[dict] = []
-        with dist.full_weights(self.engine, enabled=self.rollout_generator is self.generator):
+        # (the KL penalty scores with the trained module: its ZeRO-3 shards are gathered for it too)
+        with dist.full_weights(self.engine, enabled=self.rollout_generator is self.generator or self._env_has_kl()):
             if end > start:
                 rows = play_dialogues(
                     env_id=cfg.env_id, env_kwargs={**self.env_kwargs, "split": cfg.eval_split}, policy=policy,
