@@ -93,13 +93,16 @@ class RebelTrainer(RefuelTrainer):
     def collect(self, iteration: int) -> tuple[list[dict], ModeStats]:
         cfg = self.config
         self.model.eval()
-        # The on-policy modes walk the split as REFUEL does; the offline roll-ins draw usable items themselves
-        # (with several ranks, the draw of the whole iteration is made on every rank and each takes its shard).
+        # The on-policy modes walk the split as REFUEL does; the offline roll-ins draw usable training items
+        # themselves, never a held-out one (with several ranks, the draw of the whole iteration is made on every
+        # rank and each takes its shard).
         indices, seed = None, iteration_seed(cfg.seed, iteration)
+        allowed = self.plan.training_indices()
         if self.mode == "lt-online":
             indices, seed = self.rank_prompts(self.prompt_indices(iteration), iteration)
         elif self.world > 1:
-            drawn = draw_prompt_indices(self.mode, cfg.env_id, self.collect_env_kwargs, cfg.prompts_per_iteration or None, seed)
+            drawn = draw_prompt_indices(self.mode, cfg.env_id, self.collect_env_kwargs, cfg.prompts_per_iteration or None,
+                                        seed, allowed)
             indices, seed = self.rank_prompts(drawn, iteration)
         return collect_pairs(
             mode=self.mode, env_id=cfg.env_id, env_kwargs=self.collect_env_kwargs, policy=self.rollout_policy(),
@@ -107,7 +110,7 @@ class RebelTrainer(RefuelTrainer):
             num_prompts=len(indices) if indices is not None else cfg.prompts_per_iteration or None,
             seed=seed, prompt_indices=indices,
             kl_logprobs=self._kl_logprobs if self._env_has_kl() else None, progress=cfg.progress and self.rank == 0,
-            penalties=self.penalties,
+            penalties=self.penalties, allowed=allowed,
         )
 
 

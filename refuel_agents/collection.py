@@ -43,8 +43,10 @@ from tqdm import tqdm
 
 from refuel_env.generation import Completion, SamplingParams, TextGenerator
 
-#: Computes per-response log-probs (policy, reference) for the KL penalty: (states, responses) -> two lists.
-LogprobFn = Callable[[list[list[dict]], list[str]], tuple[list[float], list[float]]]
+#: Computes per-response log-probs (policy, reference) for the KL penalty: (states, responses, completions) ->
+#: two lists. ``completions[k]`` is the policy's :class:`Completion` of response k (its sampled token ids are
+#: what must be scored), or None for a response the policy did not sample.
+LogprobFn = Callable[[list[list[dict]], list[str], list[Completion | None]], tuple[list[float], list[float]]]
 
 
 #: Which of a branch's policy responses the KL penalty and Gamma cover (see the module docstring).
@@ -204,8 +206,10 @@ def collect_refuel_tuples(
 
 
 def _covered(slot: _Slot, penalties: Penalties | None) -> bool:
-    """Whether the penalties cover the response this slot gives next (module docstring)."""
-    if slot.branch < 0:
+    """Whether the penalties cover the response this slot gives next (module docstring).
+
+    A given response (a dataset reply, lt-offline) is not the policy's and gets no penalty."""
+    if slot.branch < 0 or slot.given is not None:
         return False
     return slot.steps == 0 or penalties is None or penalties.turns == "rollout"
 
@@ -234,7 +238,8 @@ def _run(
             logprobs = ([0.0] * len(slots), [0.0] * len(slots))
             wanted = [k for k, c in enumerate(covered) if c]
             if wanted:
-                pol, ref = kl_logprobs([states[k] for k in wanted], [replies[k] for k in wanted])
+                pol, ref = kl_logprobs([states[k] for k in wanted], [replies[k] for k in wanted],
+                                       [completions[k] for k in wanted])
                 for j, k in enumerate(wanted):
                     logprobs[0][k], logprobs[1][k] = pol[j], ref[j]
                     slots[k].kl_sum += pol[j] - ref[j]
@@ -357,11 +362,13 @@ def play_dialogues(
     horizon: int | Sequence[int] | None = None,
     prompt_indices: Sequence[int] | None = None,
     progress: bool = False,
+    kl_logprobs: LogprobFn | None = None,
 ) -> list[dict[str, Any]]:
     """Play whole dialogues with ``policy`` (no branching), batched like the collection.
 
     One row per dialogue: ``item_id``, ``H``, ``reward`` (None when truncated, with
-    ``truncation_reason``), ``dialogue``.
+    ``truncation_reason``), ``dialogue``. ``kl_logprobs`` is needed when the environment has a KL
+    penalty: it scores every policy response, as the environment's reward then asks.
     """
     rng = np.random.default_rng(seed)
     batcher = StepBatcher(env_id, env_kwargs)
@@ -375,7 +382,7 @@ def play_dialogues(
     slots = [_Slot(i, 0, info["snapshot"][i]) for i in range(num_dialogues)]
     stats = CollectionStats(prompts=num_dialogues)
     bar = tqdm(total=sum(r["H"] for r in rows), desc="evaluate", unit="resp", disable=not progress, leave=False)
-    _run(slots, rows, batcher, policy, sampling, rng, stats, None, bar)
+    _run(slots, rows, batcher, policy, sampling, rng, stats, kl_logprobs, bar)
     bar.close()
     batcher.close()
     return [
@@ -409,10 +416,12 @@ def iteration_prompts(seed: int, num_items: int, iteration: int, per_iteration: 
 class PromptPlan:
     """Which dataset items a run trains on, iteration by iteration, and which it holds out.
 
-    Training walks the train split (:func:`iteration_prompts`), less its last ``eval_prompts``
-    items when ``eval_split`` is 'train' (they are the held-out prompts then; otherwise the
-    held-out prompts are the test split's first ``eval_prompts``). ``iterations=0`` means one pass
-    over the items training walks. Split sizes are read from the environment once.
+    Training walks its items of the train split (:func:`iteration_prompts`): all of them when
+    ``eval_split`` is 'test' (the held-out prompts are then the test split's first ``eval_prompts``);
+    with 'train', the split less ``eval_prompts`` held-out items and every item that shares a
+    ``parent_id`` or a first user message with one (:func:`refuel_agents.heldout.split_train`).
+    ``iterations=0`` means one pass over the items training walks. Split sizes are read from the
+    environment once.
     """
 
     def __init__(self, env_id: str, env_kwargs: dict[str, Any], seed: int, per_iteration: int, iterations: int,
@@ -420,17 +429,38 @@ class PromptPlan:
         self.env_id, self.env_kwargs, self.seed = env_id, env_kwargs, seed
         self.per_iteration, self.eval_split, self.eval_prompts = per_iteration, eval_split, eval_prompts
         self._iterations, self._sizes = iterations, {}
+        self._horizons: list[int] | None = None
+        self._train_split: tuple[list[int], list[int]] | None = None
+
+    def _items(self, split: str) -> list[Any]:
+        env = gym.make(self.env_id, **{**self.env_kwargs, "split": split})
+        try:
+            return list(env.unwrapped.core.items)
+        finally:
+            env.close()
 
     def split_size(self, split: str = "train") -> int:
         if split not in self._sizes:
-            env = gym.make(self.env_id, **{**self.env_kwargs, "split": split})
-            self._sizes[split] = len(env.unwrapped.core.items)
-            env.close()
+            self._sizes[split] = len(self._items(split))
         return self._sizes[split]
+
+    def training_indices(self) -> list[int]:
+        """The train split's items that training may use (every data mode draws from these only)."""
+        if self.eval_split != "train" or self.eval_prompts <= 0:
+            return list(range(self.split_size()))
+        return list(self._split_train()[1])
+
+    def _split_train(self) -> tuple[list[int], list[int]]:
+        from refuel_agents.heldout import heldout_prompts, item_keys, split_train
+
+        if self._train_split is None:
+            heldout_prompts("train", self.eval_prompts, self.split_size())  # the split's size first: a clear error
+            self._train_split = split_train([item_keys(item) for item in self._items("train")], self.eval_prompts)
+        return self._train_split
 
     @property
     def train_items(self) -> int:
-        return self.split_size() - (self.eval_prompts if self.eval_split == "train" else 0)
+        return len(self.training_indices())
 
     @property
     def iterations(self) -> int:
@@ -439,14 +469,28 @@ class PromptPlan:
         return self._iterations or (math.ceil(self.train_items / per) if per else 1)
 
     def prompts(self, iteration: int) -> list[int]:
-        """The dataset items of iteration ``iteration`` (:func:`iteration_prompts`)."""
-        return iteration_prompts(self.seed, self.train_items, iteration, self.per_iteration)
+        """The dataset items of iteration ``iteration`` (:func:`iteration_prompts` over :meth:`training_indices`)."""
+        training = self.training_indices()
+        return [training[i] for i in iteration_prompts(self.seed, len(training), iteration, self.per_iteration)]
 
     def heldout(self) -> list[int]:
         """The held-out prompts' indices in ``eval_split``; a clear error when the split is too small."""
         from refuel_agents.heldout import heldout_prompts
 
+        if self.eval_split == "train" and self.eval_prompts > 0:
+            return list(self._split_train()[0])
         return heldout_prompts(self.eval_split, self.eval_prompts, self.split_size(self.eval_split))
+
+    def heldout_horizons(self) -> list[int]:
+        """The longest dialogue length H each held-out prompt allows (its turns, for pre-sampled questions)."""
+        if self._horizons is None:
+            env = gym.make(self.env_id, **{**self.env_kwargs, "split": self.eval_split})
+            try:
+                core = env.unwrapped.core
+                self._horizons = [int(core.max_horizon(core.items[i])) for i in self.heldout()]
+            finally:
+                env.close()
+        return list(self._horizons)
 
 
 def iteration_seed(seed: int, iteration: int) -> int:

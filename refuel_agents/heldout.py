@@ -1,7 +1,9 @@
 """The held-out evaluation of a training run, and the run's summary.
 
 Before training, after every ``eval_every``-th iteration and after the last, the trainer plays the
-same held-out prompts, each at every dialogue length H in 1..max_turns, with the same seeds (the
+same held-out prompts, each at every dialogue length H in 1..max_turns that it allows (a
+pre-sampled item has its own number of turns; ``n_by_H`` in ``summary.json`` counts the
+dialogues of each H), with the same seeds (the
 user's turns and the policy's sampling draws are seeded alike each time; ``eval_temperature`` 0
 plays the policy greedily), so the i-th dialogue of one evaluation and the i-th
 of another differ only by the policy's weights. The run's result is the mean paired change in
@@ -11,9 +13,10 @@ with all its dialogue pairs: the dialogues of one prompt at H = 1, 2, 3 share th
 and are not independent draws.
 
 The held-out prompts are the first ``eval_prompts`` items of the test split, or, with
-``eval_split="train"``, the last ``eval_prompts`` items of the train split, which training then
-never sees: a validation set for choosing hyperparameters without looking at the test split
-(``scripts/sweep_refuel.py``).
+``eval_split="train"``, ``eval_prompts`` items from the end of the train split
+(:func:`split_train`): no two of them, and no training item, share a ``parent_id`` or a first user
+message with one of them, and training (every data mode) never sees them: a validation set for
+choosing hyperparameters without looking at the test split (``scripts/sweep_refuel.py``).
 
 Written at the end of a run: ``summary.json`` (``heldout_improvement``: mean, ci_low, ci_high, n;
 ``heldout``: every evaluation's mean reward with its interval and its change from the first),
@@ -46,10 +49,54 @@ def heldout_prompts(split: str, count: int, split_size: int) -> list[int]:
     return list(range(split_size - count, split_size)) if split == "train" else list(range(count))
 
 
-def plan(prompts: list[int], max_turns: int) -> tuple[list[int], list[int]]:
-    """(horizons, prompt indices) of one evaluation: every prompt at every H in 1..max_turns."""
-    horizons = [H for H in range(1, max_turns + 1) for _ in prompts]
-    return horizons, list(prompts) * max_turns
+def item_keys(item: Any) -> set[tuple[str, str]]:
+    """What ties a dataset item to others that ask the same thing: its ``parent_id`` (UltraInteract keeps it in
+    ``meta``) and its first user message."""
+    keys = {("first message", item.questions[0])}
+    parent = dict(item.meta).get("parent_id")
+    return keys | ({("parent_id", str(parent))} if parent is not None else set())
+
+
+def split_train(keys: list[set], count: int) -> tuple[list[int], list[int]]:
+    """(held-out, training) indices of a train split whose item i has the tie keys ``keys[i]`` (:func:`item_keys`).
+
+    The held-out items are taken from the end of the split, skipping any that shares a key with one already
+    taken, until there are ``count``; training keeps every item that shares no key with a held-out one.
+    """
+    held: list[int] = []
+    taken: set = set()
+    for i in range(len(keys) - 1, -1, -1):
+        if len(held) == count:
+            break
+        if not keys[i] & taken:
+            held.append(i)
+            taken |= keys[i]
+    training = [i for i in range(len(keys)) if not keys[i] & taken]
+    if len(held) < count or not training:
+        raise ValueError(f"eval_prompts={count} but the train split's {len(keys)} items hold "
+                         f"{len(held)} unrelated prompts (no shared parent_id or first message)"
+                         + ("" if training else " and none would be left for training")
+                         + f": pass --eval-prompts {max(len(held) - (not training), 0)} or fewer")
+    return sorted(held), training
+
+
+def plan(prompts: list[int], max_turns: int, longest: list[int] | None = None) -> tuple[list[int], list[int]]:
+    """(horizons, prompt indices) of one evaluation: every prompt at every H in 1..max_turns, or, with
+    ``longest`` (the longest H each prompt allows: a pre-sampled item has its own number of turns), at
+    every H it has, up to max_turns."""
+    longest = [max_turns] * len(prompts) if longest is None else [min(n, max_turns) for n in longest]
+    if len(longest) != len(prompts):
+        raise ValueError(f"plan: {len(longest)} longest horizons for {len(prompts)} prompts")
+    pairs = [(H, i) for H in range(1, max_turns + 1) for i, n in zip(prompts, longest) if H <= n]
+    return [H for H, _ in pairs], [i for _, i in pairs]
+
+
+def dialogues_by_h(entry: dict) -> dict[int, int]:
+    """How many held-out dialogues an evaluation (a :func:`record` entry) played at each H."""
+    counts: dict[int, int] = {}
+    for _, H, _ in entry["eval_rewards"]:
+        counts[int(H)] = counts.get(int(H), 0) + 1
+    return dict(sorted(counts.items()))
 
 
 def record(iteration: int, rows: list[dict], max_turns: int, collected: list[dict] | None = None) -> dict:
@@ -93,7 +140,7 @@ def heldout_results(summary: list[dict], seed: int = 0) -> dict[str, Any]:
         kept = [(i, x) for i, x in enumerate(s["eval_rewards"]) if x[2] is not None]
         rows.append({"iteration": s["iteration"], **bootstrap_interval([x[2] for _, x in kept], level=LEVEL, seed=seed,
                                                                       groups=_prompts(kept)),
-                     "change": paired_change(evals[0], s, seed)})
+                     "n_by_H": dialogues_by_h(s), "change": paired_change(evals[0], s, seed)})
     return {"heldout_improvement": rows[-1]["change"] if len(rows) > 1 else None, "heldout": rows}
 
 
@@ -115,6 +162,9 @@ def write_summary(run_dir: Path, summary: list[dict], max_turns: int, seed: int,
     results = {**heldout_results(summary, seed), **(extra or {})}
     table = format_summary(summary, max_turns)
     lines = [improvement_line(results.get("heldout_improvement")), ""]
+    if results.get("heldout"):
+        lines += ["Held-out dialogues per H: " + ", ".join(f"H={H}: {n}" for H, n in results["heldout"][0]["n_by_H"].items()),
+                  ""]
     for row in results.get("heldout", []):
         change = row["change"]
         lines.append(f"- after iteration {row['iteration']}: mean held-out reward {row['mean']:+.3f} "

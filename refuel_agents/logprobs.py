@@ -24,6 +24,8 @@ log-probabilities are those of the distribution the responses were sampled from.
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -93,6 +95,26 @@ def end_of_turn_token_ids(tokenizer: Any) -> frozenset[int]:
             "has no eos token: the end of a response cannot be located"
         )
     return frozenset(ids)
+
+
+def generation_eos_ids(tokenizer: Any) -> frozenset[int]:
+    """The eos ids listed by the generation config saved with the tokenizer's checkpoint
+    (``generation_config.json`` beside it, read from local files only); empty when there is none."""
+    return _generation_eos_ids(str(getattr(tokenizer, "name_or_path", "") or ""))
+
+
+@functools.lru_cache(maxsize=16)
+def _generation_eos_ids(path: str) -> frozenset[int]:
+    if not path:
+        return frozenset()
+    from transformers import GenerationConfig
+
+    try:
+        eos = GenerationConfig.from_pretrained(path, local_files_only=True).eos_token_id
+    except (OSError, ValueError):
+        return frozenset()
+    eos = [eos] if isinstance(eos, int) else list(eos or [])
+    return frozenset(int(i) for i in eos)
 
 
 def _split_tokens(tokenizer: Any, prompt_text: str, full_text: str) -> tuple[list[int], list[int]]:
@@ -180,19 +202,24 @@ def encode_sampled_response(
     """The generation prompt's tokens followed by exactly the tokens the policy sampled.
 
     ``token_ids`` and ``finish_reason`` come from a :class:`~refuel_env.generation.Completion`.
-    A response that ended on its own (``"stop"``) must end with its sampled end-of-turn token,
-    which is scored; a response cut by the token budget (``"length"``) is scored without one,
-    since none was sampled. Nothing is re-tokenised, so the scored tokens are the sampled ones.
+    A response that ended on its own (``"stop"``) must end with the end-of-turn token it sampled,
+    which is scored: the template's terminator, the tokenizer's eos, or any other eos id that the
+    checkpoint's generation config lists (:func:`generation_eos_ids`), since a generator stops on
+    every one of them (Llama-3-Instruct lists ``<|end_of_text|>`` beside the template's
+    ``<|eot_id|>``). A response cut by the token budget
+    (``"length"``) is scored without one, since none was sampled. Nothing is re-tokenised, so the
+    scored tokens are the sampled ones.
     """
     if not prompt_messages or prompt_messages[-1]["role"] != "user":
         raise ResponseEncodingError("prompt_messages must be a non-empty dialogue ending with a user message")
     ids = [int(i) for i in token_ids]
     end_ids = end_of_turn_token_ids(tokenizer)
     if finish_reason == "stop":
-        if not ids or ids[-1] not in end_ids:
+        listed = end_ids | generation_eos_ids(tokenizer)
+        if not ids or ids[-1] not in listed:
             raise ResponseEncodingError(
                 f"a response with finish_reason 'stop' must end with its sampled end-of-turn token (one of "
-                f"{sorted(end_ids)}), got {ids[-3:]}; a response cut by a stop string has no token ids to score"
+                f"{sorted(listed)}), got {ids[-3:]}; a response cut by a stop string has no token ids to score"
             )
     elif finish_reason != "length":
         raise ResponseEncodingError(f"finish_reason must be 'stop' or 'length', got {finish_reason!r}")
@@ -290,11 +317,50 @@ def _unwrapped(model: Any) -> Any:
     return getattr(model, "module", model)  # a DeepSpeed engine holds the transformers model as .module
 
 
-def _shared_prefix_mask(model: Any, segment: torch.Tensor) -> torch.Tensor:
+@functools.lru_cache(maxsize=32)
+def _forward_source(cls: type) -> str:
+    try:
+        return inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return ""
+
+
+def attention_windows(model: Any) -> dict[str, int | None] | int | None:
+    """How the model's layers limit attention, as a custom mask must reproduce it.
+
+    None: every layer attends to the whole causal past. An int w: every layer sees the last w positions
+    (Mistral, Mixtral, Phi-3, Starcoder2: one mask for all layers, windowed when ``config.sliding_window`` is
+    set). A dict: the model takes one mask per layer type (``config.layer_types``: Gemma 2 / 3, Qwen2, ...),
+    each type's window (None = full). Raises ``ValueError`` naming the model type when a window is set but
+    the model's masking is neither of these, since a packed row's mask would then silently drop the window.
+    """
+    unwrapped = _unwrapped(model)
+    config = getattr(unwrapped, "config", None)
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    window = getattr(config, "sliding_window", None)
+    if not window:
+        return None
+    source = _forward_source(type(getattr(unwrapped, "base_model", unwrapped)))
+    types = set(getattr(config, "layer_types", None) or ())
+    if "causal_mask_mapping := attention_mask" in source and types <= {"full_attention", "sliding_attention"} and types:
+        if types == {"full_attention"}:
+            return None
+        return {t: window if t == "sliding_attention" else None for t in sorted(types)}
+    if "causal_mask_mapping" not in source and "create_sliding_window_causal_mask" in source:
+        return int(window)
+    raise ValueError(f"shared-prefix scoring builds its own attention mask, and cannot reproduce the sliding-window "
+                     f"attention of model type {getattr(config, 'model_type', '?')!r} (sliding_window={window}, "
+                     f"layer_types={sorted(types) or None}); turn shared_prefix off (--no-shared-prefix)")
+
+
+def _shared_prefix_mask(model: Any, segment: torch.Tensor, position_ids: torch.Tensor | None = None) -> Any:
     """The (B, 1, T, T) attention mask of a packed row: causal, within s or the query's own response.
 
     Padding attends to itself only (no row is fully masked). sdpa takes it as booleans (True = attend); the
-    eager implementation adds it to the scores, so it gets 0 / the dtype's minimum.
+    eager implementation adds it to the scores, so it gets 0 / the dtype's minimum. A sliding-window layer
+    also drops the keys w or more positions back (:func:`attention_windows`; positions from
+    ``position_ids``, which restart for y' as they do in its own sequence); a model with several layer
+    types gets one mask per type, as a dict.
     """
     attention = getattr(getattr(_unwrapped(model), "config", None), "_attn_implementation", None)
     if attention not in ("sdpa", "eager"):
@@ -305,12 +371,24 @@ def _shared_prefix_mask(model: Any, segment: torch.Tensor) -> torch.Tensor:
     query, key = segment.unsqueeze(2), segment.unsqueeze(1)
     causal = torch.ones(n, n, dtype=torch.bool, device=segment.device).tril()
     allowed = causal & (key >= 0) & ((key == 0) | (key == query))
-    allowed |= torch.eye(n, dtype=torch.bool, device=segment.device) & (query < 0)
-    allowed = allowed.unsqueeze(1)
-    if attention == "sdpa":
-        return allowed
-    dtype = next(_unwrapped(model).parameters()).dtype
-    return torch.zeros(allowed.shape, dtype=dtype, device=segment.device).masked_fill(~allowed, torch.finfo(dtype).min)
+    pad_self = torch.eye(n, dtype=torch.bool, device=segment.device) & (query < 0)
+    windows = attention_windows(model)
+    if windows is not None and position_ids is None:
+        raise ValueError("a sliding-window model's packed mask needs the rows' position_ids")
+
+    def finish(window: int | None) -> torch.Tensor:
+        mask = allowed
+        if window is not None:
+            mask = mask & (position_ids.unsqueeze(1) > position_ids.unsqueeze(2) - window)
+        mask = (mask | pad_self).unsqueeze(1)
+        if attention == "sdpa":
+            return mask
+        dtype = next(_unwrapped(model).parameters()).dtype
+        return torch.zeros(mask.shape, dtype=dtype, device=segment.device).masked_fill(~mask, torch.finfo(dtype).min)
+
+    if isinstance(windows, dict):
+        return {layer_type: finish(w) for layer_type, w in windows.items()}
+    return finish(windows)
 
 
 def _shared_response_logits(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
@@ -324,7 +402,7 @@ def _shared_response_logits(model: Any, batch: dict[str, torch.Tensor]) -> tuple
     source = torch.arange(length, device=input_ids.device).expand(n, -1) - 1
     source = torch.where(starts, (first_response - 1).unsqueeze(1).expand(n, -1), source)
     first = int(first_response.min()) - 1  # the output layer runs from here to the end only
-    logits = model(input_ids=input_ids, attention_mask=_shared_prefix_mask(model, segment),
+    logits = model(input_ids=input_ids, attention_mask=_shared_prefix_mask(model, segment, batch["position_ids"]),
                    position_ids=batch["position_ids"], logits_to_keep=length - first, use_cache=False).logits
     rows = torch.arange(n, device=input_ids.device).unsqueeze(1).expand(n, length)
     kept = logits[rows[response], source[response] - first]

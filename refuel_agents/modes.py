@@ -108,13 +108,15 @@ def collect_pairs(
     kl_logprobs: LogprobFn | None = None,
     progress: bool = True,
     penalties: Penalties | None = None,
+    allowed: Sequence[int] | None = None,
 ) -> tuple[list[dict[str, Any]], ModeStats]:
     """Collect one pair per prompt in ``mode`` (see the module docstring); returns rows and stats.
 
     ``num_prompts=None`` means every usable item once (offline modes) or the whole dataset (on-policy
     modes). ``prompt_indices`` picks dataset items by index instead of drawing them. ``policy`` may
     be None only for lt-offline, which samples nothing. ``sampling`` and ``penalties`` as in
-    :func:`~refuel_agents.collection.collect_refuel_tuples`.
+    :func:`~refuel_agents.collection.collect_refuel_tuples`. ``allowed``: the only items an offline roll-in
+    may draw (the training items, without the held-out prompts; None: all).
     """
     if mode not in MODES:
         raise ValueError(f"unknown data mode {mode!r}; the modes are {list(MODES)}")
@@ -131,7 +133,7 @@ def collect_pairs(
         stats = ModeStats(**{f.name: getattr(base, f.name) for f in fields(CollectionStats)}, mode=mode)
         return [{**r, "mode": mode} for r in rows], stats
     return _collect_offline_roll_in(mode, env_id, env_kwargs, policy, sampling, num_prompts, seed, prompt_indices,
-                                    kl_logprobs, progress, penalties)
+                                    kl_logprobs, progress, penalties, allowed)
 
 
 # ------------------------------------------------------------------------------ dataset items
@@ -172,13 +174,17 @@ def usable_for(mode: str, item: DialogueItem, max_horizon: int) -> str:
 
 def draw_items(mode: str, items: Sequence[DialogueItem], horizons: Sequence[int], num_prompts: int | None,
                prompt_indices: Sequence[int] | None, rng: np.random.Generator,
-               env_id: str) -> tuple[list[int], int, Counter]:
+               env_id: str, allowed: Sequence[int] | None = None) -> tuple[list[int], int, Counter]:
     """Indices of the items that start the pairs, the number of usable items, and why the others are not.
 
-    ``horizons[i]`` is the longest horizon the environment allows for ``items[i]``. Raises
-    ``ValueError`` when no item is usable in ``mode`` or a given prompt index is not usable.
+    ``horizons[i]`` is the longest horizon the environment allows for ``items[i]``; ``allowed`` (None: all)
+    the items a draw may use: the others, held out, are not usable. Raises ``ValueError`` when no item is
+    usable in ``mode`` or a given prompt index is not usable.
     """
     reasons = [usable_for(mode, item, H) for item, H in zip(items, horizons)]
+    if allowed is not None:
+        keep = set(allowed)
+        reasons = [why if i in keep else "held out" for i, why in enumerate(reasons)]
     usable = [i for i, why in enumerate(reasons) if not why]
     unusable = Counter(why for why in reasons if why)
     if not usable:
@@ -204,21 +210,22 @@ def draw_items(mode: str, items: Sequence[DialogueItem], horizons: Sequence[int]
 
 
 def draw_prompt_indices(mode: str, env_id: str, env_kwargs: dict[str, Any], num_prompts: int | None,
-                        seed: int) -> list[int]:
-    """The items an offline-roll-in collection with ``seed`` and no ``prompt_indices`` would start from
-    (the same draw, from a generator seeded with ``seed``): what several ranks split between them."""
+                        seed: int, allowed: Sequence[int] | None = None) -> list[int]:
+    """The items an offline-roll-in collection with ``seed``, ``allowed`` and no ``prompt_indices`` would start
+    from (the same draw, from a generator seeded with ``seed``): what several ranks split between them."""
     items, max_horizons = dataset_items(env_id, env_kwargs)
-    return draw_items(mode, items, max_horizons, num_prompts, None, np.random.default_rng(seed), env_id)[0]
+    return draw_items(mode, items, max_horizons, num_prompts, None, np.random.default_rng(seed), env_id, allowed)[0]
 
 
 # ------------------------------------------------------------------------------ offline roll-in
 
 
 def _collect_offline_roll_in(mode, env_id, env_kwargs, policy, sampling, num_prompts, seed, prompt_indices,
-                             kl_logprobs, progress, penalties=None) -> tuple[list[dict[str, Any]], ModeStats]:
+                             kl_logprobs, progress, penalties=None, allowed=None) -> tuple[list[dict[str, Any]], ModeStats]:
     rng = np.random.default_rng(seed)
     items, max_horizons = dataset_items(env_id, env_kwargs)
-    indices, n_usable, unusable = draw_items(mode, items, max_horizons, num_prompts, prompt_indices, rng, env_id)
+    indices, n_usable, unusable = draw_items(mode, items, max_horizons, num_prompts, prompt_indices, rng, env_id,
+                                             allowed)
     n = len(indices)
     stats = ModeStats(prompts=n, mode=mode, usable_items=n_usable, unusable_items=unusable)
     if n == 0:

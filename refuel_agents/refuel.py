@@ -42,6 +42,7 @@ from refuel_agents.engine import OptimConfig, TrainEngine
 from refuel_agents.logprobs import (
     batched_logprobs,
     encode_response,
+    encode_sampled_response,
     sequence_logprobs,
     sequence_logprobs_and_entropy,
 )
@@ -245,15 +246,25 @@ class RefuelTrainer:
         kwargs = {k: v for k, v in self.env_kwargs.items() if k != "preset"}
         return make_config(self.env_kwargs.get("preset"), **kwargs)
 
+    def _sharded_reference(self) -> bool:
+        """pi_0 is a frozen module of its own (sharded under ZeRO-3), not the policy with its LoRA adapters off."""
+        return self.reference is not None and not lora.is_lora(self.model)
+
     def _env_has_kl(self) -> bool:
         return self.penalties.kl_coef > 0  # read from the environment's configuration once, in __init__
 
     @torch.no_grad()
-    def _kl_logprobs(self, states: list[list[dict]], responses: list[str]) -> tuple[list[float], list[float]]:
+    def _kl_logprobs(self, states: list[list[dict]], responses: list[str],
+                     completions: list[Any] | None = None) -> tuple[list[float], list[float]]:
+        """log pi_t and log pi_0 of each response for eq. 11's KL: the sampled token ids where the policy
+        reports them (as training scores them), else the text through the chat template."""
         if self.reference is None:
             raise ValueError("the environment has a KL penalty: enable reference_kl to keep the initial policy")
-        rows = [{"input_ids": e.input_ids, "response_mask": e.response_mask} for e in
-                (encode_response(self.train_tokenizer, s, r) for s, r in zip(states, responses))]
+        completions = completions or [None] * len(responses)
+        encoded = [encode_sampled_response(self.train_tokenizer, s, c.token_ids, c.finish_reason)
+                   if c is not None and c.token_ids is not None else encode_response(self.train_tokenizer, s, r)
+                   for s, r, c in zip(states, responses, completions)]
+        rows = [{"input_ids": e.input_ids, "response_mask": e.response_mask} for e in encoded]
         kw = {"suffix": "", "batch_size": self.config.micro_batch_size * 2,
               "temperature": self.logprob_temperature, "device": self.device}
         return batched_logprobs(self.model, rows, self.pad_id, **kw), batched_logprobs(self.reference, rows, self.pad_id, **kw)
@@ -316,22 +327,26 @@ class RefuelTrainer:
         return self.engine.device if self.engine is not None else self.device
 
     def evaluate(self) -> list[dict]:
-        """Play the held-out prompts at every H in 1..max_turns, with the same seeds every time (heldout.py)."""
+        """Play the held-out prompts at every H in 1..max_turns that each allows, with the same seeds every time
+        (heldout.py)."""
         cfg = self.config
         if cfg.eval_prompts <= 0:
             return []
         self.model.eval()
-        horizons, prompts = heldout.plan(self.plan.heldout(), self.max_turns)
+        horizons, prompts = heldout.plan(self.plan.heldout(), self.max_turns, self.plan.heldout_horizons())
         start, end = dist.shard_bounds(len(horizons), self.rank, self.world)  # each rank plays its block
         policy = self.rollout_policy()
         rows: list[dict] = []
-        with dist.full_weights(self.engine, enabled=self.rollout_generator is self.generator):
+        kl = self._env_has_kl()  # (the KL penalty scores with pi_t and pi_0: both gathered, as in collection)
+        with (dist.full_weights(self.engine, enabled=self.rollout_generator is self.generator or kl),
+              dist.full_weights(self.engine, enabled=kl and self._sharded_reference(), module=self.reference)):
             self._record("evaluation")
             if end > start:
                 rows = play_dialogues(
                     env_id=cfg.env_id, env_kwargs={**self.env_kwargs, "split": cfg.eval_split}, policy=policy,
                     sampling=self.eval_sampling, num_dialogues=end - start, seed=cfg.seed + 10_000 + start,
                     horizon=horizons[start:end], prompt_indices=prompts[start:end], progress=self._bars,
+                    kl_logprobs=self._kl_logprobs if self._env_has_kl() else None,
                 )
         return [row for part in dist.all_gather_objects(rows) for row in part]
 
@@ -466,7 +481,7 @@ class RefuelTrainer:
         self.rollout_policy()  # (vLLM: wake the replica and push the weights, outside any full gather)
         kl = self._env_has_kl()  # (pi_t and pi_0 forwards during collection: both gathered)
         with (dist.full_weights(self.engine, enabled=self.rollout_generator is self.generator or kl),
-              dist.full_weights(self.engine, enabled=kl and self.reference is not None, module=self.reference)):
+              dist.full_weights(self.engine, enabled=kl and self._sharded_reference(), module=self.reference)):
             rows, stats = self.collect(t)
             self._record("collection")
         self.generator.clear_kv_cache()  # the KV kept between generation calls is of no use to training

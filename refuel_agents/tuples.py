@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,7 @@ import torch
 from refuel_agents import checkpoint as ckpt
 from refuel_agents.logprobs import (
     EncodedResponse,
+    ResponseEncodingError,
     SequenceTooLongError,
     collate,
     collate_shared_prefix,
@@ -42,9 +45,16 @@ def encode_pair_response(tokenizer: Any, row: dict, suffix: str, max_seq_len: in
     return encode_response(tokenizer, row["state"], row[f"response{suffix}"], max_length=max_seq_len)
 
 
-def encode_tuples(rows: list[dict], tokenizer: Any, max_seq_len: int) -> tuple[list[dict], int]:
-    """Add token ids and turn-h response masks for y and y'; drop (and count) tuples too long."""
+def encode_tuples(rows: list[dict], tokenizer: Any, max_seq_len: int,
+                  unencodable: Counter | None = None) -> tuple[list[dict], int]:
+    """Add token ids and turn-h response masks for y and y'; drop (and count) tuples too long.
+
+    A tuple whose response cannot be encoded (:class:`ResponseEncodingError`: e.g. a reply that ended on a
+    token the chat template does not know as an end of turn) is dropped too, not the iteration: counted by
+    reason in ``unencodable``, or, without it, named in a warning.
+    """
     kept, too_long = [], 0
+    failed: Counter = Counter()
     for row in rows:
         try:
             a = encode_pair_response(tokenizer, row, "", max_seq_len)
@@ -52,8 +62,16 @@ def encode_tuples(rows: list[dict], tokenizer: Any, max_seq_len: int) -> tuple[l
         except SequenceTooLongError:
             too_long += 1
             continue
+        except ResponseEncodingError as error:
+            failed[str(error).split(";")[0]] += 1
+            continue
         kept.append({**row, "input_ids": a.input_ids, "response_mask": a.response_mask,
                      "input_ids_prime": b.input_ids, "response_mask_prime": b.response_mask})
+    if unencodable is not None:
+        unencodable.update(failed)
+    elif failed:
+        warnings.warn(f"dropped {sum(failed.values())} of {len(rows)} tuples whose responses cannot be encoded: "
+                      + "; ".join(f"{n} x {why}" for why, n in failed.items()), stacklevel=2)
     return kept, too_long
 
 

@@ -25,7 +25,7 @@ CONFIG_DEFAULTS = {
 """The defaults of ``refuel_env.components.EnvConfig`` (a test keeps them equal), registered with every id
 so that ``gym.spec(id).kwargs`` shows the whole configuration an id makes."""
 
-SYNTHETIC_DEFAULTS = {"max_turns": 3, "split": "train", "kl_coef": 0.0}
+SYNTHETIC_DEFAULTS = {"max_turns": 3, "split": "train", "kl_coef": 0.0, "behaviour": "mixed"}
 """The defaults of ``refuel_env.synthetic.SyntheticEnvConfig``."""
 
 ENV_IDS = {

@@ -151,16 +151,26 @@ def weights_fingerprint(model: Any) -> tuple | None:
 
     It combines the module's identity, each parameter's dtype, device, storage address and version
     counter (in-place updates bump it: optimizer steps, ``load_state_dict``, ``copy_`` under
-    ``no_grad``) and a strided sample of each parameter's values, which also catches writes that
-    bypass the counters (through ``.data``, as DeepSpeed does). Reading it costs one small
-    reduction per parameter and one transfer.
+    ``no_grad``) and two checksums of all of each parameter's values, which also catch writes that
+    bypass the counters (through ``.data``, as DeepSpeed does) wherever they fall: the sum of every
+    row and the sum weighted by the row's index (so that moving values between rows shows too).
+    Reading it costs one pass over the weights (on their device) and one small transfer.
     """
     try:
         params = list(model.parameters())
         meta = tuple((p.dtype, p.device, p.data_ptr(), p._version) for p in params)
+        sums = []
         with torch.no_grad():
-            sums = [p.detach().reshape(-1)[:: max(1, p.numel() // 64)].double().sum() for p in params if p.numel()]
-            sample = torch.stack(sums).tolist() if sums else []
+            for p in params:
+                if not p.numel():
+                    continue
+                values = p.detach()
+                rows = values.reshape(values.shape[0] if values.dim() > 1 else 1, -1)
+                wide = torch.float64 if values.dtype == torch.float64 else torch.float32
+                per_row = rows.sum(dim=1, dtype=wide).double()
+                weight = torch.arange(1, len(per_row) + 1, dtype=torch.float64, device=per_row.device)
+                sums.append(torch.stack([per_row.sum(), (per_row * weight).sum()]))
+            sample = torch.cat(sums).tolist() if sums else []
     except RuntimeError:  # inference tensors keep no version counter
         return None
     return (id(model), meta, tuple(sample))

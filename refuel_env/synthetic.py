@@ -16,7 +16,8 @@ now) gives hints instead. This is the setting in which last-turn optimisation su
 covariate shift of the REFUEL paper's section 2.1.
 
 The offline data set (each item's ``responses`` and last-turn ``chosen`` / ``rejected``) comes
-from :data:`BEHAVIOUR_POLICY`, a fixed policy unlike the initial synthetic policy.
+from :data:`BEHAVIOUR_POLICY`, a fixed policy unlike the initial synthetic policy, or, with
+``behaviour="never-ask"``, from :data:`NEVER_ASK`.
 
 :func:`build_synthetic_policy` writes a tiny transformers Llama with a word-level tokenizer and a
 ChatML template whose responses are single tokens: at the position that starts the assistant's
@@ -89,6 +90,16 @@ BEHAVIOUR_POLICY: dict[str, dict[str, float]] = {
     "lost": {"ask": 0.3, "answer": 0.4, "hint": 0.3},
 }
 """The fixed policy that wrote the offline data set's responses (never invalid)."""
+
+NEVER_ASK: dict[str, dict[str, float]] = {
+    "vague": {"answer": 0.6, "hint": 0.4},
+    "clear": {"answer": 0.3, "hint": 0.7},
+    "lost": {"answer": 0.5, "hint": 0.5},
+}
+"""A second behaviour policy, far from a good one: it never asks, so its dialogues rarely reach a clear user."""
+
+BEHAVIOUR_POLICIES = {"mixed": BEHAVIOUR_POLICY, "never-ask": NEVER_ASK}
+"""The behaviour policies an offline data set can come from (``SyntheticEnvConfig.behaviour``)."""
 
 SPLIT_SIZES = {"train": 48, "test": 24}
 """Items per split (multiples of 12): item i starts in START_PATTERN[i % 4] and its offline dialogue has
@@ -182,12 +193,13 @@ def count_words(text: str) -> int:
 # -------------------------------------------------------------------------------- data
 
 
-def make_items(split: str, max_turns: int = MAX_TURNS) -> list[DialogueItem]:
+def make_items(split: str, max_turns: int = MAX_TURNS, behaviour: str = "mixed") -> list[DialogueItem]:
     """The split's items: start state, a behaviour-policy dialogue of K turns (see
     :data:`SPLIT_SIZES`), and chosen / rejected responses at its last turn (two different behaviour
     moves, the one of higher utility chosen). Deterministic for a split."""
     if split not in SPLIT_SIZES:
         raise ValueError(f"unknown split {split!r}; the synthetic task has {sorted(SPLIT_SIZES)}")
+    policy = BEHAVIOUR_POLICIES[behaviour]
     seed = int.from_bytes(hashlib.sha256(f"synthetic-{split}".encode()).digest()[:4], "little")
     rng = np.random.default_rng(seed)
     items = []
@@ -195,19 +207,19 @@ def make_items(split: str, max_turns: int = MAX_TURNS) -> list[DialogueItem]:
         states, responses = [START_PATTERN[i % len(START_PATTERN)]], []
         turns = min(1 + (i // len(START_PATTERN)) % MAX_TURNS, max_turns)
         for h in range(turns):
-            move = _draw(BEHAVIOUR_POLICY[states[-1]], rng)
+            move = _draw(policy[states[-1]], rng)
             responses.append(move)
             if h + 1 < turns:
                 states.append(sample_next_state(TRANSITIONS[states[-1]][move], rng))
         last = states[-1]
-        first = _draw(BEHAVIOUR_POLICY[last], rng)
-        others = {a: p for a, p in BEHAVIOUR_POLICY[last].items() if a != first}
+        first = _draw(policy[last], rng)
+        others = {a: p for a, p in policy[last].items() if a != first}
         second = _draw(others, rng)
         chosen, rejected = sorted((first, second), key=lambda a: UTILITY[last][a], reverse=True)
         items.append(DialogueItem(
             item_id=f"synthetic-{split}-{i:03d}", source="synthetic", questions=tuple(states),
             responses=tuple(responses), chosen=chosen, rejected=rejected, task="synthetic",
-            meta=(("behaviour_policy", "BEHAVIOUR_POLICY"),),
+            meta=(("behaviour_policy", "BEHAVIOUR_POLICY" if behaviour == "mixed" else behaviour),),
         ))
     return items
 
@@ -237,9 +249,12 @@ class SyntheticEnvConfig:
     """'train' or 'test' items (both start half vague, a quarter clear, a quarter lost)."""
     kl_coef: float = 0.0
     """KL penalty coefficient of eq. 11 (log-probs through ``set_logprobs``); 0 keeps Q exact."""
+    behaviour: str = "mixed"
+    """The behaviour policy of the offline data set: 'mixed' (BEHAVIOUR_POLICY) or 'never-ask' (NEVER_ASK)."""
 
     def config_id(self) -> str:
-        return config_digest("synthetic-v0", vars(self))
+        fields = {k: v for k, v in vars(self).items() if k != "behaviour" or v != "mixed"}  # the default keeps its id
+        return config_digest("synthetic-v0", fields)
 
 
 def make_synthetic_config(**kwargs: object) -> SyntheticEnvConfig:
@@ -263,12 +278,15 @@ def make_synthetic_config(**kwargs: object) -> SyntheticEnvConfig:
         raise ValueError(
             f"kl_coef must be a finite number >= 0, got {type(kl).__name__} {kl!r:.80}; e.g. kl_coef=0.05 (0 keeps Q exact)"
         )
+    if not isinstance(config.behaviour, str) or config.behaviour not in BEHAVIOUR_POLICIES:
+        raise ValueError(f"behaviour must be one of {sorted(BEHAVIOUR_POLICIES)}, got {config.behaviour!r:.80}; "
+                         "e.g. behaviour='never-ask'")
     return replace(config, max_turns=int(turns), kl_coef=float(kl))
 
 
 def build_synthetic_core(config: SyntheticEnvConfig) -> DialogueCore:
     return DialogueCore(
-        items=make_items(config.split, config.max_turns),
+        items=make_items(config.split, config.max_turns, config.behaviour),
         user=SyntheticUser(),
         reward=TrajectoryReward(SyntheticReward(), kl_coef=config.kl_coef),
         max_turns=config.max_turns,

@@ -4,9 +4,10 @@
     python scripts/control_reversed_reward.py --help     # the flags of scripts/train_agent.py
 
 It runs exactly what ``scripts/train_agent.py`` runs with the same flags, except that every
-collected tuple's two rewards are negated before training, so each regression target r - r'
-points the other way. The held-out evaluation still plays and scores with the true reward, so its
-summary is read as usual.
+tuple's two rewards are negated where training reads them (each update's loss), so each
+regression target r - r' points the other way. Everything else keeps the true rewards: the
+stored tuples, ``collect/reward_mean`` and the summary's "collected" table, and the held-out
+evaluation, which plays and scores with the true reward, so its summary is read as usual.
 
 Why: a held-out improvement could come from the updates themselves rather than from the reward
 they follow. With a greedy evaluation, for one, any small change of the weights changes the
@@ -31,16 +32,12 @@ from refuel_agents.refuel import RefuelTrainer  # noqa: E402
 
 
 class ReversedRewardTrainer(RefuelTrainer):
-    """REFUEL on negated rewards (module docstring); evaluation keeps the true reward."""
+    """REFUEL's updates on negated rewards (module docstring); collection logs and evaluation keep the true ones."""
 
     agent = "refuel-reversed-reward"
 
-    def collect(self, iteration: int):
-        rows, stats = super().collect(iteration)
-        for row in rows:
-            if "reward" in row and "reward_prime" in row:
-                row["reward"], row["reward_prime"] = -row["reward"], -row["reward_prime"]
-        return rows, stats
+    def train_step(self, batch_rows: list[dict]) -> dict[str, float]:
+        return super().train_step([{**r, "reward": -r["reward"], "reward_prime": -r["reward_prime"]} for r in batch_rows])
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -16,6 +16,9 @@ Claims (the REFUEL paper, sections 2.1 and 3):
    LT-OFFLINE data (``refuel_agents.baselines.make_trainer``), by the exact expected reward of
    dialogues of each length H and the exact win rate against the initial policy, over seeds with
    95 % t-intervals.
+5. Covariate shift (section 4.1): REFUEL against REBEL on MT-MIXED data whose offline prefixes come
+   from the task's behaviour policy and from one far from the learned policy (``never-ask``, which
+   never asks), side by side. ``--covariate-shift-only`` runs this claim alone.
 
 Writes results.md, results.json and verify_refuel.png to --output-dir.
 """
@@ -38,6 +41,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import gymnasium as gym  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
@@ -84,6 +88,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--claim2-steps", type=int, default=200, help="full-batch Adam steps minimising eq. 1 in claim 2 (default 200)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (default 1: the tiny model is faster on one thread than on two busy cores)")
+    p.add_argument("--covariate-shift-only", action="store_true",
+                   help="run claim 5 alone: REFUEL and REBEL (MT-MIXED) under both behaviour policies")
     p.add_argument("--output-dir", default="runs/verify_refuel", help="where results.md/.json, the plot and the runs go")
     args = p.parse_args(argv)
     if args.quick:
@@ -189,14 +195,16 @@ def claim_update(policy_dir: Path, n: int, steps: int, eta: float, lr: float, se
 # ------------------------------------------------------------------------------ claims 3 and 4
 
 
-def train_run(method: str, seed: int, policy_dir: Path, args: argparse.Namespace, run_root: Path) -> dict[str, Any]:
+def train_run(method: str, seed: int, policy_dir: Path, args: argparse.Namespace, run_root: Path,
+              behaviour: str = "mixed") -> dict[str, Any]:
     agent, _, mode = method.partition(":")
     overrides = dict(
-        env_id=ENV_ID, env_kwargs={"max_turns": MAX_TURNS}, policy_model=str(policy_dir), iterations=args.iterations,
+        env_id=BEHAVIOUR_ENV_IDS[behaviour], env_kwargs={"max_turns": MAX_TURNS}, policy_model=str(policy_dir), iterations=args.iterations,
         prompts_per_iteration=args.prompts_per_iteration, batch_size=args.batch_size, micro_batch_size=args.batch_size,
         epochs=args.epochs, lr=args.lr, eta=args.eta, warmup_ratio=0.0, max_new_tokens=1, temperature=1.0,
         logprob_temperature=1.0, eval_prompts=1, reference_kl=False, progress=False, device="cpu", seed=seed,
-        output_dir=str(run_root), run_name=f"{method.replace(':', '_')}__seed{seed}",
+        output_dir=str(run_root), run_name=f"{method.replace(':', '_')}__seed{seed}"
+        + (f"__{behaviour}" if behaviour != "mixed" else ""),
     )
     if agent == "dpo":
         overrides["beta"] = args.beta
@@ -219,7 +227,51 @@ def train_run(method: str, seed: int, policy_dir: Path, args: argparse.Namespace
     stats = [json.loads(f.read_text()) for f in trainer.run_dir.glob("iteration_*/collection.json")]
     idle = sum(1 for st in stats if 0 < st.get("dropped_ties", 0) == st["tuples"])
     return {"method": method, "seed": seed, "history": history, "final": history[-1], "idle_iterations": idle,
-            "max_leak": max(h["leak"] for h in history)}
+            "max_leak": max(h["leak"] for h in history), "behaviour": behaviour}
+
+
+BEHAVIOURS = ("mixed", "never-ask")
+SHIFT_BASELINE = "rebel:mt-mixed"
+BEHAVIOUR_ENV_IDS = {"mixed": ENV_ID, "never-ask": "SyntheticDialogueNeverAsk-v0"}
+"""The synthetic task with each behaviour policy's offline data (registered below, behaviour set in the spec)."""
+if BEHAVIOUR_ENV_IDS["never-ask"] not in gym.registry:
+    gym.register(id=BEHAVIOUR_ENV_IDS["never-ask"], entry_point="refuel_env.envs.synthetic:SyntheticDialogueEnv",
+                 vector_entry_point="refuel_env.envs.synthetic:SyntheticDialogueVectorEnv",
+                 kwargs={"behaviour": "never-ask"}, nondeterministic=False)
+
+
+def claim_covariate_shift(runs: list[dict], policies: dict[int, Path], args: argparse.Namespace,
+                          run_root: Path) -> dict[str, Any]:
+    """REFUEL and REBEL (MT-MIXED) under each behaviour policy: final exact reward, mean and 95 % CI over seeds.
+
+    REFUEL collects on-policy and reads no offline data, so its runs are the same under both; they and the
+    MT-MIXED runs with the task's own behaviour policy are taken from ``runs`` when claim 4 made them."""
+    def have(method: str, behaviour: str) -> list[dict]:
+        return [r for r in runs if r["method"] == method and r.get("behaviour", "mixed") == behaviour]
+
+    todo = [(m, b, s) for m, b in (("refuel", "mixed"), *((SHIFT_BASELINE, b) for b in BEHAVIOURS))
+            for s in range(args.seeds) if s not in {r["seed"] for r in have(m, b)}]
+    for method, behaviour, seed in tqdm(todo, desc="claim 5 runs", unit="run"):
+        runs.append(train_run(method, seed, policies[seed], args, run_root, behaviour))
+    refuel = [r["final"]["reward_avg"] for r in have("refuel", "mixed")]
+    out: dict[str, Any] = {"refuel": ci95(refuel), "seeds": args.seeds}
+    for b in BEHAVIOURS:
+        baseline = have(SHIFT_BASELINE, b)
+        gaps = [next(r for r in have("refuel", "mixed") if r["seed"] == x["seed"])["final"]["reward_avg"]
+                - x["final"]["reward_avg"] for x in baseline]
+        out[b] = {"mt_mixed": ci95([r["final"]["reward_avg"] for r in baseline]), "refuel_minus_mt_mixed": ci95(gaps)}
+    return out
+
+
+def covariate_shift_markdown(c5: dict[str, Any]) -> str:
+    rows = ["## Claim 5: covariate shift (REFUEL against REBEL on MT-MIXED data from two behaviour policies)", "",
+            f"Exact expected reward averaged over H, mean ± 95 % CI over {c5['seeds']} seeds; the difference is paired "
+            "by seed (the same initial policy).", "",
+            "| Behaviour policy of the offline prefixes | REFUEL | REBEL (MT-MIXED) | REFUEL - REBEL (MT-MIXED) |",
+            "|---|---|---|---|"]
+    for b in BEHAVIOURS:
+        rows.append(f"| {b} | {cell(c5['refuel'])} | {cell(c5[b]['mt_mixed'])} | {cell(c5[b]['refuel_minus_mt_mixed'])} |")
+    return "\n".join(rows) + "\n"
 
 
 def label(method: str) -> str:
@@ -294,6 +346,8 @@ def markdown(results: dict[str, Any]) -> str:
     for m, s in summary.items():
         lines.append(f"| {label(m)} | " + " | ".join(cell(x, 100) for x in s["win_rate_by_h"]) + " |")
     lines += ["", "Ordering: " + results["ordering"], ""]
+    if "claim5" in results:
+        lines += [covariate_shift_markdown(results["claim5"])]
     notes = [f"- {label(m)}: {s['idle_iterations']} of {s['seeds'] * results['config']['iterations']} iterations "
              "(all seeds) had only tied pairs and made no update" for m, s in summary.items() if s["idle_iterations"]]
     notes += [f"- {label(m)}: the policy put up to {s['max_leak']:.1e} of its mass outside the synthetic responses at some "
@@ -366,6 +420,15 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     run_root.mkdir(parents=True, exist_ok=True)
     policies = {s: build_synthetic_policy(out / "policies" / f"seed{s}", seed=s) for s in range(args.seeds)}
+    if args.covariate_shift_only:
+        runs: list[dict] = []
+        c5 = claim_covariate_shift(runs, policies, args, run_root)
+        results = {"config": vars(args), "claim5": c5, "runs": runs, "wall_s": time.perf_counter() - start}
+        (out / "results.json").write_text(json.dumps(results, indent=1))
+        text = covariate_shift_markdown(c5) + f"\nRun: {results['wall_s'] / 60:.1f} min.\n"
+        (out / "results.md").write_text(text)
+        print(text + f"\nwrote {out / 'results.md'}, {out / 'results.json'}")
+        return 0
     print("claim 1: unbiasedness of r - r'", flush=True)
     c1 = claim_unbiased(policies[0], args.claim1_prompts, seed=11)
     print("claim 2: the minimiser of eq. 1", flush=True)
@@ -375,6 +438,8 @@ def main(argv: list[str] | None = None) -> int:
     for method, seed in tqdm([(m, s) for m in methods for s in range(args.seeds)], desc="train runs", unit="run"):
         runs.append(train_run(method, seed, policies[seed], args, run_root))
     summary = summarise(runs, methods, args.seeds)
+    print("claim 5: covariate shift", flush=True)
+    c5 = claim_covariate_shift(runs, policies, args, run_root)
     optimum = sx.optimal_policy(MAX_TURNS)
     initial = [r["history"][0] for r in runs if r["method"] == "refuel"]
     opt_returns = sx.per_turn_returns(optimum)
@@ -384,7 +449,7 @@ def main(argv: list[str] | None = None) -> int:
           "holds": bool(all(b[0] >= a[0] - 0.02 for a, b in zip(curve, curve[1:])) and gain >= 0.8)}
     results = {
         "config": {k: v for k, v in vars(args).items()},
-        "claim1": c1, "claim2": c2, "claim3": c3, "claim4": summary,
+        "claim1": c1, "claim2": c2, "claim3": c3, "claim4": summary, "claim5": c5,
         "optimum": {"reward_by_h": opt_returns, "J_avg": float(np.mean(opt_returns)),
                     "refuel_objective": sx.average_return(optimum, MAX_TURNS, sx.refuel_horizon_weights())},
         "initial": {"reward_by_h": np.mean([h["reward_by_h"] for h in initial], axis=0).tolist(),

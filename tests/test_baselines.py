@@ -21,6 +21,7 @@ from refuel_agents.baselines import (
     make_trainer,
 )
 from refuel_agents.losses import dpo_loss
+from refuel_agents.modes import dataset_items
 from refuel_agents.refuel import RefuelTrainer, batched_logprobs
 from refuel_env.rewards import TrajectoryRewardModel
 
@@ -230,3 +231,15 @@ def test_script_needs_a_valid_mode_for_baselines_and_none_for_refuel():
     assert helped.returncode == 0
     for flag in ("--mode", "--beta", "--reference-policy", "lt-offline", "mt-mixed"):
         assert flag in helped.stdout
+
+
+@pytest.mark.parametrize("mode", ["lt-mixed", "mt-mixed", "lt-offline"])
+def test_offline_roll_ins_never_draw_a_heldout_prompt(word_lm_dir, tmp_path, mode):
+    trainer = make_trainer("rebel", mode, **small(word_lm_dir, tmp_path, prompts_per_iteration=0, eval_split="train",
+                                                   eval_prompts=8, max_new_tokens=2, run_name=mode),
+                           reward_model=YesReward())
+    items = dataset_items(trainer.config.env_id, trainer.collect_env_kwargs)[0]
+    held = {items[i].item_id for i in trainer.plan.heldout()}
+    rows, stats = trainer.collect(0)  # prompts_per_iteration=0: every usable item once
+    assert rows and not held & {r["item_id"] for r in rows}
+    assert stats.unusable_items["held out"] == len(items) - trainer.plan.train_items

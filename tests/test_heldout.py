@@ -8,9 +8,11 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 from refuel_agents import heldout
 from refuel_agents.evaluation.stats import bootstrap_interval
+from refuel_env.rewards import TrajectoryRewardModel
 
 
 def test_bootstrap_interval_covers_the_mean_at_its_nominal_rate():
@@ -102,15 +104,20 @@ def test_the_sweep_chooses_the_best_mean_within_the_budget(tmp_path):
     assert args.grid == [("lr", ["1e-5", "3e-5"]), ("last-k-layers", ["4"])] and args.base == [("iterations", "2")]
 
 
-def small_trainer(word_lm_dir, tmp_path, name, **overrides):
-    from refuel_agents.refuel import RefuelConfig, RefuelTrainer
+def _small_config(word_lm_dir, tmp_path, name, **overrides):
+    from refuel_agents.refuel import RefuelConfig
 
-    config = RefuelConfig(
-        env_id="UltraInteractDialogue-v0", env_kwargs={"user": "instant", "max_turns": 2, "tokenizer": None},
-        policy_model=str(word_lm_dir), iterations=3, prompts_per_iteration=4, epochs=1, batch_size=2,
-        micro_batch_size=2, lr=1e-3, max_new_tokens=5, temperature=1.0, eval_prompts=2, output_dir=str(tmp_path),
-        run_name=name, progress=False, device="cpu", **overrides)
-    return RefuelTrainer(config)
+    fields = dict(env_id="UltraInteractDialogue-v0", env_kwargs={"user": "instant", "max_turns": 2, "tokenizer": None},
+                  policy_model=str(word_lm_dir), iterations=3, prompts_per_iteration=4, epochs=1, batch_size=2,
+                  micro_batch_size=2, lr=1e-3, max_new_tokens=5, temperature=1.0, eval_prompts=2,
+                  output_dir=str(tmp_path), run_name=name, progress=False, device="cpu")
+    return RefuelConfig(**{**fields, **overrides})
+
+
+def small_trainer(word_lm_dir, tmp_path, name, **overrides):
+    from refuel_agents.refuel import RefuelTrainer
+
+    return RefuelTrainer(_small_config(word_lm_dir, tmp_path, name, **overrides))
 
 
 def assistant_turns(rows):
@@ -138,7 +145,8 @@ def test_eval_every_plays_the_evaluation_on_its_iterations_and_after_the_last(wo
 
 
 @pytest.mark.slow
-def test_the_reversed_reward_control_trains_on_negated_rewards_and_evaluates_on_true_ones(word_lm_dir, tmp_path):
+def test_the_reversed_reward_control_trains_on_negated_rewards_and_evaluates_on_true_ones(word_lm_dir, tmp_path,
+                                                                                          monkeypatch):
     import subprocess
     import sys
     from pathlib import Path
@@ -146,15 +154,30 @@ def test_the_reversed_reward_control_trains_on_negated_rewards_and_evaluates_on_
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
     from control_reversed_reward import ReversedRewardTrainer
 
-    from refuel_agents.refuel import RefuelConfig
+    from refuel_agents import checkpoint as ckpt
+    from refuel_agents.refuel import RefuelTrainer
+    from refuel_agents.tracking import reward_table
 
-    real = small_trainer(word_lm_dir, tmp_path, "real")
-    config = RefuelConfig(**{**real.config.__dict__, "run_name": "reversed"})
-    reversed_ = ReversedRewardTrainer(config)
-    (rows, _), (flipped, _) = real.collect(0), reversed_.collect(0)
-    assert [r["reward"] for r in rows] and [-r["reward"] for r in rows] == [r["reward"] for r in flipped]
-    assert [-r["reward_prime"] for r in rows] == [r["reward_prime"] for r in flipped]
-    assert [r["reward"] for r in real.evaluate()] == [r["reward"] for r in reversed_.evaluate()]  # true rewards
+    real = small_trainer(word_lm_dir, tmp_path, "real", iterations=1)
+    reversed_ = ReversedRewardTrainer(_small_config(word_lm_dir, tmp_path, "reversed", iterations=1))
+    rows = real.collect(0)[0]
+    true = [r["reward"] for r in rows]
+    assert [r["reward"] for r in rows] == [r["reward"] for r in reversed_.collect(0)[0]]  # collected: true rewards
+    assert [r["reward"] for r in real.evaluate()] == [r["reward"] for r in reversed_.evaluate()]  # evaluated: true
+    seen = []
+    with monkeypatch.context() as patch:  # what the loss of an update reads: the negated rewards
+        patch.setattr(RefuelTrainer, "train_step", lambda self, batch: seen.append(batch) or {})
+        reversed_.train_step(rows)
+    assert [r["reward"] for r in seen[0]] == [-x for x in true] and [r["reward"] for r in rows] == true  # no aliasing
+    assert [r["reward_prime"] for r in seen[0]] == [-r["reward_prime"] for r in rows]
+    reversed_.train()
+    metrics = [json.loads(line) for line in (reversed_.run_dir / "metrics.jsonl").read_text().splitlines()]
+    stored = ckpt.latest_checkpoint(reversed_.run_dir)
+    collected = [m["collect/reward_mean"] for m in metrics if "collect/reward_mean" in m]
+    assert collected == pytest.approx([np.mean([r["reward"] for r in rows])])  # the true rewards, as collected
+    summary = ckpt.load_state(stored)["summary"]
+    assert {int(h): v for h, v in summary[1]["collected"].items()} == {
+        h: pytest.approx(v, nan_ok=True) for h, v in reward_table(rows, "reward", 2).items()}
     script = Path(__file__).resolve().parents[1] / "scripts" / "control_reversed_reward.py"
     for agent in (["--agent", "dpo"], ["--agent=dpo"]):
         result = subprocess.run([sys.executable, str(script), *agent, "--mode", "online"], capture_output=True,
@@ -189,3 +212,107 @@ def test_paired_change_resamples_prompts_with_all_their_dialogues():
     assert change["n"] == 8 and change["clusters"] == 4
     assert change == {**bootstrap_interval([1.0, 1.0, -1.0, -1.0] * 2, groups=["q0", "q1", "q2", "q3"] * 2),
                       "dropped": 0, "level": 0.95, "from_iteration": 0, "to_iteration": 1}
+
+
+@pytest.mark.slow
+def test_the_heldout_evaluation_runs_with_a_kl_penalty_and_charges_it(word_lm_dir, tmp_path):
+    from refuel_agents.refuel import RefuelTrainer
+
+    config = _small_config(word_lm_dir, tmp_path, "kl", iterations=1, eval_temperature=0.0,
+                           env_kwargs={"user": "instant", "max_turns": 2, "tokenizer": None, "kl_coef": 0.05})
+    trainer = RefuelTrainer(config, reward_model=WordsReward())
+    calls = []
+    score = trainer._kl_logprobs
+    trainer._kl_logprobs = lambda *a: calls.append(len(a[1])) or score(*a)
+    rows = trainer.evaluate()  # raised ValueError (no set_logprobs) before the evaluation scored the KL
+    assert [r["H"] for r in rows] == [1, 1, 2, 2]
+    assert sum(calls) == sum(r["H"] for r in rows)  # every policy response of every dialogue
+    # before any update pi_t = pi_0: the penalty is 0 and each reward is the model's score
+    assert [r["reward"] for r in rows] == pytest.approx([WordsReward().score([r["dialogue"]])[0] for r in rows], abs=1e-5)
+
+
+def test_the_kl_penalty_scores_the_sampled_token_ids(word_lm_dir, tmp_path):
+    from refuel_agents.logprobs import batched_logprobs, encode_response, encode_sampled_response
+    from refuel_env.generation import Completion
+
+    trainer = small_trainer(word_lm_dir, tmp_path, "klids", iterations=1)
+    with torch.no_grad():  # pi_t away from pi_0, so that the log-ratio has a value to compare
+        for p in trainer.model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    tok = trainer.train_tokenizer
+    state = [{"role": "user", "content": "what is one"}]
+    ids = tok("yes no maybe", add_special_tokens=False)["input_ids"]
+    cut = Completion(text="yes no maybe", prompt_tokens=0, completion_tokens=3, finish_reason="length",
+                     token_ids=tuple(ids))
+    pol, ref = trainer._kl_logprobs([state], ["yes no maybe"], [cut])
+    sampled = encode_sampled_response(tok, state, ids, "length")
+    assert sampled.num_response_tokens == 3  # a cut reply: no end-of-turn token was sampled or is scored
+    kw = {"batch_size": 2, "temperature": 1.0, "device": torch.device("cpu")}
+    row = [{"input_ids": sampled.input_ids, "response_mask": sampled.response_mask}]
+    assert pol == pytest.approx(batched_logprobs(trainer.model, row, trainer.pad_id, **kw), abs=1e-5)
+    assert ref == pytest.approx(batched_logprobs(trainer.reference, row, trainer.pad_id, **kw), abs=1e-5)
+    text = encode_response(tok, state, "yes no maybe")
+    assert text.num_response_tokens == 4  # the text adds an end-of-turn token that was never sampled
+    retokenised = [{"input_ids": text.input_ids, "response_mask": text.response_mask}]
+    assert pol[0] != pytest.approx(batched_logprobs(trainer.model, retokenised, trainer.pad_id, **kw)[0], abs=1e-3)
+    # a dataset reply (no completion) is still scored through the template
+    assert trainer._kl_logprobs([state], ["yes no maybe"], [None])[0] == pytest.approx(
+        batched_logprobs(trainer.model, retokenised, trainer.pad_id, **kw), abs=1e-5)
+
+
+class WordsReward(TrajectoryRewardModel):
+    """The number of words of the last response: cheap and deterministic."""
+
+    name = "last-response-words"
+    max_length = None
+
+    def _score(self, dialogues):
+        return np.asarray([float(len(d[-1]["content"].split())) for d in dialogues])
+
+    def count_tokens(self, dialogue):
+        return sum(len(m["content"].split()) for m in dialogue)
+
+
+@pytest.mark.slow
+def test_the_heldout_evaluation_plays_each_presampled_item_at_the_lengths_it_has(word_lm_dir, tmp_path):
+    from refuel_agents.refuel import RefuelConfig, RefuelTrainer
+
+    config = RefuelConfig(env_id="UltraInteractPresampled-v0", env_kwargs={"max_turns": 3, "tokenizer": None},
+                          policy_model=str(word_lm_dir), iterations=1, prompts_per_iteration=2, batch_size=2,
+                          micro_batch_size=2, max_new_tokens=3, eval_prompts=8, output_dir=str(tmp_path),
+                          progress=False, device="cpu")
+    trainer = RefuelTrainer(config, reward_model=WordsReward())
+    rows = trainer.evaluate()  # asked every item for H = 1..3 before, which a one-turn item refuses
+    turns = trainer.plan.heldout_horizons()
+    assert len(turns) == 8 and min(turns) == 1 and max(turns) == 2  # the test split's items have 1 or 2 turns
+    assert sorted((r["item_id"], r["H"]) for r in rows) == sorted(
+        (r["item_id"], H) for r, n in zip(rows, turns) for H in range(1, n + 1))
+    entry = heldout.record(0, rows, 3)
+    assert heldout.dialogues_by_h(entry) == {1: 8, 2: turns.count(2)}
+    results = heldout.write_summary(tmp_path, [entry, heldout.record(1, rows, 3)], max_turns=3, seed=0)
+    assert results["heldout"][0]["n_by_H"] == {1: 8, 2: turns.count(2)}
+    assert f"Held-out dialogues per H: H=1: 8, H=2: {turns.count(2)}" in (tmp_path / "summary.md").read_text()
+    assert heldout.plan([4, 5, 6], 3, [1, 3, 2]) == ([1, 1, 1, 2, 2, 3], [4, 5, 6, 5, 6, 5])
+
+
+def test_heldout_prompts_of_the_train_split_share_no_parent_or_first_message_with_training():
+    from refuel_agents.collection import PromptPlan
+    from refuel_agents.modes import dataset_items
+
+    env_kwargs = {"user": "instant", "tokenizer": None, "split": "train", "reward_model": WordsReward()}
+    plan = PromptPlan("UltraInteractDialogue-v0", env_kwargs, seed=0, per_iteration=0, iterations=1,
+                      eval_split="train", eval_prompts=8)
+    items = dataset_items("UltraInteractDialogue-v0", env_kwargs)[0]
+    held, trained = plan.heldout(), plan.prompts(0)  # per_iteration=0: iteration 0 is every training prompt
+    assert len(held) == 8 and not set(held) & set(trained)
+    first = lambda i: items[i].questions[0]  # noqa: E731
+    parent = lambda i: dict(items[i].meta).get("parent_id")  # noqa: E731
+    assert not {first(i) for i in held} & {first(i) for i in trained}
+    assert not {parent(i) for i in held} & {parent(i) for i in trained}
+    assert len({parent(i) for i in held}) == 8  # no two held-out prompts are the same question either
+    assert plan.train_items == len(trained) == len(plan.training_indices()) < len(items) - 8  # related items left out
+    keys = [{("parent_id", "a")}, {("parent_id", "b")}, {("parent_id", "a")}, {("parent_id", "c")}]
+    assert heldout.split_train(keys, 1) == ([3], [0, 1, 2])
+    assert heldout.split_train(keys, 2) == ([2, 3], [1])  # item 0 is item 2's question: neither side keeps it
+    with pytest.raises(ValueError, match="--eval-prompts 2 or fewer"):
+        heldout.split_train(keys, 3)

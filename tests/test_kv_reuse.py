@@ -252,3 +252,42 @@ def test_environments_share_one_transformers_user_generator_with_its_store():
 
     first, second = user_generator(make_config()), user_generator(make_config(max_turns=2))
     assert first is second and isinstance(first, TransformersGenerator) and first.kv_store is not None
+
+
+def test_a_stale_store_would_change_the_output_and_a_data_write_drops_it(tiny_generator):
+    """The store must be emptied: on this model, KV of the old weights changes seeded samples (greedy ones of a
+    random tiny model hardly depend on the past), so a generator that kept it would not match a fresh one."""
+    model = copy.deepcopy(tiny_generator.model).double()
+    on, off = _pair(model, tiny_generator.tokenizer)
+    stale, _ = _pair(model, tiny_generator.tokenizer)
+    stale._check_weights = lambda: None  # the invalidation switched off
+    sampled = SamplingParams(max_new_tokens=4, temperature=1.0)
+    first = on.chat(OPENERS, sampled, seeds=[1, 2, 3])
+    assert stale.chat(OPENERS, sampled, seeds=[1, 2, 3]) == first
+    convs = [_extend(c, o, FOLLOW_UPS[i]) for i, (c, o) in enumerate(zip(OPENERS, first))]
+    torch.manual_seed(7)
+    with torch.no_grad():
+        for p in model.parameters():  # new weights written through .data, as DeepSpeed does: no version bump
+            p.data.add_(0.2 * torch.randn_like(p))
+    fresh = off.chat(convs, sampled, seeds=[4, 5, 6])
+    reused = stale.kv_tokens_reused
+    assert stale.chat(convs, sampled, seeds=[4, 5, 6]) != fresh and stale.kv_tokens_reused > reused
+    reused = on.kv_tokens_reused
+    assert on.chat(convs, sampled, seeds=[4, 5, 6]) == fresh
+    assert on.kv_store.invalidations == 1 and on.kv_tokens_reused == reused
+
+
+def test_the_weights_fingerprint_sees_a_data_write_to_any_one_value(tiny_generator):
+    model = copy.deepcopy(tiny_generator.model)
+    params = dict(model.named_parameters())
+    for name in ("model.embed_tokens.weight", "model.layers.1.self_attn.k_proj.weight", "model.norm.weight"):
+        p = params[name]
+        for index in (1, p.numel() // 2 + 1, p.numel() - 1):  # the sample of every (numel // 64)-th value missed these
+            before = weights_fingerprint(model)
+            p.data.view(-1)[index] += 0.01
+            assert weights_fingerprint(model) != before, (name, index)
+            p.data.view(-1)[index] -= 0.01
+    before = weights_fingerprint(model)
+    embedding = model.get_input_embeddings().weight.data
+    embedding[[3, 4]] = embedding[[4, 3]]  # two rows swapped: the same values, elsewhere
+    assert weights_fingerprint(model) != before

@@ -264,3 +264,40 @@ def test_sequence_logprobs_reject_a_batch_without_response(chatml, tiny_lm):
     batch["response_mask"].zero_()
     with pytest.raises(ValueError, match="at least one response token"):
         sequence_logprobs(tiny_lm, batch)
+
+
+def test_a_reply_ending_on_another_listed_eos_is_trained_and_an_unencodable_one_is_dropped(smollm2_dir, tmp_path):
+    from collections import Counter
+
+    from transformers import GenerationConfig
+
+    from refuel_agents.tuples import encode_tuples
+
+    # Llama-3-Instruct: the template ends a turn with <|eot_id|>; the generation config also lists <|end_of_text|>
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    tokenizer.add_special_tokens({"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>",
+                                  "additional_special_tokens": ["<|start_header_id|>", "<|end_header_id|>",
+                                                                "<|end_of_text|>"]})
+    tokenizer.chat_template = LLAMA3_TEMPLATE
+    end_of_text, eot = tokenizer.convert_tokens_to_ids(["<|end_of_text|>", "<|eot_id|>"])
+    tokenizer.save_pretrained(tmp_path)
+    GenerationConfig(eos_token_id=[end_of_text, eot]).save_pretrained(tmp_path)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path)  # as the trainer loads it: beside its checkpoint
+    words = tokenizer("It is six", add_special_tokens=False)["input_ids"]
+    state = [{"role": "user", "content": "Hi"}]
+
+    def row(ids, finish="stop"):
+        return {"state": state, "response": "It is six", "response_prime": "It is six",
+                "response_token_ids": ids, "response_finish_reason": finish,
+                "response_prime_token_ids": words, "response_prime_finish_reason": "length"}
+
+    kept, too_long = encode_tuples([row([*words, end_of_text])], tokenizer, 512)
+    assert len(kept) == 1 and too_long == 0  # raised ResponseEncodingError, which ended the iteration
+    masked = [i for i, m in zip(kept[0]["input_ids"], kept[0]["response_mask"]) if m]
+    assert masked == [*words, end_of_text]  # exactly the sampled tokens, the eos that stopped it included
+    reasons = Counter()
+    kept, too_long = encode_tuples([row(words), row([*words, end_of_text])], tokenizer, 512, reasons)
+    assert len(kept) == 1 and too_long == 0 and sum(reasons.values()) == 1  # 'stop' on no end token: dropped
+    assert "must end with its sampled end-of-turn token" in next(iter(reasons))
+    with pytest.warns(UserWarning, match="dropped 1 of 1 tuples whose responses cannot be encoded"):
+        assert encode_tuples([row(words)], tokenizer, 512) == ([], 0)

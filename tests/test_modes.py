@@ -202,3 +202,17 @@ def test_truncated_branches_are_dropped_and_counted(policy):
     for mode in ("lt-mixed", "lt-offline"):
         rows, stats = collect(mode, policy if mode != "lt-offline" else None, env_kwargs=env_kwargs, num_prompts=4)
         assert rows == [] and stats.dropped_truncated == 4 and stats.tuples == 0
+
+
+def test_lt_offline_charges_no_kl_on_the_dataset_replies(items):
+    calls = []
+
+    def kl_logprobs(states, responses, completions):
+        calls.append(len(responses))
+        return [-1.0] * len(responses), [-2.0] * len(responses)
+
+    rows, _ = collect("lt-offline", None, num_prompts=8, kl_logprobs=kl_logprobs,
+                      env_kwargs={**ENV_KWARGS, "kl_coef": 0.1})
+    assert len(rows) == 8 and sum(calls) == 0  # the dataset's own replies are not the policy's: no penalty
+    for r in rows:
+        assert r["reward"] == pytest.approx(float(REWARD.score([r["dialogue"]])[0]))

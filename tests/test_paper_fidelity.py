@@ -183,7 +183,7 @@ def test_gamma_covers_the_branch_turns_and_never_the_roll_in(turns):
 def test_kl_penalty_covers_the_same_turns(turns):
     calls = []
 
-    def kl_logprobs(states, responses):
+    def kl_logprobs(states, responses, completions):
         calls.append(len(responses))
         return [-1.0] * len(responses), [-1.5] * len(responses)  # 0.5 nats per covered response
 

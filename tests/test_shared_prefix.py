@@ -166,3 +166,55 @@ def test_the_benchmark_runs_one_part_and_refuses_a_part_without_its_pairs(tmp_pa
          "step_seconds": {True: [2.0], False: [3.0]}, "tokens": {True: 10, False: 16},
          "max_grad_rel_diff": 1e-7, "load": (1.0, 1.0)}, None, 400, 64, 4)
     assert figures["speedup"] == 2.5 and figures["state_tokens"] == 400 and "dpo" not in figures
+
+
+def sliding_window_model(kind, vocab_size, attn_implementation):
+    """A tiny Mistral (every layer windowed) or Gemma-3-style model (local and global layers), window 8."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig, MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    common = {"vocab_size": vocab_size, "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4,
+              "num_key_value_heads": 2, "max_position_embeddings": 256, "sliding_window": 8,
+              "attn_implementation": attn_implementation}
+    if kind == "mistral":
+        model = MistralForCausalLM(MistralConfig(num_hidden_layers=2, **common))
+    else:
+        model = Gemma3ForCausalLM(Gemma3TextConfig(num_hidden_layers=3, head_dim=8, **common,
+                                                   layer_types=["sliding_attention", "full_attention",
+                                                                "sliding_attention"]))
+    return model.float().eval()
+
+
+@pytest.fixture(scope="module")
+def smollm2_tuples(smollm2_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    return tokenizer, tuples(tokenizer)
+
+
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+@pytest.mark.parametrize("kind", ["mistral", "gemma3"])
+def test_sliding_window_models_score_the_packed_rows_as_the_unshared_ones(smollm2_tuples, kind, attn_implementation):
+    tokenizer, rows = smollm2_tuples
+    model = sliding_window_model(kind, len(tokenizer), attn_implementation)
+    assert min(r["response_mask"].index(1) for r in rows) > 8  # every state is longer than the window
+    with torch.no_grad():
+        unshared = sequence_logprobs(model, pair_batch(rows, tokenizer.pad_token_id, torch.device("cpu")))
+        shared = sequence_logprobs(model, pair_batch(rows, tokenizer.pad_token_id, torch.device("cpu"), shared=True))
+    torch.testing.assert_close(shared, unshared, rtol=0, atol=1e-5)  # differed by up to 23.5 nats (window ignored)
+
+
+def test_a_sliding_window_the_mask_cannot_reproduce_is_refused_with_the_model_type_and_the_flag():
+    from types import SimpleNamespace
+
+    from refuel_agents.logprobs import attention_windows
+
+    class Unknown(torch.nn.Module):  # windowed attention that masks neither like Mistral nor by layer type
+        config = SimpleNamespace(sliding_window=8, layer_types=None, model_type="custom-windowed")
+
+        def forward(self, input_ids, attention_mask=None):
+            return input_ids
+
+    with pytest.raises(ValueError, match="model type 'custom-windowed'.*--no-shared-prefix"):
+        attention_windows(Unknown())

@@ -361,3 +361,15 @@ def test_claim3_refuel_iterations_approach_the_optimum(policy_dir, tmp_path):
     assert len(returns) == 7
     assert returns[-1] - returns[0] > 0.7 * (best - returns[0])
     assert sum(b > a for a, b in zip(returns, returns[1:])) >= 5
+
+
+def test_the_never_ask_behaviour_policy_writes_offline_data_without_asking():
+    from refuel_env.synthetic import NEVER_ASK, make_synthetic_config
+
+    items = make_items("train", behaviour="never-ask")
+    assert [i.questions[0] for i in items] == [i.questions[0] for i in make_items("train")]  # same start states
+    moves = {m for i in items for m in (*i.responses, i.chosen, i.rejected)}
+    assert moves == {"answer", "hint"} and "ask" not in {a for table in NEVER_ASK.values() for a in table}
+    assert make_synthetic_config().config_id() != make_synthetic_config(behaviour="never-ask").config_id()
+    with pytest.raises(ValueError, match="unknown behaviour"):
+        make_synthetic_config(behaviour="greedy")
