@@ -242,6 +242,49 @@ def load_weights(model: torch.nn.Module, model_dir: Path) -> None:
         )
 
 
+def resume_point(run_dir: Path, record: dict[str, Any], start: dict[str, Any], model: torch.nn.Module | None,
+                 shard_dir: Any) -> tuple[Path | None, dict[str, Any]]:
+    """(latest checkpoint or None, loop state) of a run to resume, every check done before anything trains.
+
+    The run's flags must equal ``record`` (:func:`check_resumable`). With a checkpoint, its state is
+    returned and its weights are loaded into ``model`` (None: the engine's checkpoint restores them).
+    Without one, the run starts over from ``start`` with the initial weights. The tuples the resumed
+    iteration trains on (``shard_dir(iteration folder / "tuples")``), if stored, are refused now when damaged.
+    """
+    check_resumable(run_dir, record)
+    latest, state = latest_checkpoint(run_dir), start
+    if latest is not None:
+        state = load_state(latest)
+        if model is not None:
+            load_weights(model, latest / "model")
+    check_stored_tuples(shard_dir(run_dir / f"iteration_{state['iteration']:03d}" / "tuples"))
+    return latest, state
+
+
+def load_engine(engine: Any, checkpoint: Path) -> None:
+    """Load the optimizer and scheduler (DeepSpeed: and the shards) of ``checkpoint``; a cut file is named, with what to do."""
+    try:
+        engine.load(checkpoint / "engine")
+    except (ValueError, FileNotFoundError):
+        raise
+    except Exception as err:  # torch.load / DeepSpeed on a cut file: EOFError, RuntimeError, UnpicklingError
+        raise ValueError(f"{checkpoint / 'engine'} is damaged ({type(err).__name__}: {err}); "
+                         f"{damaged_advice(checkpoint)}") from None
+
+
+def start_run(run_dir: Path, record: dict[str, Any], engine: Any) -> None:
+    """Create a new run's folder with its ``config.json`` (the main rank writes); an existing, non-empty folder is refused
+    on every rank, which all look before the main rank writes."""
+    taken = run_dir.exists() and any(run_dir.iterdir())
+    engine.barrier()
+    if taken:
+        raise FileExistsError(f"{run_dir} exists and is not empty; pass --resume to continue it or pick another --run-name")
+    if engine.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(run_dir / "config.json", record)
+    engine.barrier()
+
+
 def check_stored_tuples(folder: Path) -> None:
     """Refuse a damaged tuples dataset (one rank's ``iteration_*/tuples``) before a resume trains on it."""
     if not folder.exists():

@@ -49,6 +49,21 @@ def shard(items: Sequence, rank: int, world: int) -> tuple[int, list]:
     return start, list(items[start:end])
 
 
+def rank_prompts(indices: Sequence[int], rank: int, world: int, seed: int, iteration: int) -> tuple[list[int], int]:
+    """Rank ``rank``'s shard of an iteration's prompts and its collection seed.
+
+    With W ranks the prompts are cut into W contiguous blocks. A rank's seed is the iteration's
+    ``seed`` plus the position of its block, so the environment seeds each prompt's
+    sub-environment (seed + i) as a one-rank run does; the collector's own draws (h, branch and
+    sampling seeds) follow the rank's seed. One rank: all prompts, the iteration's seed.
+    """
+    if len(indices) < world:
+        raise ValueError(f"iteration {iteration} has {len(indices)} prompts for {world} ranks: every rank needs at "
+                         f"least one; raise --prompts-per-iteration to {world} or more")
+    start, mine = shard(indices, rank, world)
+    return mine, seed + start
+
+
 # ------------------------------------------------------------------------------ collectives
 
 

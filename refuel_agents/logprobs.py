@@ -469,6 +469,17 @@ def sequence_logprobs_and_entropy(
 
 
 @torch.no_grad()
+def response_rows(tokenizer: Any, states: list[list[dict]], responses: list[str],
+                  completions: list[Any] | None = None) -> list[dict]:
+    """Rows for :func:`batched_logprobs` of each response after its state: the sampled token ids where a
+    completion reports them (as training scores them), else the text through the chat template."""
+    completions = completions or [None] * len(responses)
+    encoded = [encode_sampled_response(tokenizer, s, c.token_ids, c.finish_reason)
+               if c is not None and c.token_ids is not None else encode_response(tokenizer, s, r)
+               for s, r, c in zip(states, responses, completions)]
+    return [{"input_ids": e.input_ids, "response_mask": e.response_mask} for e in encoded]
+
+
 def batched_logprobs(model: Any, rows: list[dict], pad_id: int, *, suffix: str = "", batch_size: int,
                      temperature: float, device: torch.device) -> list[float]:
     """log pi(y|s) of each row's encoded response (keys ``input_ids{suffix}`` and

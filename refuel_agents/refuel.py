@@ -41,13 +41,13 @@ from refuel_agents.collection import (
 from refuel_agents.engine import OptimConfig, TrainEngine
 from refuel_agents.logprobs import (
     batched_logprobs,
-    encode_response,
-    encode_sampled_response,
+    response_rows,
     sequence_logprobs,
     sequence_logprobs_and_entropy,
 )
 from refuel_agents.losses import LOSS_SCALES, regression_sign_agreement
 from refuel_agents.refuel_config import RefuelConfig
+from refuel_agents.rollout import PolicyRollout
 from refuel_agents.tracking import MetricsLogger, format_summary, plot_run
 from refuel_agents.tuples import collection_metrics, encode_tuples, light_row, pair_batch, store_rows
 from refuel_env import embedded
@@ -55,7 +55,6 @@ from refuel_env.generation import (
     SamplingParams,
     TextGenerator,
     TransformersGenerator,
-    load_causal_lm,
 )
 
 # ------------------------------------------------------------------------------ trainer
@@ -94,40 +93,20 @@ class RefuelTrainer:
         self.device = self.placement.policy
         self.run_dir = Path(config.output_dir) / (config.run_name or self._default_run_name())
         path = str(embedded.smollm2_path()) if config.policy_model == "embedded" else config.policy_model
-        # A private copy: the process-wide model cache may hold the same checkpoint for the simulated
-        # user (the embedded default uses SmolLM2 for both), which training must not change. Under
-        # ZeRO-3 the policy and pi_0 are built sharded (each rank keeps its partition of each).
-        reference, zero3 = None, residency.zero3_config(config.deepspeed, self.world, path)
-        dtype = "auto" if zero3 is None else "bfloat16" if zero3["bf16"]["enabled"] else "float32"  # (the engine's)
-        with residency.sharded_loading(zero3) as sharded:
-            model, tokenizer = load_causal_lm.__wrapped__(path, str(self.device), dtype)
-            if sharded and config.reference_kl and not config.lora_r:
-                reference = load_causal_lm.__wrapped__(path, str(self.device), dtype)[0]
+        model, tokenizer, reference = residency.load_policy(path, config.deepspeed, self.world, self.device,
+                                                            reference=config.reference_kl and not config.lora_r)
         self.generator = TransformersGenerator(model, tokenizer, name=path)
         self.tokenizer = self.generator.tokenizer
         # Training reads right-padded batches; generation pads on the left: separate tokenizer copies.
         self.train_tokenizer = copy.copy(self.tokenizer)
         self.model = lora.apply(self.generator.model, config)  # LoRA: adapters in place, the generator samples with them
-        self.rollout_generator: TextGenerator = self.generator
-        self.weight_pushes = 0  # vLLM backend: how often the trained weights were pushed into the engine
-        self.pushed_group_numel = 0  # vLLM backend: the most parameter elements gathered at once by the last push
-        self._pushed_step = 0  # the optimizer step whose weights the rollout generator holds
-        self._policy_path = path
-        self._asleep = False  # the vLLM policy engine sleeps while DeepSpeed trains (policy_vllm_sleep)
-        if config.policy_vllm_sleep and not torch.cuda.is_available():
-            raise ValueError("policy_vllm_sleep: vLLM's sleep mode exists on CUDA (and ROCm, XPU) only; this machine has "
-                             "no CUDA device, and vLLM refuses it on CPU. Drop --policy-vllm-sleep here")
+        self.rollout = PolicyRollout(self.generator, self.model, path, config, self.rank, self.world)  # (rollout.py)
         if config.policy_backend == "vllm" and self.world == 1:
-            self.rollout_generator = self._start_policy_engine()
+            self.rollout.start_replica()
         # pi_0, frozen: the copy built sharded above (ZeRO-3), the module with its adapters off (LoRA: no copy), or a
-        # frozen copy; put in the trained model's precision once the engine exists (match_precision; under ZeRO-3 a
-        # parameter-only engine of its own keeps it sharded).
-        if not config.reference_kl:
-            self.reference = None
-        elif reference is not None:
-            self.reference = reference.eval().requires_grad_(False)
-        else:
-            self.reference = lora.initial_policy(self.model)
+        # frozen copy; put in the trained model's precision once the engine exists (match_precision).
+        self.reference = None if not config.reference_kl else (
+            reference.eval().requires_grad_(False) if reference is not None else lora.initial_policy(self.model))
         self.pad_id = self.tokenizer.pad_token_id
         self.logprob_temperature = config.logprob_temperature or (config.temperature if config.temperature > 0 else 1.0)
         self.sampling = SamplingParams(max_new_tokens=config.max_new_tokens, temperature=config.temperature)
@@ -164,18 +143,8 @@ class RefuelTrainer:
         return self.plan.prompts(iteration)
 
     def rank_prompts(self, indices: list[int], iteration: int) -> tuple[list[int], int]:
-        """This rank's shard of an iteration's prompts and its collection seed.
-
-        With W ranks the prompts are cut into W contiguous blocks. A rank's seed is the
-        iteration's seed plus the position of its block, so the environment seeds each prompt's
-        sub-environment (seed + i) as a one-rank run does; the collector's own draws (h, branch
-        and sampling seeds) follow the rank's seed. One rank: all prompts, the iteration's seed.
-        """
-        if len(indices) < self.world:
-            raise ValueError(f"iteration {iteration} has {len(indices)} prompts for {self.world} ranks: every rank needs at "
-                             f"least one; raise --prompts-per-iteration to {self.world} or more")
-        start, mine = dist.shard(indices, self.rank, self.world)
-        return mine, iteration_seed(self.config.seed, iteration) + start
+        """This rank's shard of an iteration's prompts and its collection seed (:func:`distributed.rank_prompts`)."""
+        return dist.rank_prompts(indices, self.rank, self.world, iteration_seed(self.config.seed, iteration), iteration)
 
     def collect(self, iteration: int) -> tuple[list[dict], CollectionStats]:
         """This rank's tuples of iteration ``iteration`` (its shard of :meth:`prompt_indices`).
@@ -195,49 +164,20 @@ class RefuelTrainer:
         )
         return rows, stats
 
-    def _start_policy_engine(self) -> TextGenerator:
-        return lora.merged_replica(self.model, dist.start_policy_replica(  # (LoRA: it takes merged weights)
-            self._policy_path, self.config.policy_vllm_kwargs, self.rank, self.world, sleep=self.config.policy_vllm_sleep))
+    @property
+    def rollout_generator(self) -> TextGenerator:
+        """The generator collection and evaluation play with: the trained module's, or its vLLM replica."""
+        return self.rollout.current
 
     def rollout_policy(self) -> TextGenerator:
-        """The generator that plays the policy, holding the current weights.
-
-        With the transformers backend it is the trained module itself. With vLLM the engine (woken
-        up first if it sleeps) gets the trained weights when they changed since the last push:
-        every rank pushes into its own engine, one group of whole decoder layers at a time, gathered
-        from the ZeRO-3 shards and released before the next (:func:`distributed.push_weights`).
-        Cached allocator blocks go back to the device before the wake-up, so vLLM finds them free.
-        """
-        step = self._state["global_step"] if self._state else 0
-        if self.rollout_generator is not self.generator:
-            if self._asleep:
-                residency.empty_cache()
-                self.rollout_generator.llm.wake_up()
-                self._asleep = False
-            if step != self._pushed_step:
-                self.pushed_group_numel = dist.push_weights(self.engine, self.rollout_generator,
-                                                            self.config.policy_vllm_push_bytes)
-                self._pushed_step, self.weight_pushes = step, self.weight_pushes + 1
-        return self.rollout_generator
-
-    def _sleep_rollout(self) -> None:
-        """Free the vLLM engine's GPU memory (weights offloaded, KV cache dropped) for scoring and training, and
-        return the freed blocks to the device (``empty_cache``)."""
-        if self.config.policy_vllm_sleep and self.rollout_generator is not self.generator and not self._asleep:
-            self.rollout_generator.llm.sleep(level=1)
-            self._asleep = True
-            residency.empty_cache()
+        """:attr:`rollout_generator`, holding the current weights (vLLM: woken up, the trained weights pushed)."""
+        return self.rollout.ready(self.engine, self._state["global_step"] if self._state else 0)
 
     def _record(self, phase: str) -> None:
         """Measure what is resident on this rank now, as ``phase``'s peak if it is the largest so far."""
-        from refuel_env.components import _reward_model
-
-        env = self._env_config()
-        reward = env.reward_model if not isinstance(env.reward_model, str) else _reward_model(env.reward_model,
-                                                                                              env.reward_device)
-        asleep = self._asleep if self.rollout_generator is not self.generator else None
-        self.residency.record(phase, self.residency.measure(policy=self.model, engine=self.engine,
-                                                            reference=self.reference, reward=reward,
+        asleep = self.rollout.asleep if self.rollout.replica is not None else None
+        self.residency.record(phase, self.residency.measure(policy=self.model, engine=self.engine, reference=self.reference,
+                                                            reward=residency.env_reward_model(self._env_config()),
                                                             replica_asleep=asleep))
 
     def _env_config(self) -> Any:
@@ -260,11 +200,7 @@ class RefuelTrainer:
         reports them (as training scores them), else the text through the chat template."""
         if self.reference is None:
             raise ValueError("the environment has a KL penalty: enable reference_kl to keep the initial policy")
-        completions = completions or [None] * len(responses)
-        encoded = [encode_sampled_response(self.train_tokenizer, s, c.token_ids, c.finish_reason)
-                   if c is not None and c.token_ids is not None else encode_response(self.train_tokenizer, s, r)
-                   for s, r, c in zip(states, responses, completions)]
-        rows = [{"input_ids": e.input_ids, "response_mask": e.response_mask} for e in encoded]
+        rows = response_rows(self.train_tokenizer, states, responses, completions)
         kw = {"suffix": "", "batch_size": self.config.micro_batch_size * 2,
               "temperature": self.logprob_temperature, "device": self.device}
         return batched_logprobs(self.model, rows, self.pad_id, **kw), batched_logprobs(self.reference, rows, self.pad_id, **kw)
@@ -392,7 +328,7 @@ class RefuelTrainer:
         for t in range(state["iteration"], self.iterations):
             self._collected = None
             rows = self._iteration_data(t, logger, state)
-            self._sleep_rollout()
+            self.rollout.sleep()
             steps_per_iter = self._steps_for(self._global_pairs(len(rows), t))
             order = self._minibatch_order(t, len(rows), steps_per_iter) if rows else []
             if steps_per_iter:
@@ -485,7 +421,7 @@ class RefuelTrainer:
             rows, stats = self.collect(t)
             self._record("collection")
         self.generator.clear_kv_cache()  # the KV kept between generation calls is of no use to training
-        self._sleep_rollout()  # the replica sleeps before scoring
+        self.rollout.sleep()  # the replica sleeps before scoring
         rows, too_long = self.prepare(rows, t)
         rows = [{**r, "rank": self.rank} for r in rows]
         parts = dist.all_gather_objects((stats, too_long, [light_row(r) for r in rows], sorted({k for r in rows for k in r})))
@@ -520,16 +456,10 @@ class RefuelTrainer:
                             warmup_ratio=cfg.warmup_ratio, schedule=cfg.lr_schedule, max_grad_norm=cfg.max_grad_norm,
                             grad_accum_steps=self.rank_batch_size // cfg.micro_batch_size)
         latest, state = None, {"iteration": 0, "step_in_iteration": 0, "global_step": 0}
-        if cfg.resume:
-            ckpt.check_resumable(self.run_dir, ckpt.run_record(self.agent, self.mode, cfg))
-            latest = ckpt.latest_checkpoint(self.run_dir)
-            if latest is not None:
-                state = ckpt.load_state(latest)
-                if not residency.is_sharded(self.model):  # (ZeRO-3 shards: the engine's checkpoint restores them)
-                    ckpt.load_weights(self.model, latest / "model")
-            # the tuples the resumed iteration trains on, if it stored them: refused now when damaged
-            ckpt.check_stored_tuples(dist.shard_dir(self.run_dir / f"iteration_{state['iteration']:03d}" / "tuples",
-                                                    self.rank, self.world))
+        if cfg.resume:  # (ZeRO-3 shards: the engine's checkpoint restores the weights, not model/)
+            latest, state = ckpt.resume_point(self.run_dir, ckpt.run_record(self.agent, self.mode, cfg), state,
+                                              None if residency.is_sharded(self.model) else self.model,
+                                              lambda folder: dist.shard_dir(folder, self.rank, self.world))
         self.engine = TrainEngine(self.model, optim, total_steps, deepspeed_config=cfg.deepspeed,
                                   gradient_checkpointing=cfg.gradient_checkpointing, last_k_layers=cfg.last_k_layers,
                                   micro_batch_size=2 * cfg.micro_batch_size, device=None if cfg.deepspeed else self.device)
@@ -537,7 +467,7 @@ class RefuelTrainer:
             self.reference = self.engine.match_precision(self.reference)
         if cfg.policy_backend == "vllm" and self.world > 1:
             # after DeepSpeed has set up the process group that the external launcher joins
-            self.rollout_generator = self._start_policy_engine()
+            self.rollout.start_replica()
         if cfg.resume:
             if self.engine.is_main:
                 ckpt.remove_partial_writes(self.run_dir)
@@ -546,24 +476,11 @@ class RefuelTrainer:
                 print(f"resuming {self.run_dir} from its start (it has no checkpoint yet); tuples it stored are "
                       "used, not collected again", flush=True)
                 return state
-            try:
-                self.engine.load(latest / "engine")
-            except (ValueError, FileNotFoundError):
-                raise
-            except Exception as err:  # torch.load / DeepSpeed on a cut file: EOFError, RuntimeError, UnpicklingError
-                raise ValueError(f"{latest / 'engine'} is damaged ({type(err).__name__}: {err}); "
-                                 f"{ckpt.damaged_advice(latest)}") from None
+            ckpt.load_engine(self.engine, latest)
             ckpt.set_rng_states(state.pop("rng"))
             print(f"resuming {self.run_dir} at iteration {state['iteration']}, step {state['global_step']}", flush=True)
             return state
-        taken = self.run_dir.exists() and any(self.run_dir.iterdir())
-        self.engine.barrier()  # every rank has looked before the main rank writes
-        if taken:
-            raise FileExistsError(f"{self.run_dir} exists and is not empty; pass --resume to continue it or pick another --run-name")
-        if self.engine.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            ckpt.write_json_atomic(self.run_dir / "config.json", {"agent": self.agent, "mode": self.mode, **asdict(cfg)})
-        self.engine.barrier()
+        ckpt.start_run(self.run_dir, {"agent": self.agent, "mode": self.mode, **asdict(cfg)}, self.engine)
         return state
 
     def _checkpoint(self, state: dict) -> None:

@@ -222,6 +222,34 @@ class _Zero3Config:
         return True
 
 
+def load_policy(path: str, deepspeed_config: Any, world: int, device: torch.device, *,
+                reference: bool) -> tuple[Any, Any, Any]:
+    """(policy, tokenizer, pi_0 or None): a private copy of the policy, and under ZeRO-3 both built sharded.
+
+    Private: the process-wide model cache may hold the same checkpoint for the simulated user (the
+    embedded default uses SmolLM2 for both), which training must not change. Under ZeRO-3 the policy
+    and, with ``reference``, pi_0 are built inside :func:`sharded_loading` in the engine's dtype, so each
+    rank keeps its partition of each; elsewhere pi_0 is None here (the trainer copies the policy).
+    """
+    from refuel_env.generation import load_causal_lm
+
+    zero3 = zero3_config(deepspeed_config, world, path)
+    dtype = "auto" if zero3 is None else "bfloat16" if zero3["bf16"]["enabled"] else "float32"  # (the engine's)
+    with sharded_loading(zero3) as sharded:
+        model, tokenizer = load_causal_lm.__wrapped__(path, str(device), dtype)
+        pi_0 = load_causal_lm.__wrapped__(path, str(device), dtype)[0] if sharded and reference else None
+    return model, tokenizer, pi_0
+
+
+def env_reward_model(env_config: Any) -> Any:
+    """The environment's reward model object (the process-wide cached one when it is named by a string)."""
+    if not isinstance(env_config.reward_model, str):
+        return env_config.reward_model
+    from refuel_env.components import _reward_model
+
+    return _reward_model(env_config.reward_model, env_config.reward_device)
+
+
 def is_sharded(module: torch.nn.Module) -> bool:
     """True when ``module``'s parameters are ZeRO-3 partitions."""
     return any(hasattr(p, "ds_id") for p in module.parameters())

@@ -427,8 +427,8 @@ def test_trainer_pushes_trained_weights_into_vllm_policy(tp_model_dir, tmp_path)
     engine = trainer.rollout_generator
     initial = engine.chat(CONVS, GREEDY)
     trainer.train()
-    assert trainer.weight_pushes == 1  # before the second iteration's collection
-    assert trainer.rollout_policy() is engine and trainer.weight_pushes == 2  # the last update
+    assert trainer.rollout.weight_pushes == 1  # before the second iteration's collection
+    assert trainer.rollout_policy() is engine and trainer.rollout.weight_pushes == 2  # the last update
     trained = TransformersGenerator(trainer.model, trainer.tokenizer).chat(CONVS, GREEDY)
     assert trained != initial
     assert engine.chat(CONVS, GREEDY) == trained

@@ -54,8 +54,8 @@ def main() -> None:
     report = {
         "rank": rank, "world": trainer.world, "zero_stage": trainer.engine.zero_stage,
         "executor": str(engine.llm.llm_engine.vllm_config.parallel_config.distributed_executor_backend),
-        "initial": initial, "trained": trained, "replica": replica, "weight_pushes": trainer.weight_pushes,
-        "pushed_group_numel": trainer.pushed_group_numel, "total_numel": total,
+        "initial": initial, "trained": trained, "replica": replica, "weight_pushes": trainer.rollout.weight_pushes,
+        "pushed_group_numel": trainer.rollout.pushed_group_numel, "total_numel": total,
         "tuple_ranks": sorted({r["rank"] for r in dist.load_tuples(args.out / "replicas" / "iteration_000" / "tuples")}),
     }
     (args.out / f"rank{rank}.json").write_text(json.dumps(report, indent=1))
