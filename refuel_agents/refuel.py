@@ -48,7 +48,7 @@ from refuel_agents.logprobs import (
 from refuel_agents.losses import LOSS_SCALES, regression_sign_agreement
 from refuel_agents.refuel_config import RefuelConfig
 from refuel_agents.rollout import PolicyRollout
-from refuel_agents.tracking import MetricsLogger, format_summary, plot_run
+from refuel_agents.tracking import MetricsLogger, format_summary, report_run
 from refuel_agents.tuples import collection_metrics, encode_tuples, light_row, pair_batch, store_rows
 from refuel_env import embedded
 from refuel_env.generation import (
@@ -494,11 +494,5 @@ class RefuelTrainer:
         weights = self.engine.unwrapped_model_state()  # every rank: ZeRO-3 gathers the shards
         if self.engine.is_main:
             ckpt.save_final_model(final, self.model, weights, self.tokenizer, ckpt.latest_checkpoint(self.run_dir), step)
-            results = heldout.write_summary(self.run_dir, summary, self.max_turns, self.config.seed)
-            plot = plot_run(self.run_dir / "metrics.jsonl", self.run_dir / "reward_loss.png",
-                            keys=("losses/loss", "charts/reward_mean", "charts/logratio_to_init"))
-            print(f"{heldout.improvement_line(results.get('heldout_improvement'))}\nfinal model: {final}\nsummary: "
-                  f"{self.run_dir / 'summary.md'}\nmetrics: {self.run_dir / 'metrics.jsonl'} (TensorBoard: "
-                  f"{self.run_dir / 'tensorboard'})" + (f"\nplots: {plot}, {self.run_dir / 'heldout_reward.png'}" if plot else ""),
-                  flush=True)
+            report_run(self.run_dir, final, summary, self.max_turns, self.config.seed, self.config.report_to)
         return final

@@ -199,3 +199,16 @@ def _cell(entry: Any) -> str:
         return "-"
     n, mean = entry
     return f"{mean:+.3f} (n={n})"
+
+
+def report_run(run_dir: Path, final: Path, summary: list[dict], max_turns: int, seed: int, report_to: str) -> None:
+    """At a run's end (main rank): write the held-out summary and the plots, and print where everything is."""
+    from refuel_agents import heldout
+
+    results = heldout.write_summary(run_dir, summary, max_turns, seed)
+    plot = plot_run(run_dir / "metrics.jsonl", run_dir / "reward_loss.png",
+                    keys=("losses/loss", "charts/reward_mean", "charts/logratio_to_init"))
+    trackers = "".join(f", {name}: {run_dir / name}" for name in parse_report_to(report_to) if name != "wandb")
+    print(f"{heldout.improvement_line(results.get('heldout_improvement'))}\nfinal model: {final}\nsummary: "
+          f"{run_dir / 'summary.md'}\nmetrics: {run_dir / 'metrics.jsonl'}{trackers}"
+          + (f"\nplots: {plot}, {run_dir / 'heldout_reward.png'}" if plot else ""), flush=True)
