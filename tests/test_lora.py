@@ -117,7 +117,8 @@ def test_the_saved_adapter_loads_with_peft_and_gives_the_trained_log_probs(lora_
 @pytest.mark.slow
 def test_resume_loads_the_adapter_and_the_optimizer(lora_run):
     trainer, _ = lora_run
-    resumed = make_trainer("refuel", None, **{**small(trainer.config.policy_model, trainer.config.output_dir), "resume": True})
+    resumed = make_trainer("refuel", None, **small(trainer.config.policy_model, trainer.config.output_dir, save_every=1,
+                                                    keep_checkpoints=3, resume=True))  # (a resume takes the run's flags)
     state = resumed.setup()
     assert state["global_step"] == 2
     for (name, p), (_, q) in zip(trainer.model.named_parameters(), resumed.model.named_parameters()):
@@ -139,7 +140,7 @@ def test_a_run_resumed_after_its_first_update_ends_with_the_same_adapter(lora_ru
     (copy / "checkpoints" / "latest").write_text("step_0000001")  # as if killed after the first update
     shutil.rmtree(copy / "checkpoints" / "step_0000002")
     resumed = make_trainer("refuel", None, reward_model=WordCountReward(),
-                           **{**small(trainer.config.policy_model, tmp_path), "resume": True})
+                           **small(trainer.config.policy_model, tmp_path, save_every=1, keep_checkpoints=3, resume=True))
     resumed.train()
     assert resumed._state["global_step"] == 2
     final = load_file(str(copy / "final_model" / "adapter_model.safetensors"))
