@@ -91,3 +91,16 @@ def test_one_rank_keeps_its_own_rows_when_shared():
     rows = [{"a": 0}, {"a": 1}]
     got = dist.share_rows(rows, 5, [[6, 5, 6]])
     assert got == {5: rows[0], 6: rows[1]} and got[5] is rows[0]
+
+
+def test_a_rank_without_rows_stores_that_it_has_none(tmp_path):
+    import datasets
+
+    from refuel_agents.checkpoint import check_stored_tuples
+
+    tuples = tmp_path / "tuples"
+    datasets.Dataset.from_list([{"item_id": "a", "rank": 0}]).save_to_disk(str(dist.shard_dir(tuples, 0, 2)))
+    dist.store_empty_shard(dist.shard_dir(tuples, 1, 2))
+    check_stored_tuples(dist.shard_dir(tuples, 1, 2))  # (a resume accepts it)
+    assert dist.load_tuples(dist.shard_dir(tuples, 1, 2)).to_list() == []
+    assert dist.load_tuples(tuples)["item_id"] == ["a"]
