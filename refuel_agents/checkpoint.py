@@ -287,7 +287,9 @@ def start_run(run_dir: Path, record: dict[str, Any], engine: Any) -> None:
 
 def check_stored_tuples(folder: Path) -> None:
     """Refuse a damaged tuples dataset (one rank's ``iteration_*/tuples``) before a resume trains on it."""
-    if not folder.exists():
+    from refuel_agents.distributed import EMPTY_SHARD
+
+    if not folder.exists() or (folder / EMPTY_SHARD).is_file():  # (a rank that kept no row)
         return
     import datasets
 

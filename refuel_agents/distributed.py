@@ -1,10 +1,12 @@
 """Data parallelism across the ranks of a launcher (torchrun, deepspeed, accelerate launch).
 
 With W ranks, an iteration's prompts are split into W disjoint, contiguous shards
-(:func:`shard`); each rank collects its shard, scores pi_t on its own tuples and trains on
-them, and DeepSpeed averages the gradients. The helpers here are the few collectives that the
-trainer needs around that (counts, small Python objects), the layout of the per-rank tuple
-folders (:func:`shard_dir`, :func:`load_tuples`), and :func:`full_weights`, which lets one rank
+(:func:`shard`); each rank collects its shard, the kept rows of all ranks are shared out so
+that every rank trains on its slice of each update of one order over all of them
+(:func:`rank_slices`, :func:`share_rows`), and DeepSpeed averages the gradients. The helpers
+here are the few collectives that the trainer needs around that (counts, small Python objects),
+the layout of the per-rank tuple folders (:func:`shard_dir`, :func:`load_tuples`), and
+:func:`full_weights`, which lets one rank
 run the trained module a number of times that differs from the other ranks' under ZeRO-3.
 
 On one rank every helper is the identity or a no-op, and the tuples keep their single-rank
@@ -152,12 +154,16 @@ def full_weights(engine: Any, enabled: bool = True, module: Any = None) -> Itera
     with deepspeed.zero.GatheredParameters(params):
         for p in params:
             p.ds_active_sub_modules.clear()
-        for hook in offload.forward_hooks + offload.backward_hooks:
+        # The module's start-of-forward hook too: until the first update has recorded ZeRO-3's trace, it
+        # compares the trace across ranks (a collective) at every forward pass.
+        start = offload.fwd_pre_hook.hooks_dict_ref()[offload.fwd_pre_hook.id]
+        for hook in [offload.fwd_pre_hook, *offload.forward_hooks, *offload.backward_hooks]:
             hook.remove()
         offload.forward_hooks, offload.backward_hooks = [], []
         try:
             yield
         finally:
+            offload.fwd_pre_hook = offload.module.register_forward_pre_hook(start)
             offload._register_deepspeed_module(offload.module)
 
 
@@ -241,14 +247,29 @@ def shard_dir(tuples_dir: Path, rank: int, world: int) -> Path:
     return Path(tuples_dir) if world == 1 else Path(tuples_dir) / f"rank_{rank}-of-{world}"
 
 
+EMPTY_SHARD = "no-rows.json"
+
+
+def store_empty_shard(folder: Path) -> None:
+    """Record that a rank kept no row in an iteration (``datasets`` does not load an empty dataset back):
+    a folder holding only :data:`EMPTY_SHARD`, written atomically, so a resume does not collect again."""
+    from refuel_agents.checkpoint import atomic_dir
+
+    with atomic_dir(Path(folder)) as tmp:
+        (tmp / EMPTY_SHARD).write_text("{}\n")
+
+
 def load_tuples(tuples_dir: str | os.PathLike) -> Any:
     """An iteration's tuples as one ``datasets.Dataset``: the folder itself (one rank), or its
-    ``rank_<r>-of-<W>`` folders concatenated in rank order (W ranks; all W must be there)."""
+    ``rank_<r>-of-<W>`` folders concatenated in rank order (W ranks; all W must be there). A rank
+    that kept no row (:func:`store_empty_shard`) adds none."""
     import datasets
 
     path = Path(tuples_dir)
     if (path / "state.json").exists():
         return datasets.load_from_disk(str(path))
+    if (path / EMPTY_SHARD).exists():
+        return datasets.Dataset.from_list([])
     shards = sorted(path.glob("rank_*-of-*"), key=lambda p: int(p.name.split("_")[1].split("-")[0]))
     if not shards:
         raise FileNotFoundError(f"{path} holds neither a dataset nor rank_<r>-of-<W> shards")
@@ -256,7 +277,8 @@ def load_tuples(tuples_dir: str | os.PathLike) -> Any:
     if len(shards) != world:
         have = [p.name for p in shards]
         raise FileNotFoundError(f"{path} holds {len(shards)} of {world} rank shards ({have}); a rank has not written yet")
-    return datasets.concatenate_datasets([datasets.load_from_disk(str(p)) for p in shards])
+    parts = [datasets.load_from_disk(str(p)) for p in shards if not (p / EMPTY_SHARD).exists()]
+    return datasets.concatenate_datasets(parts) if parts else datasets.Dataset.from_list([])
 
 
 def rank_batch_size(batch_size: int, micro_batch_size: int, world: int) -> int:
@@ -284,13 +306,34 @@ def start_policy_replica(path: str, vllm_kwargs: dict[str, Any], rank: int, worl
     return VLLMGenerator(path, name=path, **kwargs)
 
 
-def global_pairs(pairs: int, iteration: int, world: int, device: torch.device) -> int:
-    """The pairs kept by all ranks together (each rank trains on its own). A rank without a pair
-    while others have some could not take part in the updates: that is an error on every rank."""
-    total = int(all_sum(pairs, device))
-    if total and not all_min(pairs, device):
-        raise RuntimeError(
-            f"iteration {iteration}: a rank kept no pair while the {world} ranks kept {total} in all, so it "
-            "cannot take part in the updates; collect more prompts per iteration (--prompts-per-iteration) or run "
-            "on fewer ranks")
-    return total
+def global_pairs(pairs: int, device: torch.device) -> int:
+    """The pairs kept by all ranks together. A rank may keep none: the rows are shared out before
+    training (:func:`rank_slices`, :func:`share_rows`), so every rank trains on as many as the others."""
+    return int(all_sum(pairs, device))
+
+
+def rank_slices(order: Sequence[int], batch_size: int, rank: int, world: int) -> list[int]:
+    """Rank ``rank``'s part of a global row order cut into steps of ``batch_size`` rows: the r-th of
+    ``world`` equal slices of each step (``batch_size`` is a multiple of ``world``). The slices of one
+    step, in rank order, are that step's rows in the global order, so the averaged gradient of a step
+    is that of one rank on all of them."""
+    per = batch_size // world
+    return [i for s in range(0, len(order), batch_size) for i in order[s + rank * per : s + (rank + 1) * per]]
+
+
+def share_rows(rows: Sequence[dict], start: int, wanted: Sequence[Any]) -> dict[int, dict]:
+    """The rows that this rank wants, by their index in the rows of all ranks (in rank order).
+
+    This rank holds ``rows``, indices ``start`` to ``start + len(rows)``; ``wanted[r]`` holds the
+    indices rank r needs (the same on every rank). Each rank sends the rows that another rank wants
+    (:func:`all_gather_objects`) and keeps, of what it receives, only what it wants; its own rows
+    are not copied. Every rank must call it.
+    """
+    rank = rank_and_world()[0]
+    mine = range(start, start + len(rows))
+    others = set().union(*(set(w) for r, w in enumerate(wanted) if r != rank))
+    want = set(wanted[rank])
+    got = {i: rows[i - start] for i in mine if i in want}
+    for part in all_gather_objects({i: rows[i - start] for i in mine if i in others}):
+        got.update({i: row for i, row in part.items() if i in want and i not in got})
+    return got

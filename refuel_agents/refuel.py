@@ -226,37 +226,66 @@ class RefuelTrainer:
         return rows, too_long
 
     def score(self, rows: list[dict], iteration: int, global_pairs: int) -> None:
-        """Add log pi_t (and log pi_0) of both responses to encoded rows, in training's micro-batches.
+        """Add log pi_t (and log pi_0) of both responses to this rank's encoded rows, in training's micro-batches.
+
+        A row is scored in the micro-batch where training first meets it, of whichever rank trains it there
+        (:meth:`_rank_rows`): the very forward pass of that micro-batch, so the log-ratio is exactly 0 there, and
+        the scores are those a one-rank run on the rows of all ranks computes. The scores then go back to the rank
+        that holds the row (it stores them); rows that no update uses are scored by that rank, in micro-batches of
+        consecutive rows.
 
         Phase 'scoring' (``residency.py``): the vLLM replica asleep; pi_t scored inside the policy's gather
         (ZeRO-3, W > 1), then, that released, pi_0 inside its own: at most one full copy at a time. Every rank
         takes part in both gathers, with or without rows.
         """
         models = [("logp_t", self.model)] + ([("logp_ref", self.reference)] if self.reference is not None else [])
-        micro = self.config.micro_batch_size
-        order = self._minibatch_order(iteration, len(rows), self._steps_for(global_pairs)) if rows else []
-        batches = [order[i : i + micro] for i in range(0, len(order), micro)]
-        batches += [list(range(i, min(i + micro, len(rows)))) for i in range(0, len(rows), micro)]  # never-trained rows
+        micro, per, steps = self.config.micro_batch_size, self.rank_batch_size, self._steps_for(global_pairs)
+        start, order, pool = self._rank_rows(iteration, rows, steps)
+        pool.update({start + k: row for k, row in enumerate(rows)})  # (the same objects where it has them)
+        first: dict[int, int] = {}  # row -> the first micro-batch that holds it, counted over all ranks' micro-batches
+        for k, i in enumerate(self._minibatch_order(iteration, global_pairs, steps, every_rank=True)):
+            first.setdefault(i, k // micro)
+        batches = []  # (the rows of a micro-batch, those of them scored there)
+        for m in range(0, len(order), micro):
+            k = ((m // per) * self.config.batch_size + self.rank * per + m % per) // micro  # its place over all ranks
+            members = order[m : m + micro]
+            batches.append((members, {i for i in members if first[i] == k}))
+        unused = [i for i in range(start, start + len(rows)) if i not in first]  # in no update: scored where held
+        batches += [(unused[m : m + micro], set(unused[m : m + micro])) for m in range(0, len(unused), micro)]
+        batches = [(members, scored) for members, scored in batches if scored]
+        scores: dict[int, dict[str, float]] = {}
         was_training = self.model.training
         self.model.train()  # as in training (dropout-free models: the mode changes nothing else)
         with torch.no_grad():
             for key, model in models:
-                done: set[int] = set()
                 with dist.full_weights(self.engine, module=None if model is self.model else model):
-                    for members in tqdm(batches, desc=f"score {'pi_t' if key == 'logp_t' else 'pi_0'}", unit="batch",
-                                        disable=not self._bars, leave=False):
-                        if done.issuperset(members):
-                            continue
-                        logp = self.pair_logprobs(model, [rows[i] for i in members]).float().cpu().tolist()
+                    for members, scored in tqdm(batches, desc=f"score {'pi_t' if key == 'logp_t' else 'pi_0'}",
+                                                unit="batch", disable=not self._bars, leave=False):
+                        logp = self.pair_logprobs(model, [pool[i] for i in members]).float().cpu().tolist()
                         for j, i in enumerate(members):
-                            if i not in done:
-                                rows[i][key], rows[i][f"{key}_prime"] = logp[j], logp[len(members) + j]
-                        done.update(members)
+                            if i in scored:
+                                scores.setdefault(i, {}).update({key: logp[j], f"{key}_prime": logp[len(members) + j]})
                     self._record("scoring")
         self.model.train(was_training)
+        for part in dist.all_gather_objects(scores):  # each row's scores to the rank that holds it
+            for i, values in part.items():
+                if start <= i < start + len(rows):
+                    rows[i - start].update(values)
+
+    def _rank_rows(self, iteration: int, rows: list[dict], steps: int) -> tuple[int, list[int], dict[int, dict]]:
+        """(index of this rank's first row among the rows of all ranks, this rank's training order over those
+        indices, the rows it trains on by index). ``rows`` are this rank's own; with W ranks the others come from
+        the ranks that collected them (:func:`distributed.share_rows`), so that every rank trains on as many rows
+        as the others, in one order over all of them. Every rank must call it."""
+        counts = [int(c) for c in dist.all_gather_objects(len(rows))]
+        start, total = sum(counts[: self.rank]), sum(counts)
+        if not total:
+            return start, [], {}
+        wanted = [self._minibatch_order(iteration, total, steps, rank=r) for r in range(self.world)]
+        return start, wanted[self.rank], dist.share_rows(rows, start, wanted)
 
     def _global_pairs(self, pairs: int, iteration: int) -> int:
-        return dist.global_pairs(pairs, iteration, self.world, self._collective_device)
+        return dist.global_pairs(pairs, self._collective_device)
 
     @property
     def _collective_device(self) -> torch.device:
@@ -330,7 +359,7 @@ class RefuelTrainer:
             rows = self._iteration_data(t, logger, state)
             self.rollout.sleep()
             steps_per_iter = self._steps_for(self._global_pairs(len(rows), t))
-            order = self._minibatch_order(t, len(rows), steps_per_iter) if rows else []
+            _, order, batch_rows = self._rank_rows(t, rows, steps_per_iter)  # the same count on every rank
             if steps_per_iter:
                 self._plan_schedule(t, steps_per_iter, state)
             self.engine.model.train()  # collection and evaluation left it in eval mode
@@ -343,7 +372,7 @@ class RefuelTrainer:
                 metrics: list[dict[str, float]] = []
                 info: dict[str, float] = {}
                 for m in range(0, len(idx), cfg.micro_batch_size):
-                    metrics.append(self.train_step([rows[i] for i in idx[m : m + cfg.micro_batch_size]]))
+                    metrics.append(self.train_step([batch_rows[i] for i in idx[m : m + cfg.micro_batch_size]]))
                     self._record("training")  # (after a backward: gradients and, after the first update, AdamW's state)
                     info = self.engine.step() or info  # updates at the accumulation boundary
                 state["global_step"] += 1
@@ -392,21 +421,35 @@ class RefuelTrainer:
         else:
             self.engine.set_schedule(first, iteration * steps, self.iterations * steps)
 
-    def _minibatch_order(self, iteration: int, n: int, steps: int | None = None) -> list[int]:
-        """This rank's row order for ``steps`` updates (default: one rank's with ``n`` rows), batch_size / W rows each."""
+    def _minibatch_order(self, iteration: int, n: int, steps: int | None = None, rank: int | None = None, *,
+                         every_rank: bool = False) -> list[int]:
+        """Rank ``rank``'s rows (default: this rank's) for ``steps`` updates (default: those of ``n`` rows),
+        batch_size / W per update, as indices into the iteration's ``n`` rows of all ranks in rank order; with
+        ``every_rank``, the rows of all ranks' updates in order, batch_size each.
+
+        One order over all ``n`` rows, drawn as one rank draws it (a permutation per epoch, seeded by the seed and
+        the iteration; a short last pass wraps around), cut into updates of batch_size rows, of which rank r takes
+        the r-th of W equal slices (:func:`distributed.rank_slices`). Each row is used as often as in a one-rank
+        run, whichever rank collected it, and every rank trains on the same number of rows.
+        """
         steps = self._steps_for(n) if steps is None else steps
         rng = np.random.default_rng([self.config.seed, iteration])
         order: list[int] = []
-        while len(order) < steps * self.rank_batch_size:
+        while len(order) < steps * self.config.batch_size:
             order.extend(rng.permutation(n).tolist())  # epochs; a short last pass wraps around
-        return order
+        order = order[: steps * self.config.batch_size]
+        if every_rank:
+            return order
+        return dist.rank_slices(order, self.config.batch_size, self.rank if rank is None else rank, self.world)
 
     def _iteration_data(self, t: int, logger: MetricsLogger, state: dict) -> list[dict]:
         """This rank's tuples of iteration t: from disk when a resumed run collected them already.
 
-        With W ranks each rank collects, scores and stores its own shard
-        (``iteration_<t>/tuples/rank_<r>-of-<W>``); a shard missing on any rank (a kill between
-        two ranks' writes) makes every rank collect its shard again, before any update used them.
+        With W ranks each rank collects, scores (:meth:`score`) and stores its own shard
+        (``iteration_<t>/tuples/rank_<r>-of-<W>``; a rank that kept no row while others did stores
+        that it has none); a shard missing on any rank (a kill between two ranks' writes) makes every
+        rank collect its shard again, before any update used them. Training then shares the rows of
+        all ranks out evenly (:meth:`_rank_rows`).
         """
         folder = self.run_dir / f"iteration_{t:03d}"
         mine = dist.shard_dir(folder / "tuples", self.rank, self.world)
@@ -432,8 +475,10 @@ class RefuelTrainer:
                 f"iteration {t}: no usable tuple ({stats.dropped_truncated} truncated, {too_long} longer than "
                 f"max_seq_len={self.config.max_seq_len}); raise the limits or shorten the responses"
             )
-        if rows:  # (an empty Dataset does not load back; an iteration without pairs is simply collected again)
+        if rows:
             store_rows(rows, [k for p in parts for k in p[3]], mine)
+        elif light:  # (an empty Dataset does not load back; an iteration without pairs is simply collected again)
+            dist.store_empty_shard(mine)
         if self.engine.is_main:
             record = {**stats.as_dict(), "too_long": too_long}
             if self.world > 1:

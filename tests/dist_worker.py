@@ -6,6 +6,12 @@ with gloo, a tiny Llama built from a config and the same seed on every rank, the
     DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 torchrun --nproc_per_node 2 tests/dist_worker.py \\
         --out /tmp/dist-report --stages 3 2
 
+    torchrun --nproc_per_node 2 tests/dist_worker.py --keep 3 0 --config '{"output_dir": ...}'
+
+With ``--keep``, each rank runs REBEL (``refuel_agents.baselines``) from the config's fields instead,
+keeping only the first k_r of the rows that rank r collects (:class:`KeepingTrainer`), so that the
+ranks train on uneven shards, and trains it.
+
 Stage 3 runs two optimizer steps of two micro-batches each with all parameters trained, saves
 after the first step and resumes a fresh engine from that checkpoint to redo the second.
 Stage 2 trains only the last decoder layer (plus final norm and lm_head) with gradient
@@ -25,6 +31,7 @@ import deepspeed
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from refuel_agents.baselines import RebelTrainer, make_config
 from refuel_agents.engine import OptimConfig, TrainEngine
 from refuel_agents.logprobs import sequence_logprobs
 from refuel_agents.losses import refuel_loss
@@ -159,11 +166,32 @@ def run_zero2(rank: int) -> dict:
     }
 
 
+class KeepingTrainer(RebelTrainer):
+    """REBEL that keeps only the first ``keep[rank]`` rows each rank collects: uneven kept counts on purpose."""
+
+    keep: tuple[int, ...] = ()
+
+    def collect(self, iteration: int):
+        rows, stats = super().collect(iteration)
+        return rows[: self.keep[self.rank]], stats
+
+
+def keeping_trainer(keep: list[int], **fields) -> KeepingTrainer:
+    trainer = type("Keeping", (KeepingTrainer,), {"keep": tuple(keep)})
+    return trainer(make_config("rebel", "lt-offline", **fields))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, required=True, help="folder for rank<r>.json and checkpoints")
+    parser.add_argument("--out", type=Path, help="folder for rank<r>.json and checkpoints")
     parser.add_argument("--stages", type=int, nargs="+", default=[3, 2], choices=[2, 3], help="ZeRO stages to run")
+    parser.add_argument("--keep", type=int, nargs="+", help="rows each rank keeps: train REBEL on uneven shards")
+    parser.add_argument("--config", type=json.loads, default={}, help="REBEL's config fields, as JSON (with --keep)")
     args = parser.parse_args()
+    if args.keep:
+        keeping_trainer(args.keep, **args.config).train()
+        sys.stdout.flush()
+        os._exit(0)  # (see the end of this function)
     rank = int(os.environ["RANK"])
     report: dict = {}
     for stage in args.stages:

@@ -65,3 +65,42 @@ def test_a_global_batch_that_the_ranks_cannot_share_is_refused(word_lm_dir, tmp_
     with pytest.raises(ValueError, match="3 prompts for 4 ranks"):
         trainer.rank_prompts([0, 1, 2], 0)
     assert trainer.rank_prompts([5, 6, 7, 8, 9], 0)[0] == [5, 6]
+
+
+def test_rows_of_uneven_shards_are_shared_out_and_used_evenly(word_lm_dir, tmp_path, monkeypatch):
+    """Kept counts [5, 3, 4, 0] on 4 ranks, 4 epochs, global batch 4: each rank trains on one row per update, and
+    every row of the 12 is used 4 times, in the order a one-rank run draws."""
+    from refuel_agents.baselines import make_trainer
+
+    small = {"policy_model": str(word_lm_dir), "env_kwargs": {"user": "instant", "max_turns": 2, "tokenizer": None},
+             "device": "cpu", "output_dir": str(tmp_path), "micro_batch_size": 1, "batch_size": 4, "epochs": 4}
+    one = make_trainer("refuel", None, **small)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    four = make_trainer("refuel", None, **small)
+    steps = four._steps_for(12)
+    assert steps == 12
+    parts = [four._minibatch_order(3, 12, steps, rank=r) for r in range(4)]
+    assert [len(p) for p in parts] == [steps] * 4
+    assert Counter(i for p in parts for i in p) == dict.fromkeys(range(12), 4)
+    assert [p[s] for s in range(steps) for p in parts] == one._minibatch_order(3, 12) == four._minibatch_order(
+        3, 12, steps, every_rank=True)
+    assert dist.rank_slices(list(range(8)), 4, 1, 2) == [2, 3, 6, 7]
+
+
+def test_one_rank_keeps_its_own_rows_when_shared():
+    rows = [{"a": 0}, {"a": 1}]
+    got = dist.share_rows(rows, 5, [[6, 5, 6]])
+    assert got == {5: rows[0], 6: rows[1]} and got[5] is rows[0]
+
+
+def test_a_rank_without_rows_stores_that_it_has_none(tmp_path):
+    import datasets
+
+    from refuel_agents.checkpoint import check_stored_tuples
+
+    tuples = tmp_path / "tuples"
+    datasets.Dataset.from_list([{"item_id": "a", "rank": 0}]).save_to_disk(str(dist.shard_dir(tuples, 0, 2)))
+    dist.store_empty_shard(dist.shard_dir(tuples, 1, 2))
+    check_stored_tuples(dist.shard_dir(tuples, 1, 2))  # (a resume accepts it)
+    assert dist.load_tuples(dist.shard_dir(tuples, 1, 2)).to_list() == []
+    assert dist.load_tuples(tuples)["item_id"] == ["a"]

@@ -288,3 +288,29 @@ def final_weights_initial(word_lm_dir) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     return load_file(str(next(Path(word_lm_dir).glob("*.safetensors"))))
+
+
+def test_uneven_shards_one_rank_without_rows_make_the_one_rank_update(word_lm_dir, tmp_path):
+    """Rank 0 keeps 3 pairs and rank 1 none: 3 updates of 2 pairs over the 3 kept (epochs 2), each rank taking
+    one pair per update, end where one rank on those 3 pairs does."""
+    from dist_worker import keeping_trainer
+
+    from refuel_agents.distributed import load_tuples
+
+    fields = {**OFFLINE, "prompts_per_iteration": 6, "batch_size": 2, "epochs": 2, "policy_model": str(word_lm_dir),
+              "env_kwargs": ENV_KWARGS, "device": "cpu", "output_dir": str(tmp_path), "progress": False}
+    keeping_trainer([3], **fields, run_name="one").train()
+    two = {**fields, "run_name": "two", "deepspeed": str(ROOT / "refuel_agents" / "configs" / "deepspeed_zero3.json")}
+    launch("torchrun", [str(ROOT / "tests" / "dist_worker.py"), "--keep", "3", "0", "--config", json.dumps(two)])
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert (two / "iteration_000" / "tuples" / "rank_1-of-2" / "no-rows.json").is_file()
+    rows, ones = (load_tuples(run / "iteration_000" / "tuples").to_list() for run in (two, one))
+    assert [r["item_id"] for r in rows] == [r["item_id"] for r in ones] and [r["rank"] for r in rows] == [0, 0, 0]
+    for key in ("logp_t", "logp_t_prime"):  # scored in the micro-batches where training meets them, on either rank
+        assert [r[key] for r in rows] == [r[key] for r in ones]
+    assert [r["step"] for r in logged(two) if "losses/loss" in r] == [1, 2, 3]  # 2 epochs x 3 pairs / 2 per update
+    initial, a, b = final_weights_initial(word_lm_dir), final_weights(two), final_weights(one)
+    assert any(not torch.equal(b[k], initial[k]) for k in b)
+    diff = max((a[k] - b[k]).abs().max().item() for k in a)
+    print(f"largest weight difference from the one-rank update: {diff:.3g}")
+    assert diff <= 1e-6
