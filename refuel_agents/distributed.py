@@ -25,6 +25,7 @@ from dataclasses import fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 
@@ -312,6 +313,40 @@ def global_pairs(pairs: int, device: torch.device) -> int:
     return int(all_sum(pairs, device))
 
 
+def global_order(seed: int, iteration: int, n: int, steps: int, batch_size: int) -> list[int]:
+    """The iteration's row order over all ``n`` rows of all ranks, ``steps`` updates of ``batch_size`` rows, as
+    one rank draws it: a permutation per epoch seeded by (seed, iteration); a short last pass wraps around."""
+    rng = np.random.default_rng([seed, iteration])
+    order: list[int] = []
+    while len(order) < steps * batch_size:
+        order.extend(rng.permutation(n).tolist())
+    return order[: steps * batch_size]
+
+
+def scoring_batches(every_rank: Sequence[int], mine: Sequence[int], rank: int, batch_size: int, world: int,
+                    micro: int, held: range) -> list[tuple[list[int], set[int]]]:
+    """(the rows of a micro-batch, those of them scored there) for each micro-batch this rank scores.
+
+    ``every_rank``: the global order (:func:`global_order`); ``mine``: this rank's slices of it
+    (:func:`rank_slices`); ``held``: the indices of the rows this rank collected. A row is scored in
+    the first micro-batch, over all ranks' micro-batches in order, that holds it, by the rank that
+    trains that micro-batch; rows that no update uses are scored by the rank that holds them, in
+    micro-batches of consecutive rows.
+    """
+    per = batch_size // world
+    first: dict[int, int] = {}
+    for k, i in enumerate(every_rank):
+        first.setdefault(i, k // micro)
+    batches = []
+    for m in range(0, len(mine), micro):
+        k = ((m // per) * batch_size + rank * per + m % per) // micro  # its place over all ranks' micro-batches
+        members = list(mine[m : m + micro])
+        batches.append((members, {i for i in members if first[i] == k}))
+    unused = [i for i in held if i not in first]
+    batches += [(unused[m : m + micro], set(unused[m : m + micro])) for m in range(0, len(unused), micro)]
+    return [(members, scored) for members, scored in batches if scored]
+
+
 def rank_slices(order: Sequence[int], batch_size: int, rank: int, world: int) -> list[int]:
     """Rank ``rank``'s part of a global row order cut into steps of ``batch_size`` rows: the r-th of
     ``world`` equal slices of each step (``batch_size`` is a multiple of ``world``). The slices of one
@@ -319,6 +354,19 @@ def rank_slices(order: Sequence[int], batch_size: int, rank: int, world: int) ->
     is that of one rank on all of them."""
     per = batch_size // world
     return [i for s in range(0, len(order), batch_size) for i in order[s + rank * per : s + (rank + 1) * per]]
+
+
+def rank_rows(rows: Sequence[dict], rank: int, world: int, order_for: Any) -> tuple[int, list[int], dict[int, dict]]:
+    """(index of this rank's first row among the rows of all ranks, this rank's training order over those indices,
+    the rows it trains on by index). ``rows`` are this rank's own; ``order_for(n, r)`` is rank r's order over all
+    ``n`` rows. The rows another rank collected come from it (:func:`share_rows`), so that every rank trains on as
+    many rows as the others, in one order over all of them. Every rank must call it."""
+    counts = [int(c) for c in all_gather_objects(len(rows))]
+    start, total = sum(counts[:rank]), sum(counts)
+    if not total:
+        return start, [], {}
+    wanted = [order_for(total, r) for r in range(world)]
+    return start, wanted[rank], share_rows(rows, start, wanted)
 
 
 def share_rows(rows: Sequence[dict], start: int, wanted: Sequence[Any]) -> dict[int, dict]:

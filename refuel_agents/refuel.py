@@ -91,7 +91,8 @@ class RefuelTrainer:
         self.residency = residency.Residency(self.placement)  # and what is resident in each phase
         self.env_kwargs.update(self.placement.env_kwargs())  # the reward model and a transformers user: the rank's GPU
         self.device = self.placement.policy
-        self.run_dir = Path(config.output_dir) / (config.run_name or self._default_run_name())
+        default_name = f"{config.env_id}__{self.label}__{config.seed}__{int(time.time())}"
+        self.run_dir = Path(config.output_dir) / (config.run_name or default_name)
         path = str(embedded.smollm2_path()) if config.policy_model == "embedded" else config.policy_model
         model, tokenizer, reference = residency.load_policy(path, config.deepspeed, self.world, self.device,
                                                             reference=config.reference_kl and not config.lora_r)
@@ -120,16 +121,12 @@ class RefuelTrainer:
         # Collection applies Gamma itself, from how each covered generation ended (collection.py);
         # the environment's token-counting Gamma is off there. Evaluation keeps the environment's.
         self.penalties = Penalties(env_config.truncation_penalty, env_config.kl_coef, config.penalty_turns)
-        self.collect_env_kwargs = dict(self.env_kwargs)
-        if env_config.truncation_penalty is not None:
-            self.collect_env_kwargs["truncation_penalty"] = None
+        self.collect_env_kwargs = {**self.env_kwargs, **({} if env_config.truncation_penalty is None
+                                                         else {"truncation_penalty": None})}
         self.plan = PromptPlan(config.env_id, self.env_kwargs, config.seed, config.prompts_per_iteration,
                                config.iterations, config.eval_split, config.eval_prompts)
         self._bars = config.progress and self.rank == 0  # per-phase progress bars on the main rank
         self._collected: list[dict] | None = None  # every rank's tuples of the current iteration (metrics only)
-
-    def _default_run_name(self) -> str:
-        return f"{self.config.env_id}__{self.label}__{self.config.seed}__{int(time.time())}"
 
     # -------------------------------------------------------------- pieces
 
@@ -147,12 +144,8 @@ class RefuelTrainer:
         return dist.rank_prompts(indices, self.rank, self.world, iteration_seed(self.config.seed, iteration), iteration)
 
     def collect(self, iteration: int) -> tuple[list[dict], CollectionStats]:
-        """This rank's tuples of iteration ``iteration`` (its shard of :meth:`prompt_indices`).
-
-        Phase 'collection' (``residency.py``), resident on a training GPU: the policy shard with its gradient and
-        optimizer partitions, the pi_0 shard, the reward model; the awake vLLM replica, or (transformers backend,
-        ZeRO-3, W > 1) the policy's gathered weights; with the environment's KL penalty, pi_0's gathered too.
-        """
+        """This rank's tuples of iteration ``iteration`` (its shard of :meth:`prompt_indices`); phase 'collection'
+        (what is resident on a training GPU meanwhile: ``residency.py``)."""
         cfg = self.config
         self.model.eval()
         indices, seed = self.rank_prompts(self.prompt_indices(iteration), iteration)
@@ -216,43 +209,28 @@ class RefuelTrainer:
         return sequence_logprobs(model, batch, temperature=self.logprob_temperature)
 
     def prepare(self, rows: list[dict], iteration: int = 0) -> tuple[list[dict], int]:
-        """Token ids, masks and the pi_t (and pi_0) log-probs, computed once before the updates.
-
-        Each row is scored in the micro-batch where training first meets it (the iteration's
-        mini-batch order is a function of the seed, the iteration and the number of rows).
-        """
+        """Token ids, masks and the pi_t (and pi_0) log-probs (:meth:`score`), computed once before the updates."""
         rows, too_long = encode_tuples(rows, self.train_tokenizer, self.config.max_seq_len)
         self.score(rows, iteration, self._global_pairs(len(rows), iteration))
         return rows, too_long
 
     def score(self, rows: list[dict], iteration: int, global_pairs: int) -> None:
-        """Add log pi_t (and log pi_0) of both responses to this rank's encoded rows, in training's micro-batches.
-
-        A row is scored in the micro-batch where training first meets it, of whichever rank trains it there
-        (:meth:`_rank_rows`): the very forward pass of that micro-batch, so the log-ratio is exactly 0 there, and
-        the scores are those a one-rank run on the rows of all ranks computes. The scores then go back to the rank
-        that holds the row (it stores them); rows that no update uses are scored by that rank, in micro-batches of
-        consecutive rows.
+        """Add log pi_t (and log pi_0) of both responses to this rank's encoded rows, in training's micro-batches:
+        each row in the micro-batch where training first meets it, on the rank that trains it there
+        (:func:`distributed.scoring_batches`), so the log-ratio is exactly 0 there, as in a one-rank run on the rows
+        of all ranks; the scores then go back to the rank that holds the row, which stores them.
 
         Phase 'scoring' (``residency.py``): the vLLM replica asleep; pi_t scored inside the policy's gather
         (ZeRO-3, W > 1), then, that released, pi_0 inside its own: at most one full copy at a time. Every rank
         takes part in both gathers, with or without rows.
         """
         models = [("logp_t", self.model)] + ([("logp_ref", self.reference)] if self.reference is not None else [])
-        micro, per, steps = self.config.micro_batch_size, self.rank_batch_size, self._steps_for(global_pairs)
+        steps = self._steps_for(global_pairs)
         start, order, pool = self._rank_rows(iteration, rows, steps)
         pool.update({start + k: row for k, row in enumerate(rows)})  # (the same objects where it has them)
-        first: dict[int, int] = {}  # row -> the first micro-batch that holds it, counted over all ranks' micro-batches
-        for k, i in enumerate(self._minibatch_order(iteration, global_pairs, steps, every_rank=True)):
-            first.setdefault(i, k // micro)
-        batches = []  # (the rows of a micro-batch, those of them scored there)
-        for m in range(0, len(order), micro):
-            k = ((m // per) * self.config.batch_size + self.rank * per + m % per) // micro  # its place over all ranks
-            members = order[m : m + micro]
-            batches.append((members, {i for i in members if first[i] == k}))
-        unused = [i for i in range(start, start + len(rows)) if i not in first]  # in no update: scored where held
-        batches += [(unused[m : m + micro], set(unused[m : m + micro])) for m in range(0, len(unused), micro)]
-        batches = [(members, scored) for members, scored in batches if scored]
+        batches = dist.scoring_batches(self._minibatch_order(iteration, global_pairs, steps, every_rank=True), order,
+                                       self.rank, self.config.batch_size, self.world, self.config.micro_batch_size,
+                                       range(start, start + len(rows)))
         scores: dict[int, dict[str, float]] = {}
         was_training = self.model.training
         self.model.train()  # as in training (dropout-free models: the mode changes nothing else)
@@ -273,16 +251,8 @@ class RefuelTrainer:
                     rows[i - start].update(values)
 
     def _rank_rows(self, iteration: int, rows: list[dict], steps: int) -> tuple[int, list[int], dict[int, dict]]:
-        """(index of this rank's first row among the rows of all ranks, this rank's training order over those
-        indices, the rows it trains on by index). ``rows`` are this rank's own; with W ranks the others come from
-        the ranks that collected them (:func:`distributed.share_rows`), so that every rank trains on as many rows
-        as the others, in one order over all of them. Every rank must call it."""
-        counts = [int(c) for c in dist.all_gather_objects(len(rows))]
-        start, total = sum(counts[: self.rank]), sum(counts)
-        if not total:
-            return start, [], {}
-        wanted = [self._minibatch_order(iteration, total, steps, rank=r) for r in range(self.world)]
-        return start, wanted[self.rank], dist.share_rows(rows, start, wanted)
+        """This rank's training rows out of all ranks' (:func:`distributed.rank_rows`). Every rank must call it."""
+        return dist.rank_rows(rows, self.rank, self.world, lambda n, r: self._minibatch_order(iteration, n, steps, rank=r))
 
     def _global_pairs(self, pairs: int, iteration: int) -> int:
         return dist.global_pairs(pairs, self._collective_device)
@@ -301,18 +271,16 @@ class RefuelTrainer:
         horizons, prompts = heldout.plan(self.plan.heldout(), self.max_turns, self.plan.heldout_horizons())
         start, end = dist.shard_bounds(len(horizons), self.rank, self.world)  # each rank plays its block
         policy = self.rollout_policy()
-        rows: list[dict] = []
         kl = self._env_has_kl()  # (the KL penalty scores with pi_t and pi_0: both gathered, as in collection)
         with (dist.full_weights(self.engine, enabled=self.rollout_generator is self.generator or kl),
               dist.full_weights(self.engine, enabled=kl and self._sharded_reference(), module=self.reference)):
             self._record("evaluation")
-            if end > start:
-                rows = play_dialogues(
-                    env_id=cfg.env_id, env_kwargs={**self.env_kwargs, "split": cfg.eval_split}, policy=policy,
-                    sampling=self.eval_sampling, num_dialogues=end - start, seed=cfg.seed + 10_000 + start,
-                    horizon=horizons[start:end], prompt_indices=prompts[start:end], progress=self._bars,
-                    kl_logprobs=self._kl_logprobs if self._env_has_kl() else None,
-                )
+            rows = play_dialogues(
+                env_id=cfg.env_id, env_kwargs={**self.env_kwargs, "split": cfg.eval_split}, policy=policy,
+                sampling=self.eval_sampling, num_dialogues=end - start, seed=cfg.seed + 10_000 + start,
+                horizon=horizons[start:end], prompt_indices=prompts[start:end], progress=self._bars,
+                kl_logprobs=self._kl_logprobs if kl else None,
+            ) if end > start else []
         return [row for part in dist.all_gather_objects(rows) for row in part]
 
     def train_step(self, batch_rows: list[dict]) -> dict[str, float]:
@@ -423,33 +391,21 @@ class RefuelTrainer:
 
     def _minibatch_order(self, iteration: int, n: int, steps: int | None = None, rank: int | None = None, *,
                          every_rank: bool = False) -> list[int]:
-        """Rank ``rank``'s rows (default: this rank's) for ``steps`` updates (default: those of ``n`` rows),
-        batch_size / W per update, as indices into the iteration's ``n`` rows of all ranks in rank order; with
-        ``every_rank``, the rows of all ranks' updates in order, batch_size each.
-
-        One order over all ``n`` rows, drawn as one rank draws it (a permutation per epoch, seeded by the seed and
-        the iteration; a short last pass wraps around), cut into updates of batch_size rows, of which rank r takes
-        the r-th of W equal slices (:func:`distributed.rank_slices`). Each row is used as often as in a one-rank
-        run, whichever rank collected it, and every rank trains on the same number of rows.
-        """
-        steps = self._steps_for(n) if steps is None else steps
-        rng = np.random.default_rng([self.config.seed, iteration])
-        order: list[int] = []
-        while len(order) < steps * self.config.batch_size:
-            order.extend(rng.permutation(n).tolist())  # epochs; a short last pass wraps around
-        order = order[: steps * self.config.batch_size]
-        if every_rank:
-            return order
-        return dist.rank_slices(order, self.config.batch_size, self.rank if rank is None else rank, self.world)
+        """Rank ``rank``'s rows (default: this rank's) for ``steps`` updates (default: those of ``n`` rows), as indices
+        into the ``n`` rows of all ranks: its slice of each update of one order over all of them, drawn as one rank
+        draws it (:func:`distributed.global_order`, :func:`distributed.rank_slices`), or with ``every_rank`` the
+        whole order. Each row is used as often as in a one-rank run, and every rank trains on as many rows."""
+        order = dist.global_order(self.config.seed, iteration, n, self._steps_for(n) if steps is None else steps,
+                                  self.config.batch_size)
+        return order if every_rank else dist.rank_slices(order, self.config.batch_size,
+                                                         self.rank if rank is None else rank, self.world)
 
     def _iteration_data(self, t: int, logger: MetricsLogger, state: dict) -> list[dict]:
         """This rank's tuples of iteration t: from disk when a resumed run collected them already.
 
-        With W ranks each rank collects, scores (:meth:`score`) and stores its own shard
-        (``iteration_<t>/tuples/rank_<r>-of-<W>``; a rank that kept no row while others did stores
-        that it has none); a shard missing on any rank (a kill between two ranks' writes) makes every
-        rank collect its shard again, before any update used them. Training then shares the rows of
-        all ranks out evenly (:meth:`_rank_rows`).
+        With W ranks each rank collects, scores and stores its own shard (``iteration_<t>/tuples/rank_<r>-of-<W>``,
+        maybe empty); a shard missing on any rank (a kill between two ranks' writes) makes every rank collect
+        its shard again, before any update used them. Training shares all ranks' rows out evenly (:meth:`_rank_rows`).
         """
         folder = self.run_dir / f"iteration_{t:03d}"
         mine = dist.shard_dir(folder / "tuples", self.rank, self.world)

@@ -140,7 +140,7 @@ def test_eval_every_plays_the_evaluation_on_its_iterations_and_after_the_last(wo
     summary = json.loads((trainer.run_dir / "summary.json").read_text())
     assert [e["iteration"] for e in summary["heldout"]] == [0, 2, 3]
     assert summary["heldout_improvement"]["to_iteration"] == 3 and summary["heldout_improvement"]["n"] == 4
-    with pytest.raises(ValueError, match="eval_every must be >= 1"):
+    with pytest.raises(ValueError, match="--eval-every 0: pass an integer >= 1"):
         small_trainer(word_lm_dir, tmp_path, "bad", eval_every=0).config.validate()
 
 

@@ -324,7 +324,7 @@ def test_loss_scale_original_trains_with_the_release_form(word_lm_dir, tmp_path)
     trainer.engine.model.train()
     out = trainer.train_step(rows)
     assert out["losses/loss"] == pytest.approx(100.0, rel=1e-5)  # (0 - 10 * 1)^2: pi = pi_t at the first step
-    with pytest.raises(ValueError, match="loss_scale must be one of"):
+    with pytest.raises(ValueError, match="--loss-scale eta2: pass one of"):
         make_trainer("refuel", None, **small(word_lm_dir, tmp_path, loss_scale="eta2"))
 
 

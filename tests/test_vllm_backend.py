@@ -437,5 +437,5 @@ def test_trainer_pushes_trained_weights_into_vllm_policy(tp_model_dir, tmp_path)
 def test_trainer_policy_backend_is_checked():
     from refuel_agents.refuel import RefuelConfig
 
-    with pytest.raises(ValueError, match="policy_backend must be 'transformers' or 'vllm', got 'tgi'"):
+    with pytest.raises(ValueError, match="--policy-backend tgi: pass 'transformers' or 'vllm'"):
         RefuelConfig(policy_backend="tgi").validate()
