@@ -33,6 +33,7 @@ from refuel_agents.collection import (
     CollectionStats,
     Penalties,
     PromptPlan,
+    collect_in_chunks,
     collect_refuel_tuples,
     iteration_seed,
     play_dialogues,
@@ -147,7 +148,7 @@ class RefuelTrainer:
         return dist.rank_prompts(indices, self.rank, self.world, iteration_seed(self.config.seed, iteration), iteration)
 
     def collect(self, iteration: int) -> tuple[list[dict], CollectionStats]:
-        """This rank's tuples of iteration ``iteration`` (its shard of :meth:`prompt_indices`).
+        """This rank's tuples of iteration ``iteration`` (its shard of :meth:`prompt_indices`), stored in chunks.
 
         Phase 'collection' (``residency.py``), resident on a training GPU: the policy shard with its gradient and
         optimizer partitions, the pi_0 shard, the reward model; the awake vLLM replica, or (transformers backend,
@@ -156,13 +157,12 @@ class RefuelTrainer:
         cfg = self.config
         self.model.eval()
         indices, seed = self.rank_prompts(self.prompt_indices(iteration), iteration)
-        rows, stats = collect_refuel_tuples(
+        folder = dist.shard_dir(self.run_dir / f"iteration_{iteration:03d}" / "collected", self.rank, self.world)
+        return collect_in_chunks(lambda prompts, chunk_seed: collect_refuel_tuples(  # (each chunk stored as it ends)
             env_id=cfg.env_id, env_kwargs=self.collect_env_kwargs, policy=self.rollout_policy(),
-            sampling=self.collection_sampling, num_prompts=len(indices), prompt_indices=indices,
-            seed=seed, kl_logprobs=self._kl_logprobs if self._env_has_kl() else None,
-            progress=cfg.progress and self.rank == 0, penalties=self.penalties,
-        )
-        return rows, stats
+            sampling=self.collection_sampling, num_prompts=len(prompts), prompt_indices=prompts, seed=chunk_seed,
+            kl_logprobs=self._kl_logprobs if self._env_has_kl() else None, progress=cfg.progress and self.rank == 0,
+            penalties=self.penalties), folder, indices, seed, cfg.collect_chunk_prompts)
 
     @property
     def rollout_generator(self) -> TextGenerator:

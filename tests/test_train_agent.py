@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -130,6 +131,49 @@ def test_a_run_that_fails_before_its_first_checkpoint_resumes_from_its_stored_tu
     assert steps(run) == steps(straight)
     mine, theirs = weights(run), weights(straight)
     assert all(torch.equal(mine[k], theirs[k]) for k in theirs), "the resumed run diverged from the uninterrupted one"
+
+
+def test_kill_9_during_collection_then_resume_collects_only_the_missing_chunks(word_lm_dir, tmp_path):
+    """Iteration 0 collects 4 prompts in chunks of 1, each stored as it ends. kill -9 once the first is stored (before
+    the last), then --resume: the stored chunks are read back, untouched, and only the others are collected; the
+    tuples are those of an uninterrupted run."""
+    chunked = lambda name: [sys.executable, SCRIPT, *flags(word_lm_dir, tmp_path, name), "--iterations", "1",  # noqa: E731
+                            "--prompts-per-iteration", "4", "--eval-prompts", "0", "--collect-chunk-prompts", "1"]
+
+    def start(name: str) -> subprocess.Popen:  # stderr to a file: a pipe that nobody reads can fill and block
+        with open(tmp_path / f"{name}.log", "w") as log:
+            return subprocess.Popen(chunked(name), stdout=subprocess.DEVNULL, stderr=log, env=ENV)
+
+    straight = start("straight")
+    collected = tmp_path / "killed" / "iteration_000" / "collected"
+    for _ in range(3):  # (a kill that comes after the last chunk is stored shows nothing: try again)
+        proc = start("killed")
+        deadline = time.time() + 600
+        while time.time() < deadline and proc.poll() is None and not (collected / "chunk_0000.json").exists():
+            time.sleep(0.005)
+        assert proc.poll() is None, "the run ended before it could be killed: " + (tmp_path / "killed.log").read_text()[-2000:]
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        stored = {p.name: p.stat() for p in collected.glob("chunk_*.json")}
+        if len(stored) < 4:
+            break
+        shutil.rmtree(tmp_path / "killed")
+    assert 1 <= len(stored) < 4 and not (tmp_path / "killed" / "iteration_000" / "tuples").exists(), sorted(stored)
+
+    resumed = subprocess.run(chunked("killed") + ["--resume"], capture_output=True, text=True, timeout=900, env=ENV)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"{collected}: {len(stored)} of 4 chunks of collection read back from disk" in resumed.stdout
+    for name, before in stored.items():  # read back, not collected and written again
+        now = (collected / name).stat()
+        assert (now.st_ino, now.st_mtime_ns) == (before.st_ino, before.st_mtime_ns), name
+    assert sorted(p.name for p in collected.glob("chunk_*.json")) == [f"chunk_{k:04d}.json" for k in range(4)]
+    assert straight.wait(timeout=900) == 0, (tmp_path / "straight.log").read_text()[-3000:]
+    import datasets
+
+    a = datasets.load_from_disk(str(tmp_path / "killed" / "iteration_000" / "tuples"))
+    b = datasets.load_from_disk(str(tmp_path / "straight" / "iteration_000" / "tuples"))
+    assert len(a) == 4 and a["item_id"] == b["item_id"] and a["response"] == b["response"]
+    assert a["response_prime"] == b["response_prime"] and a["reward"] == b["reward"]
 
 
 def test_resume_of_a_missing_run_and_a_plain_rerun_fail_clearly(word_lm_dir, tmp_path, reference_run):
