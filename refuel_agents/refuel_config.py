@@ -116,7 +116,8 @@ class RefuelConfig:
     collect_chunk_prompts: int = 64
     """Prompts per stored chunk of collection: each rank collects its prompts in chunks of this many and writes each
     finished chunk's tuples to iteration_<t>/collected/; a run that stops during collection and is resumed collects
-    only the chunks that are missing. 0 = a rank's whole shard in one chunk."""
+    only the chunks that are missing. 0 = a rank's whole shard in one chunk. REFUEL's collection; the baselines'
+    data modes collect a rank's shard in one piece."""
     policy_backend: str = "transformers"
     """How the policy generates in collection and evaluation: 'transformers' (the very module being trained) or
     'vllm' (an in-process vLLM engine started from policy_model; the trained weights are pushed into it, without a
