@@ -177,6 +177,41 @@ def test_kill_9_during_collection_then_resume_collects_only_the_missing_chunks(w
     assert tuples["response"] == [r["response"] for r in rows] and tuples["reward"] == [r["reward"] for r in rows]
 
 
+def test_stored_chunks_are_read_back_checked_and_only_missing_ones_collected(tmp_path):
+    from collections import Counter
+
+    from refuel_agents.collection import CollectionStats, collect_in_chunks
+
+    calls = []
+
+    def collect(prompts, seed):  # the collector's contract: (prompt indices, seed) -> (rows, stats)
+        calls.append((prompts, seed))
+        rows = [{"item_id": f"item-{i}", "reward": i / 3, "response_token_ids": (i, seed)} for i in prompts]
+        return rows, CollectionStats(prompts=len(prompts), tuples=len(rows), prompts_by_h=Counter({1: len(prompts)}))
+
+    rows, stats = collect_in_chunks(collect, tmp_path, [7, 3, 9, 4, 1], 100, 2)
+    assert calls == [([7, 3], 100), ([9, 4], 102), ([1], 104)]  # a chunk's seed: the seed plus its start
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["chunk_0000.json", "chunk_0001.json", "chunk_0002.json"]
+    assert [r["item_id"] for r in rows] == [f"item-{i}" for i in (7, 3, 9, 4, 1)] and rows[0]["reward"] == 7 / 3
+    assert rows[2]["response_token_ids"] == [9, 102]  # as it reads back from the file
+    assert stats.prompts == stats.tuples == 5 and stats.prompts_by_h == Counter({1: 5})
+
+    calls.clear()
+    (tmp_path / "chunk_0001.json").unlink()
+    assert collect_in_chunks(collect, tmp_path, [7, 3, 9, 4, 1], 100, 2) == (rows, stats)
+    assert calls == [([9, 4], 102)]  # only the missing chunk
+    with pytest.raises(ValueError, match="chunk_0000.json holds the tuples of prompts .7, 3. collected with seed 100"):
+        collect_in_chunks(collect, tmp_path, [7, 3, 9, 4, 1], 5, 2)  # another seed
+    with pytest.raises(ValueError, match="holds the tuples of prompts"):
+        collect_in_chunks(collect, tmp_path, [7, 3, 9, 4, 1], 100, 3)  # another chunk size
+    path = tmp_path / "chunk_0002.json"
+    path.write_text(path.read_text()[:-20])  # cut
+    with pytest.raises(ValueError, match=f"{path}: a stored chunk of collection that cannot be read .*delete {path}"):
+        collect_in_chunks(collect, tmp_path, [7, 3, 9, 4, 1], 100, 2)
+    assert collect_in_chunks(collect, tmp_path / "whole", [7, 3, 9], 100, 0)[1].prompts == 3  # 0: one chunk
+    assert calls[-1] == ([7, 3, 9], 100) and len(list((tmp_path / "whole").iterdir())) == 1
+
+
 def test_resume_of_a_missing_run_and_a_plain_rerun_fail_clearly(word_lm_dir, tmp_path, reference_run):
     result = subprocess.run([sys.executable, SCRIPT, *flags(word_lm_dir, tmp_path, "nothing"), "--resume"],
                             capture_output=True, text=True, timeout=300, env=ENV)
