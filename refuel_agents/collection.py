@@ -520,7 +520,7 @@ def sampling_by_h(sampling: SamplingParams, max_new_tokens_by_h: dict[str, int] 
 ChunkCollector = Callable[[list[int], int], tuple[list[dict[str, Any]], CollectionStats]]
 
 
-def collect_in_chunks(collect: ChunkCollector, folder: Path, indices: Sequence[int], seed: int,
+def collect_in_chunks(collect: ChunkCollector, folder: Path | None, indices: Sequence[int], seed: int,
                       chunk_prompts: int) -> tuple[list[dict[str, Any]], CollectionStats]:
     """Collect ``indices`` chunk by chunk, each chunk stored in ``folder`` as soon as it ends.
 
@@ -530,7 +530,8 @@ def collect_in_chunks(collect: ChunkCollector, folder: Path, indices: Sequence[i
     seeds) follow the chunk's seed. A chunk that ``folder`` holds already (``chunk_<k>.json``, written
     atomically) is read back instead of collected, after checking that it is of the same prompts and seed.
     Rows are used as they read back from the file, so a resumed collection and an uninterrupted one give the
-    same rows. Returns the rows and the stats summed over the chunks; prints how many chunks were read back.
+    same rows; ``folder=None`` stores nothing (the rows still go through the file's form). Returns the rows and
+    the stats summed over the chunks; prints how many chunks were read back.
     """
     size = chunk_prompts or max(1, len(indices))
     starts = range(0, max(1, len(indices)), size)
@@ -538,14 +539,17 @@ def collect_in_chunks(collect: ChunkCollector, folder: Path, indices: Sequence[i
     parts: list[CollectionStats] = []
     stored = 0
     for k, start in enumerate(starts):
-        chunk, chunk_seed, path = [int(i) for i in indices[start : start + size]], seed + start, folder / f"chunk_{k:04d}.json"
-        if path.exists():
+        chunk, chunk_seed = [int(i) for i in indices[start : start + size]], seed + start
+        path, text = None if folder is None else folder / f"chunk_{k:04d}.json", None
+        if path is not None and path.exists():
             stored += 1
         else:
             chunk_rows, stats = collect(chunk, chunk_seed)
-            write_text_atomic(path, json.dumps({"prompt_indices": chunk, "seed": chunk_seed, "rows": chunk_rows,
-                                                "stats": _stats_record(stats)}, default=_json_scalar))
-        chunk_rows, stats = _read_chunk(path, chunk, chunk_seed)
+            text = json.dumps({"prompt_indices": chunk, "seed": chunk_seed, "rows": chunk_rows,
+                               "stats": _stats_record(stats)}, default=_json_scalar)
+            if path is not None:
+                write_text_atomic(path, text)
+        chunk_rows, stats = _read_chunk(path, text, chunk, chunk_seed)
         rows += chunk_rows
         parts.append(stats)
     if stored:
@@ -570,12 +574,13 @@ def _stats_record(stats: CollectionStats) -> dict[str, Any]:
     return out
 
 
-def _read_chunk(path: Path, prompts: list[int], seed: int) -> tuple[list[dict[str, Any]], CollectionStats]:
-    """A stored chunk's rows and stats, after checking that it is complete and of ``prompts`` collected with ``seed``."""
-    fix = (f"delete {path} to collect its prompts again (or its folder, {path.parent}, for the whole iteration's "
-           "collection)")
+def _read_chunk(path: Path | None, text: str | None, prompts: list[int],
+                seed: int) -> tuple[list[dict[str, Any]], CollectionStats]:
+    """A chunk's rows and stats (``text``, else the file ``path``), after checking that it is complete and of
+    ``prompts`` collected with ``seed``."""
+    fix = "" if path is None else f"delete {path} to collect its prompts again (or {path.parent} for all its chunks)"
     try:
-        record = json.loads(path.read_text())
+        record = json.loads(text if text is not None else path.read_text())
         stats = CollectionStats(**{name: Counter(dict((k, n) for k, n in value["counter"]))
                                    if isinstance(value, dict) else value for name, value in record["stats"].items()})
         rows, stored_prompts, stored_seed = record["rows"], record["prompt_indices"], record["seed"]

@@ -158,6 +158,7 @@ class RefuelTrainer:
         self.model.eval()
         indices, seed = self.rank_prompts(self.prompt_indices(iteration), iteration)
         folder = dist.shard_dir(self.run_dir / f"iteration_{iteration:03d}" / "collected", self.rank, self.world)
+        folder = folder if self._state is not None else None  # (stored only in a run folder that setup() made)
         return collect_in_chunks(lambda prompts, chunk_seed: collect_refuel_tuples(  # (each chunk stored as it ends)
             env_id=cfg.env_id, env_kwargs=self.collect_env_kwargs, policy=self.rollout_policy(),
             sampling=self.collection_sampling, num_prompts=len(prompts), prompt_indices=prompts, seed=chunk_seed,

@@ -210,6 +210,7 @@ def test_stored_chunks_are_read_back_checked_and_only_missing_ones_collected(tmp
         collect_in_chunks(collect, tmp_path, [7, 3, 9, 4, 1], 100, 2)
     assert collect_in_chunks(collect, tmp_path / "whole", [7, 3, 9], 100, 0)[1].prompts == 3  # 0: one chunk
     assert calls[-1] == ([7, 3, 9], 100) and len(list((tmp_path / "whole").iterdir())) == 1
+    assert collect_in_chunks(collect, None, [7, 3, 9, 4, 1], 100, 2) == (rows, stats)  # None: nothing stored
 
 
 def test_resume_of_a_missing_run_and_a_plain_rerun_fail_clearly(word_lm_dir, tmp_path, reference_run):
