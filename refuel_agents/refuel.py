@@ -33,6 +33,7 @@ from refuel_agents.collection import (
     CollectionStats,
     Penalties,
     PromptPlan,
+    collect_in_chunks,
     collect_refuel_tuples,
     iteration_seed,
     play_dialogues,
@@ -51,6 +52,7 @@ from refuel_agents.rollout import PolicyRollout
 from refuel_agents.tracking import MetricsLogger, format_summary, report_run
 from refuel_agents.tuples import collection_metrics, encode_tuples, light_row, pair_batch, store_rows
 from refuel_env import embedded
+from refuel_env.components import make_config
 from refuel_env.generation import (
     SamplingParams,
     TextGenerator,
@@ -144,18 +146,18 @@ class RefuelTrainer:
         return dist.rank_prompts(indices, self.rank, self.world, iteration_seed(self.config.seed, iteration), iteration)
 
     def collect(self, iteration: int) -> tuple[list[dict], CollectionStats]:
-        """This rank's tuples of iteration ``iteration`` (its shard of :meth:`prompt_indices`); phase 'collection'
-        (what is resident on a training GPU meanwhile: ``residency.py``)."""
+        """This rank's tuples of iteration ``iteration`` (its shard of :meth:`prompt_indices`), stored in chunks;
+        phase 'collection' (what is resident on a training GPU meanwhile: ``residency.py``)."""
         cfg = self.config
         self.model.eval()
         indices, seed = self.rank_prompts(self.prompt_indices(iteration), iteration)
-        rows, stats = collect_refuel_tuples(
+        folder = dist.shard_dir(self.run_dir / f"iteration_{iteration:03d}" / "collected", self.rank, self.world)
+        folder = folder if self._state is not None else None  # (stored only in a run folder that setup() made)
+        return collect_in_chunks(lambda prompts, chunk_seed: collect_refuel_tuples(  # (each chunk stored as it ends)
             env_id=cfg.env_id, env_kwargs=self.collect_env_kwargs, policy=self.rollout_policy(),
-            sampling=self.collection_sampling, num_prompts=len(indices), prompt_indices=indices,
-            seed=seed, kl_logprobs=self._kl_logprobs if self._env_has_kl() else None,
-            progress=cfg.progress and self.rank == 0, penalties=self.penalties,
-        )
-        return rows, stats
+            sampling=self.collection_sampling, num_prompts=len(prompts), prompt_indices=prompts, seed=chunk_seed,
+            kl_logprobs=self._kl_logprobs if self._env_has_kl() else None, progress=cfg.progress and self.rank == 0,
+            penalties=self.penalties), folder, indices, seed, cfg.collect_chunk_prompts)
 
     @property
     def rollout_generator(self) -> TextGenerator:
@@ -174,8 +176,6 @@ class RefuelTrainer:
                                                             replica_asleep=asleep))
 
     def _env_config(self) -> Any:
-        from refuel_env.components import make_config
-
         kwargs = {k: v for k, v in self.env_kwargs.items() if k != "preset"}
         return make_config(self.env_kwargs.get("preset"), **kwargs)
 

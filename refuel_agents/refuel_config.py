@@ -113,6 +113,11 @@ class RefuelConfig:
     """Checkpoints kept on disk (the newest N; older ones are deleted once a newer one is complete)."""
     save_every: int = 0
     """Also checkpoint every N optimizer steps (0 = only after each iteration)."""
+    collect_chunk_prompts: int = 64
+    """Prompts per stored chunk of collection: each rank collects its prompts in chunks of this many and writes each
+    finished chunk's tuples to iteration_<t>/collected/; a run that stops during collection and is resumed collects
+    only the chunks that are missing. 0 = a rank's whole shard in one chunk. REFUEL's collection; the baselines'
+    data modes collect a rank's shard in one piece."""
     policy_backend: str = "transformers"
     """How the policy generates in collection and evaluation: 'transformers' (the very module being trained) or
     'vllm' (an in-process vLLM engine started from policy_model; the trained weights are pushed into it, without a
@@ -168,6 +173,7 @@ class RefuelConfig:
         at_least("max_new_tokens", 1, "the longest policy response in tokens")
         at_least("seed", 0, "seeds are non-negative")
         at_least("save_every", 0, "0 = checkpoint only after each iteration")
+        at_least("collect_chunk_prompts", 0, "prompts per stored chunk of collection; 0 = a rank's shard in one")
         if not (math.isfinite(self.lr) and self.lr > 0):
             bad("lr", self.lr, "pass a finite learning rate > 0, e.g. 1e-6")
         if not (math.isfinite(self.eta) and self.eta > 0):

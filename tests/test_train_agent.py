@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -130,6 +131,86 @@ def test_a_run_that_fails_before_its_first_checkpoint_resumes_from_its_stored_tu
     assert steps(run) == steps(straight)
     mine, theirs = weights(run), weights(straight)
     assert all(torch.equal(mine[k], theirs[k]) for k in theirs), "the resumed run diverged from the uninterrupted one"
+
+
+def test_kill_9_during_collection_then_resume_collects_only_the_missing_chunks(word_lm_dir, tmp_path):
+    """Iteration 0 collects 4 prompts in chunks of 1, each stored as it ends. kill -9 once the first is stored (before
+    the last), then --resume: the stored chunks are read back, untouched, and only the others are collected; the
+    iteration's tuples are the chunks' rows, each prompt's once, in order."""
+    chunked = lambda name: [sys.executable, SCRIPT, *flags(word_lm_dir, tmp_path, name), "--iterations", "1",  # noqa: E731
+                            "--prompts-per-iteration", "4", "--eval-prompts", "0", "--collect-chunk-prompts", "1"]
+
+    def start(name: str) -> subprocess.Popen:  # stderr to a file: a pipe that nobody reads can fill and block
+        with open(tmp_path / f"{name}.log", "w") as log:
+            return subprocess.Popen(chunked(name), stdout=subprocess.DEVNULL, stderr=log, env=ENV)
+
+    collected = tmp_path / "killed" / "iteration_000" / "collected"
+    for _ in range(3):  # (a kill that comes after the last chunk is stored shows nothing: try again)
+        proc = start("killed")
+        deadline = time.time() + 600
+        while time.time() < deadline and proc.poll() is None and not (collected / "chunk_0000.json").exists():
+            time.sleep(0.005)
+        assert proc.poll() is None, "the run ended before it could be killed: " + (tmp_path / "killed.log").read_text()[-2000:]
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        stored = {p.name: p.stat() for p in collected.glob("chunk_*.json")}
+        if len(stored) < 4:
+            break
+        shutil.rmtree(tmp_path / "killed")
+    assert 1 <= len(stored) < 4 and not (tmp_path / "killed" / "iteration_000" / "tuples").exists(), sorted(stored)
+
+    resumed = subprocess.run(chunked("killed") + ["--resume"], capture_output=True, text=True, timeout=900, env=ENV)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"{collected}: {len(stored)} of 4 chunks of collection read back from disk" in resumed.stdout
+    for name, before in stored.items():  # read back, not collected and written again
+        now = (collected / name).stat()
+        assert (now.st_ino, now.st_mtime_ns) == (before.st_ino, before.st_mtime_ns), name
+    assert sorted(p.name for p in collected.glob("chunk_*.json")) == [f"chunk_{k:04d}.json" for k in range(4)]
+    import datasets
+
+    tuples = datasets.load_from_disk(str(tmp_path / "killed" / "iteration_000" / "tuples"))
+    chunks = [json.loads((collected / f"chunk_{k:04d}.json").read_text()) for k in range(4)]
+    assert len({c["prompt_indices"][0] for c in chunks}) == 4  # 4 prompts, one per chunk, seeded by their position:
+    assert [c["seed"] - chunks[0]["seed"] for c in chunks] == [0, 1, 2, 3]
+    rows = [r for c in chunks for r in c["rows"]]
+    assert len(rows) == 4 and tuples["item_id"] == [r["item_id"] for r in rows]
+    assert tuples["response"] == [r["response"] for r in rows] and tuples["reward"] == [r["reward"] for r in rows]
+
+
+def test_stored_chunks_are_read_back_checked_and_only_missing_ones_collected(tmp_path):
+    from collections import Counter
+
+    from refuel_agents.collection import CollectionStats, collect_in_chunks
+
+    calls = []
+
+    def collect(prompts, seed):  # the collector's contract: (prompt indices, seed) -> (rows, stats)
+        calls.append((prompts, seed))
+        rows = [{"item_id": f"item-{i}", "reward": i / 3, "response_token_ids": (i, seed)} for i in prompts]
+        return rows, CollectionStats(prompts=len(prompts), tuples=len(rows), prompts_by_h=Counter({1: len(prompts)}))
+
+    rows, stats = collect_in_chunks(collect, tmp_path, [7, 3, 9, 4, 1], 100, 2)
+    assert calls == [([7, 3], 100), ([9, 4], 102), ([1], 104)]  # a chunk's seed: the seed plus its start
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["chunk_0000.json", "chunk_0001.json", "chunk_0002.json"]
+    assert [r["item_id"] for r in rows] == [f"item-{i}" for i in (7, 3, 9, 4, 1)] and rows[0]["reward"] == 7 / 3
+    assert rows[2]["response_token_ids"] == [9, 102]  # as it reads back from the file
+    assert stats.prompts == stats.tuples == 5 and stats.prompts_by_h == Counter({1: 5})
+
+    calls.clear()
+    (tmp_path / "chunk_0001.json").unlink()
+    assert collect_in_chunks(collect, tmp_path, [7, 3, 9, 4, 1], 100, 2) == (rows, stats)
+    assert calls == [([9, 4], 102)]  # only the missing chunk
+    with pytest.raises(ValueError, match="chunk_0000.json holds the tuples of prompts .7, 3. collected with seed 100"):
+        collect_in_chunks(collect, tmp_path, [7, 3, 9, 4, 1], 5, 2)  # another seed
+    with pytest.raises(ValueError, match="holds the tuples of prompts"):
+        collect_in_chunks(collect, tmp_path, [7, 3, 9, 4, 1], 100, 3)  # another chunk size
+    path = tmp_path / "chunk_0002.json"
+    path.write_text(path.read_text()[:-20])  # cut
+    with pytest.raises(ValueError, match=f"{path}: a stored chunk of collection that cannot be read .*delete {path}"):
+        collect_in_chunks(collect, tmp_path, [7, 3, 9, 4, 1], 100, 2)
+    assert collect_in_chunks(collect, tmp_path / "whole", [7, 3, 9], 100, 0)[1].prompts == 3  # 0: one chunk
+    assert calls[-1] == ([7, 3, 9], 100) and len(list((tmp_path / "whole").iterdir())) == 1
+    assert collect_in_chunks(collect, None, [7, 3, 9, 4, 1], 100, 2) == (rows, stats)  # None: nothing stored
 
 
 def test_resume_of_a_missing_run_and_a_plain_rerun_fail_clearly(word_lm_dir, tmp_path, reference_run):
