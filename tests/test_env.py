@@ -328,7 +328,7 @@ def test_the_spec_shows_the_configuration_an_id_makes():
     for env_id, chosen in ENV_IDS.items():
         kwargs = gym.spec(env_id).kwargs
         assert kwargs == dataclasses.asdict(EnvConfig(**chosen)), env_id
-    assert gym.spec("SyntheticDialogue-v0").kwargs == {"max_turns": 3, "split": "train", "kl_coef": 0.0}
+    assert gym.spec("SyntheticDialogue-v0").kwargs == {"max_turns": 3, "split": "train", "kl_coef": 0.0, "behaviour": "mixed"}
     # With a preset, an argument at its default takes the preset's value; one that differs overrides it.
     config = make_config("paper-setting-two-ultrainteract", **{**gym.spec("UltraInteractPresampled-v0").kwargs,
                                                                "data_source": "/data/ui.jsonl", "kl_coef": 0.5})
