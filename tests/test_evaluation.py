@@ -551,12 +551,10 @@ def test_both_orders_with_the_reward_judge_is_refused(word_lm_dir):
 
 @pytest.fixture(scope="module")
 def evaluate_script():
-    import importlib.util
+    """The module whose ``main`` scripts/evaluate.py and ``refuel-evaluate`` run (patched here, so the module itself)."""
+    from refuel_agents.commands import evaluate
 
-    spec = importlib.util.spec_from_file_location("evaluate_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return evaluate
 
 
 def _script_error(evaluate_script, capsys, monkeypatch, *argv: str) -> str:
