@@ -237,14 +237,21 @@ def _shown(value: Any) -> str:
 
 def _env_problems(env_id: str, preset: str | None, env_kwargs: Any) -> list[str]:
     """The environment arguments, checked as the environment will read them (no model or data is loaded)."""
-    from refuel_env import ENV_IDS
+    from refuel_env import ENV_IDS, SYNTHETIC_ENV_IDS
     from refuel_env.components import make_config
+    from refuel_env.synthetic import make_synthetic_config
 
-    if env_id not in ENV_IDS:
-        return [f"--env-id {env_id}: pass one of {sorted(ENV_IDS)}"]
+    if env_id not in ENV_IDS and env_id not in SYNTHETIC_ENV_IDS:
+        return [f"--env-id {env_id}: pass one of {sorted(ENV_IDS) + sorted(SYNTHETIC_ENV_IDS)}"]
     if not isinstance(env_kwargs, dict):
         return [f"--env-kwargs {_shown(env_kwargs)}: pass a JSON object of environment arguments, "
                 'e.g. \'{"max_turns": 3}\'']
+    if env_id in SYNTHETIC_ENV_IDS:  # (the synthetic task has its own arguments and no presets)
+        try:
+            make_synthetic_config(**env_kwargs)
+        except (TypeError, ValueError) as err:
+            return [f"--env-kwargs {_shown(env_kwargs)}: {err}"]
+        return []
     try:
         make_config(preset, **{k: v for k, v in env_kwargs.items() if k != "preset"})
     except (TypeError, ValueError) as err:

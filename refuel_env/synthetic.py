@@ -279,7 +279,7 @@ def make_synthetic_config(**kwargs: object) -> SyntheticEnvConfig:
             f"kl_coef must be a finite number >= 0, got {type(kl).__name__} {kl!r:.80}; e.g. kl_coef=0.05 (0 keeps Q exact)"
         )
     if not isinstance(config.behaviour, str) or config.behaviour not in BEHAVIOUR_POLICIES:
-        raise ValueError(f"behaviour must be one of {sorted(BEHAVIOUR_POLICIES)}, got {config.behaviour!r:.80}; "
+        raise ValueError(f"unknown behaviour {config.behaviour!r:.80}; the synthetic task has {sorted(BEHAVIOUR_POLICIES)}, "
                          "e.g. behaviour='never-ask'")
     return replace(config, max_turns=int(turns), kl_coef=float(kl))
 

@@ -532,7 +532,7 @@ def test_env_config_selects_the_openai_backend(fake):
                                        user_openai_kwargs={"tokenizer": str(smollm2_path()), "max_context": 2048}))
     assert exact.max_context == 2048 and exact.tokenizer is not None
     assert exact.count_tokens(QUESTION) == len(encode_chat(exact.tokenizer, QUESTION)) != gen.count_tokens(QUESTION)
-    with pytest.raises(ValueError, match=r"user_backend must be one of \['transformers', 'openai', 'vllm'\], got 'grpc'"):
+    with pytest.raises(ValueError, match=r"user_backend must be one of \['transformers', 'openai', 'vllm'\], got str 'grpc'"):
         user_generator(make_config(user_backend="grpc"))
 
 
