@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from refuel_agents.machine_load import load_line, load_record
+from refuel_agents.machine_load import MARGIN, load_line, load_record
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
@@ -23,7 +23,7 @@ SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 def check_load(record: dict, cores: int) -> None:
     assert set(record) == {"before", "after", "cores_used", "cpu_count", "busy"}
     assert record["before"] >= 0 and record["after"] >= 0 and record["cores_used"] == cores
-    assert record["busy"] == (max(record["before"], record["after"]) > cores)
+    assert record["busy"] == (max(record["before"], record["after"]) > cores + MARGIN)
 
 
 def load_script(name: str, monkeypatch) -> Any:
@@ -38,6 +38,8 @@ def test_load_record_and_its_warning():
     quiet = load_record(0.5, cores=2, after=1.9)
     assert quiet == {"before": 0.5, "after": 1.9, "cores_used": 2, "cpu_count": quiet["cpu_count"], "busy": False}
     assert load_line(quiet) == f"load average (1 min) before / after: 0.50 / 1.90, 2 core(s) used of {quiet['cpu_count']}"
+    assert not load_record(0.89, cores=1, after=1.01)["busy"]  # one busy thread, and the kernel's housekeeping
+    assert load_record(0.5, cores=1, after=1.3)["busy"]
     busy = load_record(5.2, cores=2, after=1.0)
     assert busy["busy"]
     assert "\nWARNING: the load exceeded the 2 core(s) this benchmark uses" in load_line(busy)
