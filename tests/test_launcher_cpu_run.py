@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -83,7 +84,7 @@ def test_one_iteration_on_two_cpu_ranks_with_a_vllm_policy_and_a_served_user(smo
     serve = [str(Path(sys.executable).with_name("transformers")), "serve", user, "--host", "127.0.0.1", "--port",
              str(port), "--device", "cpu", "--log-level", "info"]
     env_kwargs = {"data_source": "sample", "max_turns": 2, "user_model": user, "user_max_new_tokens": 8,
-                  "user_openai_kwargs": {"tokenizer": user, "max_context": 2048, "max_concurrency": 4},
+                  "user_openai_kwargs": {"tokenizer": user, "max_context": 8192, "max_concurrency": 4},
                   "reward_model": "embedded", "tokenizer": "embedded"}
     vllm_kwargs = {"dtype": "float32", "max_model_len": 4096, "kv_cache_memory_bytes": 64 * 2**20}
     launch = [str(VENV_PYTHON), str(ROOT / "scripts" / "launch_paper_setting_one.py"), "--user-base-url", url,
@@ -93,13 +94,20 @@ def test_one_iteration_on_two_cpu_ranks_with_a_vllm_policy_and_a_served_user(smo
               "--batch-size", "2", "--micro-batch-size", "1", "--max-new-tokens", "8", "--seed", "0",
               "--output-dir", str(tmp_path / "runs"), "--run-name", "cpu", "--no-progress"]
     env = {**os.environ, **offline, "PYTHONPATH": str(ROOT), "DS_ACCELERATOR": "cpu", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
-           "OMP_NUM_THREADS": "1", "PET_MASTER_ADDR": "127.0.0.1", "PET_MASTER_PORT": str(free_port())}
+           "OMP_NUM_THREADS": "1"}
     with open(server_log, "w") as out:
         server = subprocess.Popen(serve, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **offline})
     try:
         wait_for_server(url, user, timeout=300, process=server, log=server_log, interval=0.5)
         started = time.monotonic()
-        proc = subprocess.run(launch, env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
+        proc = subprocess.Popen(launch, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)  # the launcher, torchrun and the ranks: one group to end
+        try:
+            stdout, stderr = proc.communicate(timeout=900)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            stdout, stderr = proc.communicate()
+            pytest.fail(f"the launch did not end within 900 s:\n{(stdout + stderr)[-8000:]}")
         print(f"launcher: {time.monotonic() - started:.0f} s")
     finally:
         server.terminate()
@@ -108,9 +116,9 @@ def test_one_iteration_on_two_cpu_ranks_with_a_vllm_policy_and_a_served_user(smo
         except subprocess.TimeoutExpired:
             server.kill()
             server.wait()
-    output = (proc.stdout + proc.stderr)[-8000:]
+    output = (stdout + stderr)[-8000:]
     assert proc.returncode == 0, output
-    assert f"user server ready at {url}; starting training" in proc.stdout, output
+    assert f"user server ready at {url}; starting training" in stdout, output
     run = tmp_path / "runs" / "cpu"
     config = json.loads((run / "config.json").read_text())
     assert (config["policy_backend"], config["policy_vllm_sleep"]) == ("vllm", False)
