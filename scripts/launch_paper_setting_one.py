@@ -4,6 +4,7 @@
     python scripts/launch_paper_setting_one.py --user-gpus 0,1,2,3 --train-gpus 4,5,6,7 --port 8000 \\
         -- --iterations 2 --run-name setting-one                                 # flags after -- go to train_agent.py
     python scripts/launch_paper_setting_one.py --dry-run                         # print what would run, start nothing
+    python scripts/launch_paper_setting_one.py --user-base-url http://HOST:8000/v1  # a user server already running
     # two nodes: the same command on each, NODE_RANK 0 on the node at MASTER_ADDR
     python scripts/launch_paper_setting_one.py --nnodes 2 --node-rank $NODE_RANK --master-addr $MASTER_ADDR
 
@@ -21,6 +22,8 @@
    on the training GPUs, with ``REFUEL_USER_BASE_URL`` pointing every rank at the server: each
    rank generates with its own vLLM replica of the policy, which sleeps while the rank scores
    and trains.
+   With ``--user-base-url`` steps 2 and 3 call a server that is already running there instead:
+   the launcher starts none, waits for it to list ``--user-model`` and points the ranks at it.
 5. Stops training and the server's whole process group (SIGTERM, then SIGKILL after
    ``--stop-timeout`` seconds) when training ends, whatever the outcome, and also on SIGTERM or
    Ctrl-C; exits with training's status.
@@ -141,7 +144,7 @@ def commands(args: argparse.Namespace, train_args: list[str],
     import memory_plan
 
     setting = setting or plan(args, train_args)
-    url = f"http://{args.advertise_host}:{args.port}/v1"
+    url = args.user_base_url or f"http://{args.advertise_host}:{args.port}/v1"
     serve = ["vllm", "serve", args.user_model, "--tensor-parallel-size", str(len(user)), "--host", args.host,
              "--port", str(args.port), "--max-model-len", str(args.max_model_len), *shlex.split(args.serve_args)]
     nodes = []
@@ -154,6 +157,8 @@ def commands(args: argparse.Namespace, train_args: list[str],
                str(ROOT / "scripts" / "train_agent.py"), "--agent", "refuel", "--preset", PRESET,
                *memory_plan.plan_flags(), "--policy-vllm-kwargs", json.dumps(vllm_kwargs), *train_args]
     serve_env = {"CUDA_VISIBLE_DEVICES": ",".join(user)}
+    if args.user_base_url:  # a server that is already running: none to start
+        serve, serve_env = [], {}
     train_env = {"CUDA_VISIBLE_DEVICES": ",".join(train), "REFUEL_USER_BASE_URL": url}
     return serve, serve_env, trainer, train_env
 
@@ -163,6 +168,10 @@ def routing(args: argparse.Namespace) -> list[str]:
     per_node = len(_gpus(args.train_gpus, "--train-gpus"))
     lines = []
     for node in range(args.nnodes):
+        if args.user_base_url:
+            lines.append(f"node {node}: ranks {node * per_node}-{(node + 1) * per_node - 1} call {args.user_base_url} "
+                         "(--user-base-url, a server this launcher does not start)")
+            continue
         host = args.advertise_host if node == args.node_rank else f"<node {node}'s --advertise-host>"
         lines.append(f"node {node}: ranks {node * per_node}-{(node + 1) * per_node - 1} call "
                      f"http://{host}:{args.port}/v1 (the server on node {node}'s GPUs {args.user_gpus})")
@@ -215,6 +224,8 @@ def supervise(serve: list[str], serve_env: dict, trainer: list[str], train_env: 
               wait_timeout: float, log_path: Path, stop_timeout: float = 60.0) -> int:
     """Start the server in a session of its own, wait for it, run training; stop both however it ends.
 
+    An empty ``serve`` starts no server: training waits for the one already answering at ``url``.
+
     SIGTERM to the launcher ends training (SIGTERM to torchrun, which passes it to the ranks) and
     the server's process group, then returns 143; Ctrl-C does the same and returns 130.
     """
@@ -222,13 +233,15 @@ def supervise(serve: list[str], serve_env: dict, trainer: list[str], train_env: 
         raise Terminated
 
     previous = signal.signal(signal.SIGTERM, on_sigterm)
-    log_path.parent.mkdir(parents=True, exist_ok=True)
     trainer_proc: subprocess.Popen | None = None
-    with open(log_path, "w") as log:
-        server = subprocess.Popen(serve, env={**os.environ, **serve_env}, stdout=log, stderr=subprocess.STDOUT,
-                                  start_new_session=True)
+    server: subprocess.Popen | None = None
+    if serve:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "w") as log:
+            server = subprocess.Popen(serve, env={**os.environ, **serve_env}, stdout=log, stderr=subprocess.STDOUT,
+                                      start_new_session=True)
     try:
-        wait_for_server(url, model, timeout=wait_timeout, process=server, log=log_path)
+        wait_for_server(url, model, timeout=wait_timeout, process=server, log=log_path if server else None)
         print(f"user server ready at {url}; starting training", flush=True)
         trainer_proc = subprocess.Popen(trainer, env={**os.environ, **train_env})
         return trainer_proc.wait()
@@ -250,7 +263,8 @@ def supervise(serve: list[str], serve_env: dict, trainer: list[str], train_env: 
             except subprocess.TimeoutExpired:
                 trainer_proc.kill()
                 trainer_proc.wait()
-        stop_group(server, stop_timeout)
+        if server is not None:
+            stop_group(server, stop_timeout)
         signal.signal(signal.SIGTERM, previous)
 
 
@@ -264,6 +278,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--advertise-host", default=None,
                         help="the address this node's ranks call the server at (default: 127.0.0.1 on one node, this "
                              "node's host name with --nnodes > 1)")
+    parser.add_argument("--user-base-url", default=None,
+                        help="call an OpenAI-compatible server already serving --user-model at this URL, API prefix "
+                             "included (e.g. http://HOST:8000/v1), instead of starting `vllm serve`; --user-gpus then "
+                             "only sizes that server in the memory plan (default: start `vllm serve`)")
     parser.add_argument("--port", type=int, default=8000, help="the server's port (default: %(default)s)")
     parser.add_argument("--max-model-len", type=int, default=8192,
                         help="vllm serve --max-model-len; the preset's user_openai_kwargs max_context matches it (default: %(default)s)")
@@ -308,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
             "plan": {"world": setting.world, "gpu_memory_gb": args.gpu_memory_gb,
                      "vllm_gpu_memory_utilization": p.vllm_gpu_memory_utilization,
                      "peak_gb": {phase: round(p.peak(phase) / 1e9, 1) for phase in p.rows}},
-            "serve": {"command": serve, **serve_env, "shell": _shell(serve_env, serve)},
+            "serve": {"command": serve, **serve_env, "shell": _shell(serve_env, serve)} if serve else None,
             "train": {"command": trainer, **train_env, "shell": _shell(train_env, trainer)},
             "routing": routing(args)}, indent=2))
         return 0

@@ -90,6 +90,8 @@ class Setting:
 def _shape(path: str | None, name: str, flag: str) -> ledger.ModelShape:
     if path:
         return ledger.ModelShape.from_config(path)
+    if (Path(name) / "config.json").is_file():  # a local checkpoint folder
+        return ledger.ModelShape.from_config(name, name=name)
     try:
         return ledger.ModelShape.from_config(ledger.shipped_config(name), name=name)
     except KeyError as err:
