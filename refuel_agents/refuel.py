@@ -52,7 +52,7 @@ from refuel_agents.rollout import PolicyRollout
 from refuel_agents.tracking import MetricsLogger, format_summary, report_run
 from refuel_agents.tuples import collection_metrics, encode_tuples, light_row, pair_batch, store_rows
 from refuel_env import embedded
-from refuel_env.components import make_config
+from refuel_env.components import make_config, preset_kwargs
 from refuel_env.generation import (
     SamplingParams,
     TextGenerator,
@@ -83,9 +83,7 @@ class RefuelTrainer:
         self.rank, self.world = dist.rank_and_world()
         self.rank_batch_size = dist.rank_batch_size(config.batch_size, config.micro_batch_size, self.world)
         torch.manual_seed(config.seed)
-        self.env_kwargs = dict(config.env_kwargs)
-        if config.env_preset:
-            self.env_kwargs["preset"] = config.env_preset
+        self.env_kwargs = preset_kwargs(config.env_id, config.env_preset, config.env_kwargs)  # every argument given wins
         if reward_model is not None:
             self.env_kwargs["reward_model"] = reward_model
         # Where every model of this rank goes, decided before any is loaded; the rank's GPU is made current.

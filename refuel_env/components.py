@@ -1,7 +1,8 @@
 """Building an environment's parts from its keyword arguments (and presets).
 
 Every environment id takes the same keyword arguments (see :class:`EnvConfig`); ``preset``
-fills in a named configuration first and explicit arguments override it. Models are loaded once
+fills in a named configuration first and explicit arguments override it (through ``gym.make``,
+only those that differ from their default: :func:`spec_config`). Models are loaded once
 per process and shared by every environment that names the same one.
 """
 
@@ -164,8 +165,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 def make_config(preset: str | None = None, **kwargs: Any) -> EnvConfig:
-    """An :class:`EnvConfig` from a preset name and keyword arguments (arguments that differ from
-    :class:`EnvConfig`'s defaults win over the preset; one left at its default takes the preset's value)."""
+    """An :class:`EnvConfig` from a preset name and keyword arguments: every argument given wins over
+    the preset, except that a preset whose ``dataset`` or ``user`` differs from the one given is refused."""
     names = {f.name for f in fields(EnvConfig)}
     unknown = set(kwargs) - names
     if unknown:
@@ -173,14 +174,6 @@ def make_config(preset: str | None = None, **kwargs: Any) -> EnvConfig:
     if preset is not None and (not isinstance(preset, str) or preset not in PRESETS):
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
     preset_values = PRESETS.get(preset or "embedded", {})
-    if preset is not None:
-        # The registered ids pass every argument (gym.spec(id).kwargs shows them): with a preset, an
-        # argument left at its default takes the preset's value.
-        defaults = {f.name: f.default for f in fields(EnvConfig)}
-        kwargs = {
-            k: v for k, v in kwargs.items()
-            if k in ("dataset", "user") or k not in preset_values or canonical(v) != canonical(defaults[k])
-        }
     for key in ("dataset", "user"):  # an id's dataset and user come in as arguments
         if key in preset_values and key in kwargs and kwargs[key] != preset_values[key]:
             from refuel_env import ENV_IDS
@@ -198,6 +191,36 @@ def make_config(preset: str | None = None, **kwargs: Any) -> EnvConfig:
     config = replace(EnvConfig(), **{**preset_values, **kwargs})
     validate_config(config)
     return config
+
+
+def spec_config(preset: str | None = None, **kwargs: Any) -> EnvConfig:
+    """The :class:`EnvConfig` of an environment made by ``gym.make(id, preset=..., **kwargs)``.
+
+    The registered ids hold every argument (``gym.spec(id).kwargs`` shows them) and Gymnasium passes
+    them all, so the environment cannot tell an argument given from one left at its default: with a
+    preset, an argument equal to its default takes the preset's value. :func:`preset_kwargs` resolves
+    a preset without that ambiguity, for ``gym.make`` without ``preset``.
+    """
+    if preset is not None and preset in PRESETS:
+        defaults = {f.name: f.default for f in fields(EnvConfig)}
+        kwargs = {
+            k: v for k, v in kwargs.items()
+            if k in ("dataset", "user") or k not in PRESETS[preset] or k not in defaults
+            or canonical(v) != canonical(defaults[k])
+        }
+    return make_config(preset, **kwargs)
+
+
+def preset_kwargs(env_id: str, preset: str | None, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Every keyword argument of ``env_id`` with ``preset`` applied and each of ``kwargs`` winning over
+    it, even one equal to its default: ``gym.make(env_id, **preset_kwargs(env_id, preset, kwargs))``.
+    Without a preset, ``kwargs`` unchanged."""
+    if preset is None:
+        return dict(kwargs)
+    from refuel_env import ENV_IDS
+
+    config = make_config(preset, **{**ENV_IDS.get(env_id, {}), **kwargs})
+    return {f.name: getattr(config, f.name) for f in fields(EnvConfig)}
 
 
 def _is_int(value: Any) -> bool:

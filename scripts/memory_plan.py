@@ -139,7 +139,7 @@ def setting(preset: str, gpus: int, gpu_memory_gb: float, *, user_gpus: int | No
     if config.batch_size % world:
         raise SystemExit(f"error: batch_size {config.batch_size} is not a multiple of the {world} training ranks")
     policy = _shape(policy_config, config.policy_model, "--policy-config")
-    reward_name = str(ledger_reward_name(config))
+    reward_name = ledger_reward_name(config)  # None: the embedded reward model, or an object
     reward = _shape(reward_config, reward_name, "--reward-config") if reward_name else None
     plan = ledger.plan_for(config, world=world, policy=policy, reward=reward, gpu_memory_gb=gpu_memory_gb,
                            device="cuda", allowance_gb=allowance_gb)

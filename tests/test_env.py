@@ -320,7 +320,7 @@ def test_the_spec_shows_the_configuration_an_id_makes():
     import dataclasses
 
     from refuel_env import CONFIG_DEFAULTS, ENV_IDS, SYNTHETIC_DEFAULTS
-    from refuel_env.components import EnvConfig, make_config
+    from refuel_env.components import EnvConfig, make_config, preset_kwargs, spec_config
     from refuel_env.synthetic import SyntheticEnvConfig
 
     assert CONFIG_DEFAULTS == {f.name: f.default for f in dataclasses.fields(EnvConfig) if f.name not in ("dataset", "user")}
@@ -329,11 +329,22 @@ def test_the_spec_shows_the_configuration_an_id_makes():
         kwargs = gym.spec(env_id).kwargs
         assert kwargs == dataclasses.asdict(EnvConfig(**chosen)), env_id
     assert gym.spec("SyntheticDialogue-v0").kwargs == {"max_turns": 3, "split": "train", "kl_coef": 0.0, "behaviour": "mixed"}
-    # With a preset, an argument at its default takes the preset's value; one that differs overrides it.
-    config = make_config("paper-setting-two-ultrainteract", **{**gym.spec("UltraInteractPresampled-v0").kwargs,
-                                                               "data_source": "/data/ui.jsonl", "kl_coef": 0.5})
+    # Through gym.make, with a preset, an argument at its default takes the preset's value; one that differs
+    # overrides it.
+    given = {"data_source": "/data/ui.jsonl", "kl_coef": 0.5, "tokenizer": "embedded"}
+    config = spec_config("paper-setting-two-ultrainteract", **{**gym.spec("UltraInteractPresampled-v0").kwargs, **given})
     assert (config.truncation_penalty, config.max_dialogue_tokens, config.reward_model) == (-4.0, 3200, "fsfairx")
     assert (config.data_source, config.kl_coef, config.user) == ("/data/ui.jsonl", 0.5, "presampled")
+    assert config.tokenizer == "meta-llama/Meta-Llama-3-8B-Instruct"  # given, but equal to the default: hidden
+    # make_config and preset_kwargs (what the trainer and the evaluation pass to gym.make) let every argument
+    # given win, the default values included.
+    assert make_config("paper-setting-two-ultrainteract", **given).tokenizer == "embedded"
+    kwargs = preset_kwargs("UltraInteractPresampled-v0", "paper-setting-two-ultrainteract", given)
+    assert "preset" not in kwargs and set(kwargs) == set(gym.spec("UltraInteractPresampled-v0").kwargs)
+    assert (kwargs["tokenizer"], kwargs["truncation_penalty"], kwargs["data_source"]) == ("embedded", -4.0, "/data/ui.jsonl")
+    with pytest.raises(ValueError, match="preset 'paper-setting-two-ultrainteract' is for user='presampled'"):
+        preset_kwargs("UltraInteractDialogue-v0", "paper-setting-two-ultrainteract", {})
+    assert preset_kwargs("UltraInteractDialogue-v0", None, {"max_turns": 2}) == {"max_turns": 2}
 
 
 def test_time_limit_counts_steps_from_a_snapshot_restore():

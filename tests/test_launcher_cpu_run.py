@@ -134,4 +134,6 @@ def test_one_iteration_on_two_cpu_ranks_with_a_vllm_policy_and_a_served_user(smo
         for dialogue in (row["dialogue"], row["dialogue_prime"]):
             users = [m["content"] for m in dialogue if m["role"] == "user"]
             assert len(users) == row["H"] and all(u.strip() for u in users), dialogue
-    assert server_log.read_text().count("/v1/chat/completions") >= len(long), server_log.read_text()[-3000:]
+    # One request per user turn: h - 1 in the shared roll-in, then H - h in each of the two branches.
+    turns = sum(r["h"] - 1 + 2 * (r["H"] - r["h"]) for r in rows)
+    assert server_log.read_text().count("POST /v1/chat/completions") == turns, server_log.read_text()[-3000:]

@@ -75,7 +75,7 @@ from refuel_agents.evaluation import (
     split_named_spec,
     write_reports,
 )
-from refuel_env.components import PRESETS
+from refuel_env.components import PRESETS, preset_kwargs
 from refuel_env.generation import GenerationError, SamplingParams
 
 _SPEC_FORMS = "a model spec: embedded, a checkpoint directory, hf:ID, vllm:ID or openai:MODEL[@BASE_URL]"
@@ -229,9 +229,10 @@ def main(argv: list[str] | None = None) -> int:
         judge_sampling = SamplingParams(max_new_tokens=args.judge_max_new_tokens, temperature=0.0)
     except GenerationError as err:
         raise SystemExit(f"error: {err}") from None
-    env_kwargs = dict(args.env_kwargs)
-    if args.env_preset:
-        env_kwargs["preset"] = args.env_preset
+    try:
+        env_kwargs = preset_kwargs(args.env_id, args.env_preset, args.env_kwargs)  # every argument given wins over the preset
+    except (TypeError, ValueError) as err:
+        raise SystemExit(f"error: --env-preset {args.env_preset} with --env-kwargs: {err}") from None
     out_dir = args.output_dir or Path("runs") / time.strftime("eval-%Y%m%d-%H%M%S")
     try:
         check_output_dir(out_dir)  # before anything is played

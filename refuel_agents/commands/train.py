@@ -181,7 +181,9 @@ def check_config(agent: str, config) -> None:
         raise invalid
     check_output_dir(config.output_dir)
     if config.eval_prompts > 0:  # more held-out prompts than the split has: refused before any model loads
-        env_kwargs = {**config.env_kwargs, **({"preset": config.env_preset} if config.env_preset else {})}
+        from refuel_env.components import preset_kwargs
+
+        env_kwargs = preset_kwargs(config.env_id, config.env_preset, config.env_kwargs)
         PromptPlan(config.env_id, env_kwargs, config.seed, config.prompts_per_iteration, config.iterations,
                    config.eval_split, config.eval_prompts).heldout()
 

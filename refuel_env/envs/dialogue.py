@@ -6,7 +6,7 @@ from typing import Any
 
 import gymnasium as gym
 
-from refuel_env.components import build_core, make_config
+from refuel_env.components import build_core, spec_config
 from refuel_env.core import Episode, EpisodeError, check_seed, copy_messages, render_transcript
 from refuel_env.snapshot import Snapshot
 from refuel_env.spaces import Conversation, Prose
@@ -83,7 +83,7 @@ class DialogueEnv(gym.Env[list, str]):
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise ValueError(f"render_mode must be one of {self.metadata['render_modes']} or None, got {render_mode!r}")
         self.render_mode = render_mode
-        self.config = make_config(preset, **kwargs)
+        self.config = spec_config(preset, **kwargs)
         self.core = build_core(self.config)
         self.observation_space = Conversation(max_turns=self.config.max_turns)
         self.action_space = Prose()

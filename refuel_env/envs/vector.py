@@ -10,7 +10,7 @@ import numpy as np
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
-from refuel_env.components import build_core, make_config
+from refuel_env.components import build_core, spec_config
 from refuel_env.core import (
     RESET_OPTIONS,
     Episode,
@@ -52,7 +52,7 @@ class DialogueVectorEnv(VectorEnv):
             raise ValueError(f"render_mode must be one of {self.metadata['render_modes']} or None, got {render_mode!r}")
         self.num_envs = num_envs
         self.render_mode = render_mode
-        self.config = make_config(preset, **kwargs)
+        self.config = spec_config(preset, **kwargs)
         self.core = build_core(self.config)
         self.single_observation_space = Conversation(max_turns=self.config.max_turns)
         self.single_action_space = Prose()
