@@ -21,16 +21,16 @@ def smollm2_dir():
     return smollm2_path()
 
 
-@pytest.fixture(scope="session")
-def tiny_lm_dir(tmp_path_factory, smollm2_dir):
-    """A 2-layer Llama with random weights and SmolLM2's tokenizer and chat template."""
+def _tiny_llama(path, smollm2_dir, hidden_size: int):
+    """A 2-layer Llama with random weights (seed 0), ``hidden_size`` wide in 4 heads, with SmolLM2's tokenizer
+    and chat template, saved to ``path``."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
@@ -41,11 +41,21 @@ def tiny_lm_dir(tmp_path_factory, smollm2_dir):
         pad_token_id=tokenizer.pad_token_id,
     )
     torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
-    path = tmp_path_factory.mktemp("tiny-llama")
-    model.save_pretrained(path)
+    LlamaForCausalLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_dir(tmp_path_factory, smollm2_dir):
+    """A 2-layer Llama with random weights and SmolLM2's tokenizer and chat template."""
+    return _tiny_llama(tmp_path_factory.mktemp("tiny-llama"), smollm2_dir, hidden_size=32)
+
+
+@pytest.fixture(scope="session")
+def vllm_lm_dir(tmp_path_factory, smollm2_dir):
+    """The same, 256 wide: a head size of 64, which the vLLM CPU backend accepts."""
+    return _tiny_llama(tmp_path_factory.mktemp("vllm-llama"), smollm2_dir, hidden_size=256)
 
 
 @pytest.fixture(scope="session")

@@ -24,12 +24,12 @@ import argparse
 import hashlib
 import json
 import os
-import sys
 from pathlib import Path
 
 import deepspeed
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
+from worker_exit import exit_now, report_and_exit  # (run as a script: tests/ is on sys.path)
 
 from refuel_agents.baselines import RebelTrainer, make_config
 from refuel_agents.engine import OptimConfig, TrainEngine
@@ -190,21 +190,12 @@ def main() -> None:
     args = parser.parse_args()
     if args.keep:
         keeping_trainer(args.keep, **args.config).train()
-        sys.stdout.flush()
-        os._exit(0)  # (see the end of this function)
+        exit_now()
     rank = int(os.environ["RANK"])
     report: dict = {}
     for stage in args.stages:
         report[f"zero{stage}"] = run_zero3(rank, args.out) if stage == 3 else run_zero2(rank)
-    (args.out / f"rank{rank}.json").write_text(json.dumps(report, indent=1))
-    torch.distributed.barrier()  # every rank's report is on disk
-    # End here, without the interpreter's teardown. On some runs a native thread of the
-    # communication stack (gloo / DeepSpeed's CPU shared-memory op) aborted the process while
-    # static objects were destroyed ("terminate called without an active exception"), after all
-    # the work and both reports were complete; destroying the process group first did not help.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    report_and_exit(args.out, rank, report)
 
 
 if __name__ == "__main__":

@@ -18,12 +18,11 @@ tensors on the CPU. DeepSpeed runs on its CPU accelerator. Three trainers are bu
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import sys
 from pathlib import Path
 
 import torch
+from worker_exit import report_and_exit  # (run as a script: tests/ is on sys.path)
 
 EVENTS: list[list] = []  # ["set_device", index] and ["to", id(module), class name, device], in order
 _current = [0]
@@ -103,12 +102,7 @@ def main() -> None:
                        "reference": partition(zero3.reference), "same_module": zero3.reference is zero3.model,
                        "reference_engine": id(zero3.reference) in zero3.engine.frozen_engines}
     report["events"] = EVENTS
-    (args.out / f"rank{rank}.json").write_text(json.dumps(report, indent=1))
-    torch.distributed.barrier()
-    # As tests/dist_worker.py: end without the interpreter's teardown, once every report is on disk.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    report_and_exit(args.out, rank, report)
 
 
 if __name__ == "__main__":

@@ -10,12 +10,9 @@ rank (``trainer.residency.resident``, each phase's peak) next to the memory ledg
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import sys
 from pathlib import Path
 
-import torch
+from worker_exit import report_and_exit  # (run as a script: tests/ is on sys.path)
 
 from refuel_agents.memory_ledger import ModelShape, plan_for
 from refuel_agents.refuel import RefuelConfig, RefuelTrainer
@@ -41,12 +38,7 @@ def main() -> None:
                     reward=ModelShape.from_config(args.reward), gpu_memory_gb=80, device="cpu")
     report = {"rank": trainer.rank, "world": trainer.world, "zero_stage": trainer.engine.zero_stage,
               "resident": trainer.residency.resident, "ledger": plan.phases}
-    (args.out / f"rank{trainer.rank}.json").write_text(json.dumps(report, indent=1))
-    torch.distributed.barrier()
-    # As tests/dist_worker.py: end without the interpreter's teardown, once every report is on disk.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    report_and_exit(args.out, trainer.rank, report)
 
 
 if __name__ == "__main__":

