@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import httpx
 import pytest
 import torch
 
@@ -98,3 +106,47 @@ def build_word_lm(path):
 @pytest.fixture(scope="session")
 def word_lm_dir(tmp_path_factory):
     return build_word_lm(tmp_path_factory.mktemp("word-lm"))
+
+
+@dataclass
+class RealServer:
+    url: str
+    model: str
+    log: Path  # the server's output: one `POST /v1/chat/completions` line per request
+
+
+@pytest.fixture(scope="session")
+def transformers_server(smollm2_dir, tmp_path_factory) -> Iterator[RealServer]:
+    """``transformers serve`` on CPU with the embedded SmolLM2 pinned, offline, on a free port, for the session."""
+    exe = Path(sys.executable).with_name("transformers")
+    if not exe.exists():
+        pytest.fail(f"{exe} not found: install transformers with its serving extras (`pip install 'transformers[serving]'`)")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    model = str(smollm2_dir)
+    log_path = tmp_path_factory.mktemp("transformers-serve") / "server.log"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    command = [str(exe), "serve", model, "--host", "127.0.0.1", "--port", str(port), "--device", "cpu", "--log-level", "info"]
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                state = f"exited with {proc.returncode}" if proc.returncode is not None else "not healthy after 180 s"
+                pytest.fail(f"`{' '.join(command)}` {state}; its log:\n{log_path.read_text()[-4000:]}")
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.25)
+        yield RealServer(f"http://127.0.0.1:{port}/v1", model, log_path)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

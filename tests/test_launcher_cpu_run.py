@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -32,13 +31,6 @@ VENV_PYTHON = Path(os.environ.get("REFUEL_VLLM_PYTHON", ROOT / ".venv-vllm" / "b
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import launch_paper_setting_one as launcher  # noqa: E402
-from launch_paper_setting_one import wait_for_server  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_a_running_server_is_called_and_none_is_started(capsys):
@@ -52,7 +44,7 @@ def test_a_running_server_is_called_and_none_is_started(capsys):
 
 @pytest.mark.slow
 @pytest.mark.vllm
-def test_one_iteration_on_two_cpu_ranks_with_a_vllm_policy_and_a_served_user(smollm2_dir, vllm_lm_dir, tmp_path):
+def test_one_iteration_on_two_cpu_ranks_with_a_vllm_policy_and_a_served_user(transformers_server, vllm_lm_dir, tmp_path):
     if not VENV_PYTHON.exists():
         message = f"{VENV_PYTHON} does not exist; create it with `bash scripts/setup_vllm_cpu.sh`"
         if os.environ.get("REFUEL_REQUIRE_VLLM") == "1":
@@ -61,12 +53,8 @@ def test_one_iteration_on_two_cpu_ranks_with_a_vllm_policy_and_a_served_user(smo
     from refuel_agents import distributed as dist
 
     policy = vllm_lm_dir  # a 2-layer random Llama with SmolLM2's tokenizer
-    user, port = str(smollm2_dir), free_port()
-    url = f"http://127.0.0.1:{port}/v1"
+    user, url = transformers_server.model, transformers_server.url  # the embedded SmolLM2, served for the session
     offline = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    server_log = tmp_path / "transformers_serve.log"
-    serve = [str(Path(sys.executable).with_name("transformers")), "serve", user, "--host", "127.0.0.1", "--port",
-             str(port), "--device", "cpu", "--log-level", "info"]
     env_kwargs = {"data_source": "sample", "max_turns": 2, "user_model": user, "user_max_new_tokens": 8,
                   "user_openai_kwargs": {"tokenizer": user, "max_context": 8192, "max_concurrency": 4},
                   "reward_model": "embedded", "tokenizer": "embedded"}
@@ -79,27 +67,17 @@ def test_one_iteration_on_two_cpu_ranks_with_a_vllm_policy_and_a_served_user(smo
               "--output-dir", str(tmp_path / "runs"), "--run-name", "cpu", "--no-progress"]
     env = {**os.environ, **offline, "PYTHONPATH": str(ROOT), "DS_ACCELERATOR": "cpu", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
            "OMP_NUM_THREADS": "1"}
-    with open(server_log, "w") as out:
-        server = subprocess.Popen(serve, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **offline})
+    requests_before = transformers_server.log.read_text().count("POST /v1/chat/completions")
+    started = time.monotonic()
+    proc = subprocess.Popen(launch, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # the launcher, torchrun and the ranks: one group to end
     try:
-        wait_for_server(url, user, timeout=300, process=server, log=server_log, interval=0.5)
-        started = time.monotonic()
-        proc = subprocess.Popen(launch, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                start_new_session=True)  # the launcher, torchrun and the ranks: one group to end
-        try:
-            stdout, stderr = proc.communicate(timeout=900)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            stdout, stderr = proc.communicate()
-            pytest.fail(f"the launch did not end within 900 s:\n{(stdout + stderr)[-8000:]}")
-        print(f"launcher: {time.monotonic() - started:.0f} s")
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        stdout, stderr = proc.communicate(timeout=900)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"the launch did not end within 900 s:\n{(stdout + stderr)[-8000:]}")
+    print(f"launcher: {time.monotonic() - started:.0f} s")
     output = (stdout + stderr)[-8000:]
     assert proc.returncode == 0, output
     assert f"user server ready at {url}; starting training" in stdout, output
@@ -120,4 +98,5 @@ def test_one_iteration_on_two_cpu_ranks_with_a_vllm_policy_and_a_served_user(smo
             assert len(users) == row["H"] and all(u.strip() for u in users), dialogue
     # One request per user turn: h - 1 in the shared roll-in, then H - h in each of the two branches.
     turns = sum(r["h"] - 1 + 2 * (r["H"] - r["h"]) for r in rows)
-    assert server_log.read_text().count("POST /v1/chat/completions") == turns, server_log.read_text()[-3000:]
+    log = transformers_server.log.read_text()
+    assert log.count("POST /v1/chat/completions") - requests_before == turns, log[-3000:]

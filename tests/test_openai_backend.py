@@ -11,19 +11,14 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
 import pytest
 
@@ -556,46 +551,6 @@ def test_environment_steps_with_an_http_user(fake):
 
 
 # ---------------------------------------------------------------- a real `transformers serve`
-
-
-@dataclass
-class RealServer:
-    url: str
-    model: str
-
-
-@pytest.fixture(scope="session")
-def transformers_server(smollm2_dir, tmp_path_factory) -> Iterator[RealServer]:
-    """``transformers serve`` on CPU with the embedded SmolLM2 pinned, offline, on a free port."""
-    exe = Path(sys.executable).with_name("transformers")
-    if not exe.exists():
-        pytest.fail(f"{exe} not found: install transformers with its serving extras (`pip install 'transformers[serving]'`)")
-    port, model = free_port(), str(smollm2_dir)
-    log_path = tmp_path_factory.mktemp("transformers-serve") / "server.log"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    command = [str(exe), "serve", model, "--host", "127.0.0.1", "--port", str(port), "--device", "cpu", "--log-level", "info"]
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                state = f"exited with {proc.returncode}" if proc.returncode is not None else "not healthy after 180 s"
-                pytest.fail(f"`{' '.join(command)}` {state}; its log:\n{log_path.read_text()[-4000:]}")
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.25)
-        yield RealServer(f"http://127.0.0.1:{port}/v1", model)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 @pytest.mark.slow
