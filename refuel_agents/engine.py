@@ -562,6 +562,14 @@ class TrainEngine:
         torch.distributed.all_reduce(t)
         return t.item() / self.world_size
 
+    def all_reduce_means(self, values: dict[str, float]) -> dict[str, float]:
+        """Each value's mean over all processes, in one all-reduce (every process passes the same keys)."""
+        if self.world_size == 1:
+            return {k: float(v) for k, v in values.items()}
+        t = torch.tensor([float(v) for v in values.values()], dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(t)
+        return {k: x / self.world_size for k, x in zip(values, t.tolist())}
+
     def barrier(self) -> None:
         """Wait for every process (no-op on the plain path)."""
         if self.world_size > 1:

@@ -344,7 +344,7 @@ class RefuelTrainer:
                 state["global_step"] += 1
                 state["step_in_iteration"] = step_in_iter + 1
                 tokens = sum(x.pop("tokens") for x in metrics)
-                logged = {k: float(np.mean([x[k] for x in metrics])) for k in metrics[0]}
+                logged = self.engine.all_reduce_means({k: float(np.mean([x[k] for x in metrics])) for k in metrics[0]})
                 logged.update({"charts/lr": info.get("lr", math.nan), "charts/grad_norm": info.get("grad_norm", math.nan),
                                "charts/tokens_per_s": tokens / (time.perf_counter() - start_time), "charts/iteration": t})
                 logger.log(state["global_step"], logged, echo=not self._bars)

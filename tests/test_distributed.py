@@ -276,6 +276,8 @@ def test_two_ranks_make_the_one_rank_update(kind, one_rank_offline, word_lm_dir,
     step = lambda run: next(r for r in logged(run) if "losses/loss" in r)  # noqa: E731
     assert step(two)["step"] == step(one)["step"] == 1 and len([r for r in logged(two) if "losses/loss" in r]) == 1
     assert step(two)["charts/grad_norm"] == pytest.approx(step(one)["charts/grad_norm"], rel=1e-6)  # the averaged gradient
+    for key in ("losses/loss", "charts/reward_mean"):  # logged over every rank's pairs, not rank 0's alone
+        assert step(two)[key] == pytest.approx(step(one)[key], rel=1e-5), key
     initial, a, b = final_weights_initial(word_lm_dir), final_weights(two), final_weights(one)
     assert a.keys() == b.keys()
     moved = [k for k in a if not torch.equal(b[k], initial[k])]

@@ -291,6 +291,7 @@ def test_plain_engine_single_process_facts(monkeypatch):
     assert (engine.rank, engine.world_size, engine.is_main, engine.zero_stage) == (0, 1, True, 0)
     assert engine.device == torch.device("cpu") and not engine.is_deepspeed
     assert engine.all_reduce_mean(2.5) == 2.5
+    assert engine.all_reduce_means({"loss": 2.5, "reward": 1}) == {"loss": 2.5, "reward": 1.0}
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(RuntimeError, match="deepspeed_config"):
         TrainEngine(tiny_llama(), OptimConfig(), total_steps=2, device="cpu")
