@@ -27,9 +27,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from refuel_agents.collection import iteration_seed
 from refuel_agents.losses import dpo_loss, log_ratio_gap
 from refuel_agents.modes import BASELINE_MODES, MODE_HELP, ModeStats, collect_pairs, draw_prompt_indices
+from refuel_agents.prompt_plan import iteration_seed
 from refuel_agents.refuel import RefuelConfig, RefuelTrainer
 
 REFERENCE_POLICIES = ("iteration", "initial")

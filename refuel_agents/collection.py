@@ -31,20 +31,16 @@ the regression target, so the rate is reported. A roll-in truncated before s_h h
 
 from __future__ import annotations
 
-import json
 import math
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, fields, replace
-from pathlib import Path
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import gymnasium as gym
 import numpy as np
 from tqdm import tqdm
 
-from refuel_agents.checkpoint import write_text_atomic
-from refuel_agents.distributed import merge_stats
 from refuel_env.generation import Completion, SamplingParams, TextGenerator
 
 #: Computes per-response log-probs (policy, reference) for the KL penalty: (states, responses, completions) ->
@@ -396,113 +392,6 @@ def play_dialogues(
     ]
 
 
-def iteration_prompts(seed: int, num_items: int, iteration: int, per_iteration: int) -> list[int]:
-    """The dataset indices of iteration ``iteration``'s prompts, without replacement.
-
-    The prompts of successive iterations are consecutive stretches of one endless walk through
-    the split: pass k is the permutation drawn from (seed, k). With ``per_iteration = 0`` (the
-    whole split) iteration t is exactly pass t; with fewer, iterations walk on through the same
-    pass, and no prompt comes back before every other prompt of the split has been used.
-    """
-    if num_items < 1:
-        raise ValueError("the dataset split has no items to draw prompts from")
-    per = per_iteration or num_items
-    out: list[int] = []
-    position = iteration * per
-    while len(out) < per:
-        walk, offset = divmod(position, num_items)
-        take = min(per - len(out), num_items - offset)
-        out.extend(np.random.default_rng([seed, walk]).permutation(num_items)[offset : offset + take].tolist())
-        position += take
-    return out
-
-
-class PromptPlan:
-    """Which dataset items a run trains on, iteration by iteration, and which it holds out.
-
-    Training walks its items of the train split (:func:`iteration_prompts`): all of them when
-    ``eval_split`` is 'test' (the held-out prompts are then the test split's first ``eval_prompts``);
-    with 'train', the split less ``eval_prompts`` held-out items and every item that shares a
-    ``parent_id`` or a first user message with one (:func:`refuel_agents.heldout.split_train`).
-    ``iterations=0`` means one pass over the items training walks. Split sizes are read from the
-    environment once.
-    """
-
-    def __init__(self, env_id: str, env_kwargs: dict[str, Any], seed: int, per_iteration: int, iterations: int,
-                 eval_split: str = "test", eval_prompts: int = 0):
-        self.env_id, self.env_kwargs, self.seed = env_id, env_kwargs, seed
-        self.per_iteration, self.eval_split, self.eval_prompts = per_iteration, eval_split, eval_prompts
-        self._iterations, self._sizes = iterations, {}
-        self._horizons: list[int] | None = None
-        self._train_split: tuple[list[int], list[int]] | None = None
-
-    def _items(self, split: str) -> list[Any]:
-        env = gym.make(self.env_id, **{**self.env_kwargs, "split": split})
-        try:
-            return list(env.unwrapped.core.items)
-        finally:
-            env.close()
-
-    def split_size(self, split: str = "train") -> int:
-        if split not in self._sizes:
-            self._sizes[split] = len(self._items(split))
-        return self._sizes[split]
-
-    def training_indices(self) -> list[int]:
-        """The train split's items that training may use (every data mode draws from these only)."""
-        if self.eval_split != "train" or self.eval_prompts <= 0:
-            return list(range(self.split_size()))
-        return list(self._split_train()[1])
-
-    def _split_train(self) -> tuple[list[int], list[int]]:
-        from refuel_agents.heldout import heldout_prompts, item_keys, split_train
-
-        if self._train_split is None:
-            heldout_prompts("train", self.eval_prompts, self.split_size())  # the split's size first: a clear error
-            self._train_split = split_train([item_keys(item) for item in self._items("train")], self.eval_prompts)
-        return self._train_split
-
-    @property
-    def train_items(self) -> int:
-        return len(self.training_indices())
-
-    @property
-    def iterations(self) -> int:
-        """T: as configured, or (``iterations=0``) as many as one pass over the training items takes."""
-        per = self.per_iteration
-        return self._iterations or (math.ceil(self.train_items / per) if per else 1)
-
-    def prompts(self, iteration: int) -> list[int]:
-        """The dataset items of iteration ``iteration`` (:func:`iteration_prompts` over :meth:`training_indices`)."""
-        training = self.training_indices()
-        return [training[i] for i in iteration_prompts(self.seed, len(training), iteration, self.per_iteration)]
-
-    def heldout(self) -> list[int]:
-        """The held-out prompts' indices in ``eval_split``; a clear error when the split is too small."""
-        from refuel_agents.heldout import heldout_prompts
-
-        if self.eval_split == "train" and self.eval_prompts > 0:
-            return list(self._split_train()[0])
-        return heldout_prompts(self.eval_split, self.eval_prompts, self.split_size(self.eval_split))
-
-    def heldout_horizons(self) -> list[int]:
-        """The longest dialogue length H each held-out prompt allows (its turns, for pre-sampled questions)."""
-        if self._horizons is None:
-            env = gym.make(self.env_id, **{**self.env_kwargs, "split": self.eval_split})
-            try:
-                core = env.unwrapped.core
-                self._horizons = [int(core.max_horizon(core.items[i])) for i in self.heldout()]
-            finally:
-                env.close()
-        return list(self._horizons)
-
-
-def iteration_seed(seed: int, iteration: int) -> int:
-    """The collection seed of an iteration. Sub-environment i is seeded with this + i, so
-    iterations' seeds must be far apart, or consecutive iterations would draw the same prompts."""
-    return int(np.random.SeedSequence([seed, iteration]).generate_state(1)[0] % 2**31)
-
-
 def sampling_by_h(sampling: SamplingParams, max_new_tokens_by_h: dict[str, int] | None,
                   max_turns: int) -> SamplingParams | dict[int, SamplingParams]:
     """``sampling``, or one copy per dialogue length H with that H's response limit (the others keep
@@ -512,85 +401,3 @@ def sampling_by_h(sampling: SamplingParams, max_new_tokens_by_h: dict[str, int] 
     limits = {H: sampling.max_new_tokens for H in range(1, max_turns + 1)}
     limits.update({int(H): n for H, n in max_new_tokens_by_h.items()})
     return {H: replace(sampling, max_new_tokens=n) for H, n in limits.items()}
-
-
-# ------------------------------------------------------------------------------ stored chunks
-
-#: Collects the given prompts with the given seed: (prompt indices, seed) -> (rows, stats).
-ChunkCollector = Callable[[list[int], int], tuple[list[dict[str, Any]], CollectionStats]]
-
-
-def collect_in_chunks(collect: ChunkCollector, folder: Path | None, indices: Sequence[int], seed: int,
-                      chunk_prompts: int) -> tuple[list[dict[str, Any]], CollectionStats]:
-    """Collect ``indices`` chunk by chunk, each chunk stored in ``folder`` as soon as it ends.
-
-    Chunk k holds the prompts ``indices[k * c : (k + 1) * c]`` (c = ``chunk_prompts``; 0: all in one chunk) and
-    is collected with the seed ``seed`` + its start, so each prompt's sub-environment is seeded with ``seed`` +
-    its position, as in one collection of all the prompts; the collector's own draws (h, branch and sampling
-    seeds) follow the chunk's seed. A chunk that ``folder`` holds already (``chunk_<k>.json``, written
-    atomically) is read back instead of collected, after checking that it is of the same prompts and seed.
-    Rows are used as they read back from the file, so a resumed collection and an uninterrupted one give the
-    same rows; ``folder=None`` stores nothing (the rows still go through the file's form). Returns the rows and
-    the stats summed over the chunks; prints how many chunks were read back.
-    """
-    size = chunk_prompts or max(1, len(indices))
-    starts = range(0, max(1, len(indices)), size)
-    rows: list[dict[str, Any]] = []
-    parts: list[CollectionStats] = []
-    stored = 0
-    for k, start in enumerate(starts):
-        chunk, chunk_seed = [int(i) for i in indices[start : start + size]], seed + start
-        path, text = None if folder is None else folder / f"chunk_{k:04d}.json", None
-        if path is not None and path.exists():
-            stored += 1
-        else:
-            chunk_rows, stats = collect(chunk, chunk_seed)
-            text = json.dumps({"prompt_indices": chunk, "seed": chunk_seed, "rows": chunk_rows,
-                               "stats": _stats_record(stats)}, default=_json_scalar)
-            if path is not None:
-                write_text_atomic(path, text)
-        chunk_rows, stats = _read_chunk(path, text, chunk, chunk_seed)
-        rows += chunk_rows
-        parts.append(stats)
-    if stored:
-        print(f"{folder}: {stored} of {len(starts)} chunks of collection read back from disk, not collected again",
-              flush=True)
-    return rows, merge_stats(parts)
-
-
-def _json_scalar(value: Any) -> Any:
-    """NumPy scalars as the Python numbers they hold; anything else JSON cannot hold is an error, not a string."""
-    if isinstance(value, np.generic):
-        return value.item()
-    raise TypeError(f"a collected row holds a {type(value).__name__}, which a stored chunk cannot hold: {value!r}")
-
-
-def _stats_record(stats: CollectionStats) -> dict[str, Any]:
-    """The stats' fields as JSON can hold them; a Counter as its (key, count) pairs, so that int keys stay ints."""
-    out = {}
-    for f in fields(stats):
-        value = getattr(stats, f.name)
-        out[f.name] = {"counter": [[k, n] for k, n in value.items()]} if isinstance(value, Counter) else value
-    return out
-
-
-def _read_chunk(path: Path | None, text: str | None, prompts: list[int],
-                seed: int) -> tuple[list[dict[str, Any]], CollectionStats]:
-    """A chunk's rows and stats (``text``, else the file ``path``), after checking that it is complete and of
-    ``prompts`` collected with ``seed``."""
-    fix = "" if path is None else f"delete {path} to collect its prompts again (or {path.parent} for all its chunks)"
-    try:
-        record = json.loads(text if text is not None else path.read_text())
-        stats = CollectionStats(**{name: Counter(dict((k, n) for k, n in value["counter"]))
-                                   if isinstance(value, dict) else value for name, value in record["stats"].items()})
-        rows, stored_prompts, stored_seed = record["rows"], record["prompt_indices"], record["seed"]
-        if not (isinstance(rows, list) and all(isinstance(r, dict) for r in rows) and len(rows) == stats.tuples):
-            raise ValueError(f"{len(rows)} rows for {stats.tuples} tuples")
-    except (OSError, ValueError, TypeError, KeyError, AttributeError) as err:
-        raise ValueError(f"{path}: a stored chunk of collection that cannot be read ({type(err).__name__}: {err}); "
-                         + fix) from err
-    if stored_prompts != prompts or stored_seed != seed:
-        raise ValueError(f"{path} holds the tuples of prompts {stored_prompts} collected with seed {stored_seed}, but "
-                         f"this run collects prompts {prompts} with seed {seed} in it: the folder was collected with "
-                         f"other settings; resume with the flags it was collected with, or {fix}")
-    return rows, stats

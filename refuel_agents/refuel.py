@@ -29,13 +29,11 @@ from tqdm import tqdm
 from refuel_agents import checkpoint as ckpt
 from refuel_agents import distributed as dist
 from refuel_agents import heldout, lora, residency
+from refuel_agents.chunks import collect_in_chunks
 from refuel_agents.collection import (
     CollectionStats,
     Penalties,
-    PromptPlan,
-    collect_in_chunks,
     collect_refuel_tuples,
-    iteration_seed,
     play_dialogues,
     sampling_by_h,
 )
@@ -47,6 +45,7 @@ from refuel_agents.logprobs import (
     sequence_logprobs_and_entropy,
 )
 from refuel_agents.losses import LOSS_SCALES, regression_sign_agreement
+from refuel_agents.prompt_plan import PromptPlan, iteration_seed
 from refuel_agents.refuel_config import RefuelConfig
 from refuel_agents.rollout import PolicyRollout
 from refuel_agents.tracking import MetricsLogger, format_summary, report_run

@@ -72,7 +72,7 @@ def test_truncated_branches_are_dropped_and_counted(tiny_generator, tiny_lm_dir)
 
 
 def test_iterations_draw_different_prompts():
-    from refuel_agents.collection import iteration_seed as _iteration_seed
+    from refuel_agents.prompt_plan import iteration_seed as _iteration_seed
 
     seeds = [_iteration_seed(1, t) for t in range(5)]
     assert len(set(seeds)) == 5 and min(abs(a - b) for a in seeds for b in seeds if a != b) > 1000

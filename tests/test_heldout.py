@@ -296,8 +296,8 @@ def test_the_heldout_evaluation_plays_each_presampled_item_at_the_lengths_it_has
 
 
 def test_heldout_prompts_of_the_train_split_share_no_parent_or_first_message_with_training():
-    from refuel_agents.collection import PromptPlan
     from refuel_agents.modes import dataset_items
+    from refuel_agents.prompt_plan import PromptPlan
 
     env_kwargs = {"user": "instant", "tokenizer": None, "split": "train", "reward_model": WordsReward()}
     plan = PromptPlan("UltraInteractDialogue-v0", env_kwargs, seed=0, per_iteration=0, iterations=1,

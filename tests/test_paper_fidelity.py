@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from refuel_agents.baselines import make_trainer
-from refuel_agents.collection import Penalties, collect_refuel_tuples, iteration_prompts
+from refuel_agents.collection import Penalties, collect_refuel_tuples
 from refuel_agents.engine import OptimConfig, TrainEngine, lr_lambda, trainable_parameters
 from refuel_agents.logprobs import (
     collate,
@@ -23,6 +23,7 @@ from refuel_agents.logprobs import (
     sequence_logprobs,
 )
 from refuel_agents.losses import refuel_loss, refuel_loss_original
+from refuel_agents.prompt_plan import iteration_prompts
 from refuel_agents.tuples import encode_pair_response
 from refuel_env.generation import Completion, SamplingParams, TextGenerator
 from refuel_env.rewards import TrajectoryRewardModel

@@ -180,7 +180,8 @@ def test_kill_9_during_collection_then_resume_collects_only_the_missing_chunks(w
 def test_stored_chunks_are_read_back_checked_and_only_missing_ones_collected(tmp_path):
     from collections import Counter
 
-    from refuel_agents.collection import CollectionStats, collect_in_chunks
+    from refuel_agents.chunks import collect_in_chunks
+    from refuel_agents.collection import CollectionStats
 
     calls = []
 

@@ -63,8 +63,8 @@ from refuel_agents.cli import (
     load_config_file,
     split_config_flag,
 )
-from refuel_agents.collection import PromptPlan
 from refuel_agents.modes import BASELINE_MODES, MODE_HELP
+from refuel_agents.prompt_plan import PromptPlan
 
 # The paper's configurations (appendix C; DESIGN.md). Every value's source is in the preset table of docs/training.md.
 # Models must be in the local HF cache.
