@@ -28,8 +28,8 @@ from pathlib import Path
 
 import deepspeed
 import torch
+from torchrun_worker import exit_now, report_and_exit  # (run as a script: tests/ is on sys.path)
 from transformers import LlamaConfig, LlamaForCausalLM
-from worker_exit import exit_now, report_and_exit  # (run as a script: tests/ is on sys.path)
 
 from refuel_agents.baselines import RebelTrainer, make_config
 from refuel_agents.engine import OptimConfig, TrainEngine

@@ -22,7 +22,7 @@ import os
 from pathlib import Path
 
 import torch
-from worker_exit import report_and_exit  # (run as a script: tests/ is on sys.path)
+from torchrun_worker import report_and_exit  # (run as a script: tests/ is on sys.path)
 
 EVENTS: list[list] = []  # ["set_device", index] and ["to", id(module), class name, device], in order
 _current = [0]

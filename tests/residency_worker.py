@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from worker_exit import report_and_exit  # (run as a script: tests/ is on sys.path)
+from torchrun_worker import report_and_exit  # (run as a script: tests/ is on sys.path)
 
 from refuel_agents.memory_ledger import ModelShape, plan_for
 from refuel_agents.refuel import RefuelConfig, RefuelTrainer

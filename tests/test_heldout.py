@@ -9,10 +9,10 @@ import math
 import numpy as np
 import pytest
 import torch
+from word_count_reward import WordCountReward
 
 from refuel_agents import heldout
 from refuel_agents.evaluation.stats import bootstrap_interval
-from refuel_env.rewards import TrajectoryRewardModel
 
 
 def test_bootstrap_interval_covers_the_mean_at_its_nominal_rate():
@@ -220,7 +220,7 @@ def test_the_heldout_evaluation_runs_with_a_kl_penalty_and_charges_it(word_lm_di
 
     config = _small_config(word_lm_dir, tmp_path, "kl", iterations=1, eval_temperature=0.0,
                            env_kwargs={"user": "instant", "max_turns": 2, "tokenizer": None, "kl_coef": 0.05})
-    trainer = RefuelTrainer(config, reward_model=WordsReward())
+    trainer = RefuelTrainer(config, reward_model=WordCountReward())
     calls = []
     score = trainer._kl_logprobs
     trainer._kl_logprobs = lambda *a: calls.append(len(a[1])) or score(*a)
@@ -228,7 +228,7 @@ def test_the_heldout_evaluation_runs_with_a_kl_penalty_and_charges_it(word_lm_di
     assert [r["H"] for r in rows] == [1, 1, 2, 2]
     assert sum(calls) == sum(r["H"] for r in rows)  # every policy response of every dialogue
     # before any update pi_t = pi_0: the penalty is 0 and each reward is the model's score
-    assert [r["reward"] for r in rows] == pytest.approx([WordsReward().score([r["dialogue"]])[0] for r in rows], abs=1e-5)
+    assert [r["reward"] for r in rows] == pytest.approx([WordCountReward().score([r["dialogue"]])[0] for r in rows], abs=1e-5)
 
 
 def test_the_kl_penalty_scores_the_sampled_token_ids(word_lm_dir, tmp_path):
@@ -260,17 +260,6 @@ def test_the_kl_penalty_scores_the_sampled_token_ids(word_lm_dir, tmp_path):
         batched_logprobs(trainer.model, retokenised, trainer.pad_id, **kw), abs=1e-5)
 
 
-class WordsReward(TrajectoryRewardModel):
-    """The number of words of the last response: cheap and deterministic."""
-
-    name = "last-response-words"
-    max_length = None
-
-    def _score(self, dialogues):
-        return np.asarray([float(len(d[-1]["content"].split())) for d in dialogues])
-
-    def count_tokens(self, dialogue):
-        return sum(len(m["content"].split()) for m in dialogue)
 
 
 @pytest.mark.slow
@@ -281,7 +270,7 @@ def test_the_heldout_evaluation_plays_each_presampled_item_at_the_lengths_it_has
                           policy_model=str(word_lm_dir), iterations=1, prompts_per_iteration=2, batch_size=2,
                           micro_batch_size=2, max_new_tokens=3, eval_prompts=8, output_dir=str(tmp_path),
                           progress=False, device="cpu")
-    trainer = RefuelTrainer(config, reward_model=WordsReward())
+    trainer = RefuelTrainer(config, reward_model=WordCountReward())
     rows = trainer.evaluate()  # asked every item for H = 1..3 before, which a one-turn item refuses
     turns = trainer.plan.heldout_horizons()
     assert len(turns) == 8 and min(turns) == 1 and max(turns) == 2  # the test split's items have 1 or 2 turns
@@ -299,7 +288,7 @@ def test_heldout_prompts_of_the_train_split_share_no_parent_or_first_message_wit
     from refuel_agents.modes import dataset_items
     from refuel_agents.prompt_plan import PromptPlan
 
-    env_kwargs = {"user": "instant", "tokenizer": None, "split": "train", "reward_model": WordsReward()}
+    env_kwargs = {"user": "instant", "tokenizer": None, "split": "train", "reward_model": WordCountReward()}
     plan = PromptPlan("UltraInteractDialogue-v0", env_kwargs, seed=0, per_iteration=0, iterations=1,
                       eval_split="train", eval_prompts=8)
     items = dataset_items("UltraInteractDialogue-v0", env_kwargs)[0]

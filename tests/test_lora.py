@@ -7,31 +7,19 @@ import importlib.util
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
+from word_count_reward import WordCountReward
 
 from refuel_agents import lora
 from refuel_agents.baselines import make_trainer
 from refuel_agents.logprobs import sequence_logprobs
 from refuel_agents.tuples import pair_batch
-from refuel_env.rewards import TrajectoryRewardModel
 
 peft = pytest.importorskip("peft")  # in the dev extra; a missing peft must not hide the rest of the suite
 
 
-class WordCountReward(TrajectoryRewardModel):
-    """The number of words in the last response: pairs of different lengths have a reward gap."""
-
-    name = "word-count"
-    max_length = None
-
-    def _score(self, dialogues):
-        return np.asarray([float(len(d[-1]["content"].split())) for d in dialogues])
-
-    def count_tokens(self, dialogue):
-        return sum(len(m["content"].split()) for m in dialogue)
 
 
 def small(word_lm_dir, tmp_path, **overrides):

@@ -9,9 +9,9 @@ import copy
 import json
 from collections.abc import Sequence
 
-import numpy as np
 import pytest
 import torch
+from word_count_reward import WordCountReward
 
 from refuel_agents.baselines import make_trainer
 from refuel_agents.collection import Penalties, collect_refuel_tuples
@@ -26,22 +26,10 @@ from refuel_agents.losses import refuel_loss, refuel_loss_original
 from refuel_agents.prompt_plan import iteration_prompts
 from refuel_agents.tuples import encode_pair_response
 from refuel_env.generation import Completion, SamplingParams, TextGenerator
-from refuel_env.rewards import TrajectoryRewardModel
 
 ENV_KWARGS = {"user": "instant", "max_turns": 3, "tokenizer": None}
 
 
-class WordCountReward(TrajectoryRewardModel):
-    """The number of words in the last response: every pair has a reward gap, or a tie of equal lengths."""
-
-    name = "word-count"
-    max_length = None
-
-    def _score(self, dialogues):
-        return np.asarray([float(len(d[-1]["content"].split())) for d in dialogues])
-
-    def count_tokens(self, dialogue):
-        return sum(len(m["content"].split()) for m in dialogue)
 
 
 def small(word_lm_dir, tmp_path, **overrides):

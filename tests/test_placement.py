@@ -8,20 +8,13 @@ decisions themselves, and their errors, are checked in this process.
 
 from __future__ import annotations
 
-import json
-import os
-import socket
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
+from torchrun_worker import run_ranks
 
 from refuel_agents import residency
 from refuel_env.components import make_config
 
-ROOT = Path(__file__).resolve().parent.parent
 WORLD = 2
 
 
@@ -29,17 +22,7 @@ WORLD = 2
 def reports(word_lm_dir, tmp_path_factory) -> list[dict]:
     pytest.importorskip("deepspeed")
     out = tmp_path_factory.mktemp("placement")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-           "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={WORLD}", "--master_addr=127.0.0.1",
-           f"--master_port={port}", str(ROOT / "tests" / "placement_worker.py"), "--policy", str(word_lm_dir),
-           "--out", str(out)]
-    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-6000:]
-    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)]
+    return run_ranks("placement_worker.py", ["--policy", str(word_lm_dir), "--out", str(out)], out, world=WORLD)
 
 
 @pytest.mark.slow

@@ -8,22 +8,15 @@ run, item by item. Activations are transient and not measured here; the vLLM rep
 
 from __future__ import annotations
 
-import json
-import os
-import socket
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
+from torchrun_worker import run_ranks
 
 from refuel_agents.residency import PHASES
 
 pytest.importorskip("deepspeed")
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parent.parent
 WORLD = 2
 PERSISTENT = ("policy", "gradients", "reference", "gathered", "reward")
 
@@ -39,17 +32,8 @@ def reports(word_lm_dir, tmp_path_factory) -> list[dict]:
     torch.manual_seed(1)
     LlamaForSequenceClassification(config).save_pretrained(reward)
     AutoTokenizer.from_pretrained(word_lm_dir).save_pretrained(reward)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-           "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={WORLD}", "--master_addr=127.0.0.1",
-           f"--master_port={port}", str(ROOT / "tests" / "residency_worker.py"), "--policy", str(word_lm_dir),
-           "--reward", str(reward), "--out", str(out)]
-    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-6000:]
-    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)]
+    return run_ranks("residency_worker.py", ["--policy", str(word_lm_dir), "--reward", str(reward), "--out", str(out)],
+                     out, world=WORLD)
 
 
 def _off(measured: int, ledger: int) -> float:

@@ -7,14 +7,12 @@ The replica test takes minutes on 2 cores (two engines start, and every push rel
 
 from __future__ import annotations
 
-import json
 import os
-import socket
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
+from torchrun_worker import run_ranks
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_PYTHON = Path(os.environ.get("REFUEL_VLLM_PYTHON", ROOT / ".venv-vllm" / "bin" / "python"))
@@ -40,18 +38,8 @@ def test_each_rank_engine_generates_as_the_trained_module(vllm_lm_dir, tmp_path)
         if os.environ.get("REFUEL_REQUIRE_VLLM") == "1":
             pytest.fail(message + " (REFUEL_REQUIRE_VLLM=1 requires it)")
         pytest.skip(message)
-    model = vllm_lm_dir
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "OMP_NUM_THREADS": "1",
-           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    command = [str(VENV_PYTHON), "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-               f"--master_port={port}", str(ROOT / "tests" / "vllm_dist_worker.py"), "--model", str(model),
-               "--out", str(tmp_path)]
-    proc = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=1800)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
-    reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    reports = run_ranks("vllm_dist_worker.py", ["--model", str(vllm_lm_dir), "--out", str(tmp_path)], tmp_path,
+                        python=VENV_PYTHON, env={"VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}, timeout=1800)
     for report in reports:
         assert (report["world"], report["zero_stage"], report["executor"]) == (2, 3, "external_launcher")
         assert report["tuple_ranks"] == [0, 1]  # each rank collected its own shard with its own engine
